@@ -1,0 +1,257 @@
+"""The guardian: a watchdog process that kills every worker group if we die.
+
+Why a separate process: when the parent is SIGKILLed (or OOM-killed, or calls
+``os._exit``) nothing in it runs, and a worker cannot be trusted to notice: one stuck
+in C code holding the GIL runs no Python watchdog, and ``PR_SET_PDEATHSIG`` would
+kill the worker alone, not its group (nor exists on macOS). So one guardian per parent
+process sits outside every worker group, reading a pipe whose *only* writer is the
+parent. The kernel closes that write end when the parent dies, however it dies, and
+the guardian's read returns EOF.
+
+That EOF only comes if no other process holds a copy of the write end: it is
+close-on-exec (workers started by ``posix_spawn`` never see it), a fork-started worker
+closes it first thing, and ``os.register_at_fork`` closes it in any other child the
+parent forks.
+
+Over the pipe the parent tells the guardian which groups are live, ``+ pid
+create_time grace`` and ``- pid``. At EOF the guardian SIGTERMs (and SIGCONTs) each
+group, waits up to the grace period (at most one second), then SIGKILLs what is left.
+It never signals a group blindly: a pgid is reused once its leader is reaped and its
+members are gone, so it checks the leader is still the process it was told about (same
+create time), and otherwise signals, one by one, only members that started after the
+worker did.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+logger = logging.getLogger("pgexecutor")
+
+_MAX_GRACE = 1.0
+_CHILD_FD = 3
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"pid": None, "owner": None, "wfd": None}
+_registry: dict[int, tuple[float, float]] = {}
+
+
+def _start_locked() -> None:
+    """Spawn the guardian (its own group, stdin /dev/null, the pipe's read end at 3)."""
+    r, w = os.pipe()
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import sys; sys.path.insert(0, %r); "
+        "from pgexecutor._guardian import guardian_main; guardian_main()" % pkg_root
+    )
+    scratch = max(r + 1, _CHILD_FD + 1)
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_DUP2, r, scratch),
+        (os.POSIX_SPAWN_DUP2, scratch, _CHILD_FD),
+        (os.POSIX_SPAWN_CLOSE, scratch),
+    ]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    try:
+        pid = os.posix_spawn(
+            sys.executable,
+            [sys.executable, "-c", code],
+            env,
+            file_actions=actions,
+            setpgroup=0,  # not in our group: a Ctrl-C to our terminal must spare it
+            setsigmask=(),
+        )
+    finally:
+        os.close(r)
+    _state.update(pid=pid, owner=os.getpid(), wfd=w)
+    for pgid, (ctime, grace) in _registry.items():
+        _send_locked(f"+ {pgid} {ctime!r} {grace!r}\n")
+
+
+def _send_locked(line: str) -> bool:
+    wfd = _state["wfd"]
+    if wfd is None:
+        return False
+    try:
+        os.write(wfd, line.encode())  # < PIPE_BUF: atomic
+        return True
+    except OSError as exc:
+        logger.warning("pgexecutor guardian is gone (%s); starting a new one", exc)
+        _close_locked()
+        return False
+
+
+def _close_locked() -> None:
+    wfd = _state["wfd"]
+    if isinstance(wfd, int):
+        try:
+            os.close(wfd)
+        except OSError:
+            pass
+    pid = _state["pid"]
+    if isinstance(pid, int) and _state["owner"] == os.getpid():
+        try:
+            os.waitpid(pid, os.WNOHANG)  # our child: reap it if it already exited
+        except ChildProcessError:
+            pass
+    _state.update(pid=None, owner=None, wfd=None)
+
+
+def _ensure_locked() -> None:
+    if _state["owner"] != os.getpid() or _state["wfd"] is None:
+        _start_locked()
+
+
+def register(pgid: int, create_time: float, grace: float) -> None:
+    """Tell the guardian a worker group exists (start the guardian if needed)."""
+    with _lock:
+        _registry[pgid] = (create_time, grace)
+        _ensure_locked()
+        if not _send_locked(f"+ {pgid} {create_time!r} {grace!r}\n"):
+            _start_locked()  # replays the registry, this group included
+
+
+def unregister(pgid: int) -> None:
+    """The group is gone (its leader was reaped): the guardian must forget it."""
+    with _lock:
+        _registry.pop(pgid, None)
+        if _state["owner"] == os.getpid():
+            _send_locked(f"- {pgid}\n")
+
+
+def guardian_pid() -> int | None:
+    """The guardian's pid in this process, if one runs."""
+    pid = _state["pid"]
+    return pid if isinstance(pid, int) and _state["owner"] == os.getpid() else None
+
+
+def _after_fork_in_child() -> None:
+    # A forked child holding our write end would keep the guardian's EOF from ever
+    # arriving. Drop it (the fd, not the guardian: it is the parent's).
+    wfd = _state["wfd"]
+    if isinstance(wfd, int):
+        try:
+            os.close(wfd)
+        except OSError:
+            pass
+    _state.update(pid=None, owner=None, wfd=None)
+    _registry.clear()
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# ---------------------------------------------------------------- the guardian side
+
+
+def _leader_is_ours(pid: int, create_time: float) -> bool:
+    import psutil
+
+    try:
+        return abs(psutil.Process(pid).create_time() - create_time) < 0.05
+    except psutil.Error:
+        return False
+
+
+def _members_started_after(pgid: int, create_time: float) -> list[int]:
+    """Members of ``pgid`` that started after the worker: the ones we may signal."""
+    import psutil
+
+    out = []
+    for pid in psutil.pids():
+        try:
+            if os.getpgid(pid) != pgid:
+                continue
+            if psutil.Process(pid).create_time() + 0.05 >= create_time:
+                out.append(pid)
+        except (OSError, psutil.Error):
+            continue
+    return out
+
+
+def _signal_verified(pgid: int, create_time: float, sig: int) -> bool:
+    """Signal the group if it is still ours; True if anything was signalled."""
+    if _leader_is_ours(pgid, create_time):
+        # The leader lives (or is an unreaped zombie): the pgid is reserved for it.
+        try:
+            os.killpg(pgid, sig)
+            return True
+        except OSError:
+            return False
+    # The leader was reaped: the number could in principle belong to a new group, so
+    # signal members one by one, and only those no older than our worker.
+    hit = False
+    for pid in _members_started_after(pgid, create_time):
+        try:
+            os.kill(pid, sig)
+            hit = True
+        except OSError:
+            pass
+    return hit
+
+
+def _group_alive(pgid: int, create_time: float) -> bool:
+    import psutil
+
+    for pid in _members_started_after(pgid, create_time):
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
+def kill_groups(groups: dict[int, tuple[float, float]]) -> None:
+    """SIGTERM + SIGCONT every group, wait out the grace, SIGKILL the rest."""
+    if not groups:
+        return
+    grace = min(_MAX_GRACE, max((g for _, g in groups.values()), default=0.0))
+    for pgid, (ctime, _) in groups.items():
+        _signal_verified(pgid, ctime, signal.SIGTERM)
+        _signal_verified(pgid, ctime, signal.SIGCONT)  # a stopped process ignores TERM
+    deadline = time.monotonic() + grace
+    pending = dict(groups)
+    while pending and time.monotonic() < deadline:
+        time.sleep(0.02)
+        pending = {p: v for p, v in pending.items() if _group_alive(p, v[0])}
+    for pgid, (ctime, _) in pending.items():
+        _signal_verified(pgid, ctime, signal.SIGKILL)
+
+
+def guardian_main(fd: int = _CHILD_FD) -> None:
+    """Read registrations until EOF (the parent died or exited), then clean up."""
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # we must outlive the parent's dying moments
+    import psutil  # noqa: F401  (imported now, so that the kill at EOF is quick)
+
+    os.set_inheritable(fd, False)
+    groups: dict[int, tuple[float, float]] = {}
+    pending = b""
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except InterruptedError:
+            continue
+        if not data:
+            break
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for raw in lines:
+            parts = raw.decode().split()
+            if not parts:
+                continue
+            if parts[0] == "+" and len(parts) == 4:
+                groups[int(parts[1])] = (float(parts[2]), float(parts[3]))
+            elif parts[0] == "-" and len(parts) == 2:
+                groups.pop(int(parts[1]), None)
+    kill_groups(groups)

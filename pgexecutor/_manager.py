@@ -1,0 +1,916 @@
+"""The manager loop: the one owner of every worker, queued task and deadline.
+
+Data flow (one way, like CPython's ``concurrent/futures/process.py``)::
+
+    caller threads                    manager thread                     workers
+    --------------                    --------------                     -------
+    submit(fn, *args)                                                    (each leads its own
+      |  pickle (fn, args) HERE, so                                        process group)
+      |  a bad argument fails this
+      |  future only, at once
+      v
+    inbox (deque) --wake pipe-->  poll() on: wake pipe,           TASK  +----------+
+                                  every worker's result pipe,   ------> | worker 1 | -> children,
+                                  every worker's pidfd          <------ |  (pgid)  |    grandchildren
+                                  timeout = nearest deadline    RESULT  +----------+
+                                      |
+                                      +-- results/errors ---> future.set_result / set_exception
+                                      +-- deadline passed --> stack dump, SIGTERM+SIGCONT group,
+                                      |                       SIGKILL after kill_grace, replace
+                                      +-- pidfd readable ---> fail the running task, requeue the
+                                                              rest, kill the group, THEN reap
+
+Only this thread touches worker and task state; other threads append to the inbox and
+write one byte to the wake pipe. The loop never blocks on a worker: pipes are
+non-blocking and partially written frames wait in a per-worker buffer.
+
+Lifecycle of a worker: STARTING (spawned, INIT sent) -> READY (initializer ran) ->
+RETIRING (EXIT sent: max_tasks_per_child or shutdown) or KILLING (signalled) -> DEAD
+(the leader exited but is not reaped, so its pgid is still reserved and the group can
+be signalled safely) -> reaped and forgotten.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import select
+import signal
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from concurrent.futures import CancelledError, Future
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any
+
+from . import _guardian
+from . import _process as proc_mod
+from . import _protocol as proto
+from ._worker import DUMP_SIGNAL
+from .errors import (
+    MemoryLimitError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+    WorkerInitializerError,
+)
+
+logger = logging.getLogger("pgexecutor")
+
+STARTING, READY, RETIRING, KILLING, DEAD = range(5)
+_STATE_NAMES = ("starting", "ready", "retiring", "killing", "dead")
+
+_STACK_WAIT = 0.1  # at most this long to collect a timed-out worker's stack dump
+_STACK_QUIET = 0.005  # the dump is complete once the pipe stays quiet this long
+_MEMORY_INTERVAL = 0.1  # seconds between memory samples of a limited task's group
+_POLL_EXIT_INTERVAL = 0.05  # without pidfds, how often to look for dead workers
+_MAX_START_FAILURES = 3  # workers that died before READY in a row: stop retrying
+_PREFETCH_DEPTH = 2  # tasks in flight per worker: one running, one waiting in its pipe
+
+_task_ids = itertools.count(1)
+
+
+@dataclass
+class TaskInfo:
+    """What happened to a task, readable with :func:`pgexecutor.task_info`.
+
+    ``duration`` is the run time in seconds of the last attempt (from when the worker
+    started it to when its outcome arrived), ``pid`` the worker that ran that attempt,
+    ``attempts`` how many times it was started, ``peak_memory`` the largest memory of
+    the worker's group seen while it ran (bytes; only sampled when ``max_memory`` is
+    set) and ``outcome`` one of ``"ok"``, ``"error"``, ``"timeout"``, ``"crashed"``,
+    ``"memory"``, ``"cancelled"``.
+    """
+
+    duration: float | None = None
+    pid: int | None = None
+    attempts: int = 0
+    peak_memory: int | None = None
+    outcome: str | None = None
+
+
+class WorkItem:
+    """A task on its way: its future, pickled call and per-task settings."""
+
+    __slots__ = (
+        "future",
+        "payload",
+        "task_id",
+        "timeout",
+        "max_memory",
+        "retries",
+        "attempts",
+        "started",
+        "pid",
+        "peak_memory",
+        "on_event",
+    )
+
+    def __init__(
+        self,
+        future: Future[Any],
+        payload: bytes,
+        timeout: float | None,
+        max_memory: int | None,
+        retries: int,
+        on_event: Any = None,
+    ) -> None:
+        self.future = future
+        self.payload = payload
+        self.task_id = next(_task_ids)
+        self.timeout = timeout
+        self.max_memory = max_memory
+        self.retries = retries
+        self.attempts = 0
+        self.started = 0.0
+        self.pid = 0
+        self.peak_memory: int | None = None
+        self.on_event = on_event
+
+
+class _Worker:
+    __slots__ = (
+        "proc",
+        "pid",
+        "state",
+        "reader",
+        "inflight",
+        "out",
+        "want_write",
+        "tasks_sent",
+        "kill_at",
+        "term_sent",
+        "kill_sent",
+        "next_check",
+        "next_memory",
+        "init_failed",
+        "reason",
+        "reading",
+    )
+
+    def __init__(self, proc: proc_mod.WorkerProcess) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.state = STARTING
+        self.reader = proto.FrameReader()
+        self.inflight: deque[WorkItem] = deque()
+        self.out: deque[memoryview] = deque()
+        self.want_write = False
+        self.tasks_sent = 0
+        self.kill_at: float | None = None
+        self.term_sent = False
+        self.kill_sent = False
+        self.next_check = 0.0
+        self.next_memory = 0.0
+        self.init_failed = False
+        self.reason = ""
+        self.reading = True
+
+
+@dataclass
+class ManagerConfig:
+    max_workers: int
+    mp_context: Any
+    init_payload: bytes
+    max_tasks_per_child: int | None
+    kill_grace: float
+
+
+class Stats:
+    """Counters of what the executor did (read with ``executor.stats()``)."""
+
+    FIELDS = (
+        "submitted",
+        "completed",
+        "failed",
+        "cancelled",
+        "timed_out",
+        "crashed",
+        "memory_killed",
+        "retried",
+        "workers_started",
+        "workers_killed",
+    )
+
+    def __init__(self) -> None:
+        for name in self.FIELDS:
+            setattr(self, name, 0)
+
+    def snapshot(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+
+def _set_info(item: WorkItem, outcome: str, now: float) -> None:
+    info = TaskInfo(
+        duration=(now - item.started) if item.started else None,
+        pid=item.pid or None,
+        attempts=item.attempts,
+        peak_memory=item.peak_memory,
+        outcome=outcome,
+    )
+    item.future._pgexecutor_info = info  # type: ignore[attr-defined]
+
+
+class Manager:
+    """Owns the workers and the queue; runs in its own thread (see module docstring)."""
+
+    def __init__(self, config: ManagerConfig) -> None:
+        self.cfg = config
+        self.inbox: deque[Any] = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        proc_mod.mark_parent_only(self._wake_r, self._wake_w)
+        self._woken = False
+        self.queue: deque[WorkItem] = deque()
+        self.workers: dict[int, _Worker] = {}
+        self._poller = select.poll()
+        self._fd_owner: dict[int, tuple[int, _Worker | None]] = {}
+        self._register(self._wake_r, select.POLLIN, 0, None)
+        self._target = 0
+        self._start_failures = 0
+        self.shutting_down = False
+        self.stats = Stats()
+        self._use_pidfd = True
+        self._next_exit_poll = 0.0
+        self.thread = threading.Thread(target=self._run, name="pgexecutor-manager", daemon=True)
+        self.finished = threading.Event()
+
+    # ------------------------------------------------------------ other threads' API
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def post(self, msg: Any) -> None:
+        """Hand the manager a work item or a command; thread-safe and cheap."""
+        self.inbox.append(msg)
+        if not self._woken:
+            self._woken = True
+            try:
+                os.write(self._wake_w, b"\0")
+            except (BlockingIOError, OSError):
+                pass  # already full (it is awake anyway) or closed (it has finished)
+
+    # ------------------------------------------------------------ poll bookkeeping
+
+    _WAKE, _RESULT, _PIDFD, _WRITE = range(4)
+
+    def _register(self, fd: int, mask: int, kind: int, worker: _Worker | None) -> None:
+        self._poller.register(fd, mask)
+        self._fd_owner[fd] = (kind, worker)
+
+    def _unregister(self, fd: int) -> None:
+        if fd in self._fd_owner:
+            del self._fd_owner[fd]
+            try:
+                self._poller.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+
+    # ------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            logger.critical("pgexecutor manager crashed; killing all workers", exc_info=True)
+            self._emergency_stop()
+        finally:
+            self._close()
+            self.finished.set()
+
+    def _loop(self) -> None:
+        self._drain_inbox()
+        while True:
+            timeout = self._next_wakeup()
+            ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
+            for fd, _ev in self._poller.poll(ms):
+                owner = self._fd_owner.get(fd)
+                if owner is None:
+                    continue
+                kind, w = owner
+                if kind == self._WAKE:
+                    self._drain_inbox()
+                elif kind == self._RESULT:
+                    assert w is not None
+                    self._read_results(w)
+                elif kind == self._PIDFD:
+                    assert w is not None
+                    self._on_exit(w)
+                elif kind == self._WRITE:
+                    assert w is not None
+                    self._flush(w)
+            now = time.monotonic()
+            if not self._use_pidfd and now >= self._next_exit_poll:
+                self._next_exit_poll = now + _POLL_EXIT_INTERVAL
+                for w in list(self.workers.values()):
+                    if w.state != DEAD:
+                        self._on_exit(w)
+            self._check_timers(now)
+            self._dispatch()
+            if self.shutting_down and self._finish_shutdown():
+                return
+
+    def _drain_inbox(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self._woken = False  # before draining: a later post() must write again
+        inbox = self.inbox
+        while inbox:
+            msg = inbox.popleft()
+            if type(msg) is WorkItem:
+                self.queue.append(msg)
+            else:
+                self._command(*msg)
+
+    def _command(self, name: str, *args: Any) -> None:
+        if name == "shutdown":
+            (cancel_futures,) = args
+            self.shutting_down = True
+            if cancel_futures:
+                self._cancel_queue()
+        elif name == "terminate":
+            (hard, reason) = args
+            self.shutting_down = True
+            self._cancel_queue()
+            now = time.monotonic()
+            for w in list(self.workers.values()):
+                if w.state in (STARTING, READY, RETIRING):
+                    if w.inflight:
+                        item = w.inflight.popleft()
+                        self._fail(item, WorkerCrashedError(w.pid, None, reason), "crashed", now)
+                    self._kill(w, reason, hard=hard, now=now)
+                elif w.state in (KILLING, DEAD) and hard:
+                    w.kill_at = now
+        elif name == "cancel":
+            (future,) = args
+            self._cancel_running(future)
+
+    def _cancel_queue(self) -> None:
+        while self.queue:
+            item = self.queue.popleft()
+            if not item.future.cancel():
+                # Already running (a retry waiting for a new worker): fail it instead.
+                self._fail(item, CancelledError(), "cancelled", time.monotonic())
+            else:
+                self.stats.cancelled += 1
+
+    def _cancel_running(self, future: Future[Any]) -> None:
+        """Kill the worker running ``future`` (used by integrations such as Dask)."""
+        now = time.monotonic()
+        for w in list(self.workers.values()):
+            if w.state in (READY, RETIRING) and w.inflight and w.inflight[0].future is future:
+                item = w.inflight.popleft()
+                self._kill(w, "its task was cancelled", hard=False, now=now)
+                self._fail(item, CancelledError(), "cancelled", now)
+                return
+        for item in list(self.queue):
+            if item.future is future:
+                self.queue.remove(item)
+                self._fail(item, CancelledError(), "cancelled", now)
+                return
+
+    def _next_wakeup(self) -> float | None:
+        """Seconds until the nearest deadline, kill or check; None to sleep until woken."""
+        best: float | None = None
+        for w in self.workers.values():
+            t: float | None = None
+            if w.state in (READY, RETIRING) and w.inflight:
+                head = w.inflight[0]
+                if head.timeout is not None:
+                    t = head.started + head.timeout
+                if head.max_memory is not None:
+                    t = w.next_memory if t is None else min(t, w.next_memory)
+            elif w.state == KILLING and not w.kill_sent:
+                t = w.kill_at
+            elif w.state == DEAD:
+                t = w.next_check
+            if t is not None and (best is None or t < best):
+                best = t
+        if not self._use_pidfd and self.workers:
+            best = self._next_exit_poll if best is None else min(best, self._next_exit_poll)
+        if best is None:
+            return None
+        return max(0.0, best - time.monotonic())
+
+    # ------------------------------------------------------------ workers
+
+    def _spawn(self) -> None:
+        proc = proc_mod.spawn_worker(self.cfg.mp_context)
+        w = _Worker(proc)
+        self.workers[w.pid] = w
+        self.stats.workers_started += 1
+        _guardian.register(w.pid, proc.create_time, self.cfg.kill_grace)
+        if proc.pidfd >= 0:
+            self._register(proc.pidfd, select.POLLIN, self._PIDFD, w)
+        else:
+            self._use_pidfd = False
+        self._register(proc.from_worker, select.POLLIN, self._RESULT, w)
+        self._queue_frame(w, proto.frame(proto.INIT, 0, self.cfg.init_payload))
+        if self.shutting_down and not self.queue:
+            self._queue_frame(w, proto.frame(proto.EXIT))
+            w.state = RETIRING
+        self._flush(w)
+        logger.debug("started worker pid=%d pgid=%d", w.pid, w.pid)
+
+    def _active(self) -> int:
+        return sum(1 for w in self.workers.values() if w.state in (STARTING, READY))
+
+    def _adjust_workers(self) -> None:
+        """Start workers up to the target: replace dead ones, grow for queued work."""
+        if self.queue:
+            busy = sum(1 for w in self.workers.values() if w.state == READY and w.inflight)
+            self._target = max(self._target, min(self.cfg.max_workers, len(self.queue) + busy))
+        elif self.shutting_down:
+            return
+        while self._active() < self._target:
+            try:
+                self._spawn()
+            except OSError as exc:
+                logger.error("could not start a worker: %s", exc)
+                self._fail_queue(WorkerCrashedError(None, None, f"could not start a worker: {exc}"))
+                self._target = 0
+                return
+
+    def _dispatch(self) -> None:
+        if self.queue:
+            ready = [w for w in self.workers.values() if w.state == READY]
+            # Idle workers first; prefetch one more task per worker only when every
+            # worker is busy (a prefetched task waits behind the one running).
+            for depth in range(_PREFETCH_DEPTH):
+                for w in ready:
+                    if not self.queue:
+                        break
+                    if len(w.inflight) == depth and w.state == READY:
+                        self._send_task(w, self.queue.popleft())
+                if not self.queue:
+                    break
+            for w in ready:
+                if w.out:
+                    self._flush(w)
+        self._adjust_workers()
+
+    def _send_task(self, w: _Worker, item: WorkItem) -> None:
+        if item.attempts == 0 and not item.future.set_running_or_notify_cancel():
+            self.stats.cancelled += 1
+            return  # cancelled while queued
+        item.attempts += 1
+        item.pid = w.pid
+        w.inflight.append(item)
+        if len(w.inflight) == 1:
+            self._start_clock(w, item, time.monotonic())
+        self._queue_frame(w, proto.HEADER.pack(proto.TASK, item.task_id, len(item.payload)))
+        self._queue_frame(w, item.payload)
+        w.tasks_sent += 1
+        limit = self.cfg.max_tasks_per_child
+        if limit is not None and w.tasks_sent >= limit:
+            self._queue_frame(w, proto.frame(proto.EXIT))
+            w.state = RETIRING
+
+    def _start_clock(self, w: _Worker, item: WorkItem, now: float) -> None:
+        """The task at the head of a worker's pipe starts now (deadlines count from here)."""
+        item.started = now
+        if item.max_memory is not None:
+            w.next_memory = now  # sample at once, then every _MEMORY_INTERVAL
+
+    def _queue_frame(self, w: _Worker, data: bytes) -> None:
+        if data:
+            w.out.append(memoryview(data))
+
+    def _flush(self, w: _Worker) -> None:
+        """Write what the pipe takes now; the rest waits for POLLOUT."""
+        fd = w.proc.to_worker
+        out = w.out
+        try:
+            while out:
+                n = os.writev(fd, list(itertools.islice(out, 64)))
+                while n:
+                    head = out[0]
+                    if n >= len(head):
+                        n -= len(head)
+                        out.popleft()
+                    else:
+                        out[0] = head[n:]
+                        n = 0
+        except BlockingIOError:
+            pass
+        except OSError:
+            out.clear()  # the worker is gone; its pidfd will tell us
+        if out and not w.want_write:
+            w.want_write = True
+            self._register(fd, select.POLLOUT, self._WRITE, w)
+        elif not out and w.want_write:
+            w.want_write = False
+            self._unregister(fd)
+
+    def _read_results(self, w: _Worker) -> None:
+        if not w.reading:
+            return
+        fd = w.proc.from_worker
+        while True:
+            try:
+                data = os.read(fd, 1 << 20)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                # EOF: the worker closed its end. Not death (see _process), just quiet.
+                w.reading = False
+                self._unregister(fd)
+                return
+            for kind, ident, payload in w.reader.feed(data):
+                self._on_frame(w, kind, ident, payload)
+            if len(data) < (1 << 20):
+                return
+
+    def _on_frame(self, w: _Worker, kind: int, ident: int, payload: bytes) -> None:
+        if kind == proto.RESULT or kind == proto.ERROR:
+            if not w.inflight or w.inflight[0].task_id != ident:
+                return  # a late answer from a worker we already gave up on
+            item = w.inflight.popleft()
+            now = time.monotonic()
+            if w.inflight:
+                self._start_clock(w, w.inflight[0], now)
+            self._start_failures = 0
+            if kind == proto.RESULT:
+                try:
+                    value = proto.loads(payload)
+                except BaseException as exc:
+                    err = proto.pickling_error("result", "unpickling it in the parent failed", exc)
+                    self._fail(item, err, "error", now)
+                    return
+                _set_info(item, "ok", now)
+                self.stats.completed += 1
+                self._resolve(item, value)
+            else:
+                self._fail(item, proto.load_exception(payload), "error", now)
+        elif kind == proto.READY:
+            if w.state == STARTING:
+                w.state = READY
+            self._start_failures = 0
+        elif kind == proto.INIT_FAILED:
+            summary, text = proto.loads(payload)
+            w.init_failed = True
+            logger.warning("initializer failed in worker pid=%d: %s", w.pid, summary)
+            err = WorkerInitializerError(
+                f"the executor's initializer failed in a new worker: {summary}", text
+            )
+            self._fail_queue(err)
+            self._target = 0  # do not restart workers to fail again; a new submit will
+
+    # ------------------------------------------------------------ outcomes
+
+    def _resolve(self, item: WorkItem, value: Any) -> None:
+        fut = item.future
+        item.payload = b""
+        if not fut.done():
+            fut.set_result(value)
+
+    def _fail(self, item: WorkItem, exc: BaseException, outcome: str, now: float) -> None:
+        fut = item.future
+        item.payload = b""
+        _set_info(item, outcome, now)
+        if outcome != "cancelled":
+            self.stats.failed += 1
+        else:
+            self.stats.cancelled += 1
+        if fut.done():
+            return
+        if isinstance(exc, CancelledError):
+            # A running future cannot be cancelled through the Future API; mark it so.
+            with fut._condition:  # type: ignore[attr-defined]
+                fut._state = "CANCELLED_AND_NOTIFIED"  # type: ignore[attr-defined]
+                fut._condition.notify_all()  # type: ignore[attr-defined]
+            fut._invoke_callbacks()  # type: ignore[attr-defined]
+            return
+        fut.set_exception(exc)
+
+    def _fail_or_retry(self, item: WorkItem, exc: BaseException, outcome: str, now: float) -> None:
+        """A worker was lost under this task: run it again if retries remain."""
+        if item.attempts <= item.retries and not self.shutting_down:
+            self.stats.retried += 1
+            logger.info(
+                "retrying task %d after its worker %s (attempt %d of %d)",
+                item.task_id, outcome, item.attempts + 1, item.retries + 1,
+            )
+            item.started = 0.0
+            self.queue.appendleft(item)
+            return
+        if hasattr(exc, "attempts"):
+            exc.attempts = item.attempts
+        self._fail(item, exc, outcome, now)
+
+    def _fail_queue(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        while self.queue:
+            item = self.queue.popleft()
+            if item.attempts == 0 and not item.future.set_running_or_notify_cancel():
+                continue
+            self._fail(item, exc, "crashed", now)
+
+    def _requeue(self, items: deque[WorkItem]) -> None:
+        """Tasks sent to a worker that never started them go back to the front."""
+        for item in reversed(items):
+            item.started = 0.0
+            self.queue.appendleft(item)
+        items.clear()
+
+    # ------------------------------------------------------------ timers
+
+    def _check_timers(self, now: float) -> None:
+        for w in list(self.workers.values()):
+            st = w.state
+            if st in (READY, RETIRING) and w.inflight:
+                head = w.inflight[0]
+                if head.timeout is not None and now >= head.started + head.timeout:
+                    self._on_timeout(w, head, now)
+                elif head.max_memory is not None and now >= w.next_memory:
+                    self._sample_memory(w, head, now)
+            elif st == KILLING and not w.kill_sent and w.kill_at is not None and now >= w.kill_at:
+                self._escalate(w)
+            elif st == DEAD and now >= w.next_check:
+                self._check_dead(w, now)
+
+    def _on_timeout(self, w: _Worker, item: WorkItem, now: float) -> None:
+        self._read_results(w)  # the answer may be sitting in the pipe
+        if not w.inflight or w.inflight[0] is not item:
+            return
+        stack = self._collect_stack(w)
+        w.inflight.popleft()
+        self.stats.timed_out += 1
+        logger.warning(
+            "task %d timed out after %gs on worker pid=%d pgid=%d; killing its group",
+            item.task_id, item.timeout, w.pid, w.pid,
+        )
+        self._kill(w, "timeout", hard=False, now=now)
+        assert item.timeout is not None
+        err = TaskTimeoutError(item.timeout, w.pid, stack, item.attempts)
+        self._fail_or_retry(item, err, "timeout", time.monotonic())
+
+    def _collect_stack(self, w: _Worker) -> str | None:
+        """Ask the worker for a faulthandler dump of its threads; wait briefly."""
+        fd = w.proc.dump
+        try:
+            while os.read(fd, 65536):  # drop anything stale
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        if not proc_mod.signal_leader(w.pid, DUMP_SIGNAL):
+            return None
+        proc_mod.signal_leader(w.pid, signal.SIGCONT)  # a stopped worker cannot answer
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        chunks: list[bytes] = []
+        deadline = time.monotonic() + _STACK_WAIT
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            wait = min(left, _STACK_QUIET) if chunks else left
+            if not poller.poll(int(wait * 1000) + 1):
+                if chunks:
+                    break
+                continue
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        text = b"".join(chunks).decode("utf-8", "replace").strip()
+        return text or None
+
+    def _sample_memory(self, w: _Worker, item: WorkItem, now: float) -> None:
+        w.next_memory = now + _MEMORY_INTERVAL
+        used = proc_mod.group_memory(w.pid)
+        if item.peak_memory is None or used > item.peak_memory:
+            item.peak_memory = used
+        limit = item.max_memory
+        if limit is not None and used > limit:
+            w.inflight.popleft()
+            self.stats.memory_killed += 1
+            logger.warning(
+                "task %d: group of worker pid=%d uses %d bytes, over its limit of %d; killing it",
+                item.task_id, w.pid, used, limit,
+            )
+            self._kill(w, "memory limit", hard=True, now=now)
+            err = MemoryLimitError(used, limit, w.pid, -signal.SIGKILL, item.attempts)
+            self._fail_or_retry(item, err, "memory", now)
+
+    # ------------------------------------------------------------ killing and death
+
+    def _kill(self, w: _Worker, reason: str, *, hard: bool, now: float) -> None:
+        """Signal a live worker's group; its leader's death finishes the job."""
+        if w.state in (KILLING, DEAD):
+            return
+        w.state = KILLING
+        w.reason = reason
+        self.stats.workers_killed += 1
+        self._requeue(w.inflight)
+        w.out.clear()
+        if w.want_write:
+            w.want_write = False
+            self._unregister(w.proc.to_worker)
+        # The leader is alive (hence unreaped): its pgid is ours to signal.
+        if hard:
+            proc_mod.signal_group(w.pid, signal.SIGKILL)
+            w.kill_sent = True
+            w.kill_at = now
+        else:
+            proc_mod.signal_group(w.pid, signal.SIGTERM)
+            w.kill_at = now + self.cfg.kill_grace
+        # SIGCONT after SIGTERM: a stopped process would otherwise never act on it.
+        proc_mod.signal_group(w.pid, signal.SIGCONT)
+        w.term_sent = True
+
+    def _escalate(self, w: _Worker) -> None:
+        """The grace period is over and the leader still lives: SIGKILL the group."""
+        logger.info("worker pid=%d ignored SIGTERM for %gs; sending SIGKILL", w.pid, self.cfg.kill_grace)
+        proc_mod.signal_group(w.pid, signal.SIGKILL)
+        w.kill_sent = True
+
+    def _on_exit(self, w: _Worker) -> None:
+        if w.state == DEAD:
+            return
+        dead, code = proc_mod.observe_exit(w.proc)
+        if not dead:
+            return
+        if w.proc.pidfd >= 0:
+            self._unregister(w.proc.pidfd)
+        self._read_results(w)  # results written before it died still count
+        now = time.monotonic()
+        was = w.state
+        if was in (STARTING, READY, RETIRING):
+            if w.inflight:
+                item = w.inflight.popleft()
+                self.stats.crashed += 1
+                logger.warning(
+                    "worker pid=%d pgid=%d died (exit code %s) while running task %d",
+                    w.pid, w.pid, code, item.task_id,
+                )
+                err = WorkerCrashedError(w.pid, code)
+                self._fail_or_retry(item, err, "crashed", now)
+                self._requeue(w.inflight)
+            elif was == STARTING and not w.init_failed:
+                self._start_failures += 1
+                logger.warning("worker pid=%d exited (code %s) before it was ready", w.pid, code)
+                if self._start_failures >= _MAX_START_FAILURES:
+                    self._fail_queue(
+                        WorkerCrashedError(
+                            w.pid, code,
+                            f"workers exit before they are ready ({self._start_failures} in a row)",
+                        )
+                    )
+                    self._target = 0
+            elif was == READY and not self.shutting_down:
+                logger.warning("idle worker pid=%d died (exit code %s); replacing it", w.pid, code)
+        w.state = DEAD
+        if not w.term_sent:
+            # Whatever the task left in the group hears SIGTERM first, SIGKILL later.
+            proc_mod.signal_group(w.pid, signal.SIGTERM)
+            proc_mod.signal_group(w.pid, signal.SIGCONT)
+            w.term_sent = True
+        if w.kill_at is None:
+            w.kill_at = now + self.cfg.kill_grace
+        self._check_dead(w, now)
+
+    def _check_dead(self, w: _Worker, now: float) -> None:
+        """The leader is a zombie: reap it once its group is empty or the grace is over."""
+        assert w.kill_at is not None
+        if now < w.kill_at and proc_mod.live_members(w.pid, exclude=w.pid):
+            w.next_check = now + 0.02
+            return
+        self._finish(w)
+
+    def _finish(self, w: _Worker) -> None:
+        # Last sweep while the unreaped leader still reserves the pgid. After reap()
+        # the number may be recycled: this worker's pgid is never signalled again.
+        escalated = w.kill_sent or bool(proc_mod.live_members(w.pid, exclude=w.pid))
+        proc_mod.signal_group(w.pid, signal.SIGKILL)
+        code = proc_mod.reap(w.proc)
+        for fd in (w.proc.from_worker, w.proc.to_worker, w.proc.pidfd):
+            self._unregister(fd)
+        w.proc.close_fds()
+        _guardian.unregister(w.pid)
+        del self.workers[w.pid]
+        if w.reason:
+            logger.info(
+                "worker pid=%d pgid=%d killed (%s) with %s; exit code %s",
+                w.pid, w.pid, w.reason, "SIGKILL" if escalated else "SIGTERM", code,
+            )
+        else:
+            logger.debug("worker pid=%d exited with code %s; group cleaned up", w.pid, code)
+
+    # ------------------------------------------------------------ shutdown
+
+    def _finish_shutdown(self) -> bool:
+        """With nothing left to run, tell workers to exit; True once all are gone."""
+        if self.queue:
+            return False
+        for w in self.workers.values():
+            if w.state in (STARTING, READY) and not w.inflight:
+                self._queue_frame(w, proto.frame(proto.EXIT))
+                w.state = RETIRING
+                self._flush(w)
+        return not self.workers
+
+    def _emergency_stop(self) -> None:
+        """Last resort if the loop itself fails: kill every group, fail every future."""
+        err = BrokenProcessPool("pgexecutor's manager thread failed; see the log")
+        for w in list(self.workers.values()):
+            if not w.proc.reaped:
+                proc_mod.signal_group(w.pid, signal.SIGKILL)
+            for item in w.inflight:
+                if not item.future.done():
+                    item.future.set_exception(err)
+            try:
+                proc_mod.reap(w.proc)
+            except Exception:
+                pass
+            w.proc.close_fds()
+            _guardian.unregister(w.pid)
+        self.workers.clear()
+        while self.inbox:
+            msg = self.inbox.popleft()
+            if type(msg) is WorkItem:
+                self.queue.append(msg)
+        for item in self.queue:
+            if item.attempts == 0 and not item.future.set_running_or_notify_cancel():
+                continue
+            if not item.future.done():
+                item.future.set_exception(err)
+        self.queue.clear()
+
+    def _close(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            self._unregister(fd)
+        proc_mod.unmark_parent_only(self._wake_r, self._wake_w)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+# ---------------------------------------------------------------- interpreter exit
+
+_live: weakref.WeakSet[Manager] = weakref.WeakSet()
+_global_shutdown = False
+_exit_lock = threading.Lock()
+
+
+def track(manager: Manager) -> None:
+    _live.add(manager)
+
+
+def _exiting_on_interrupt() -> bool:
+    last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    return isinstance(last, KeyboardInterrupt)
+
+
+def _python_exit() -> None:
+    """At interpreter exit: finish submitted work (as ProcessPoolExecutor does) unless
+    the program is dying of Ctrl-C, in which case kill every worker group at once."""
+    global _global_shutdown
+    with _exit_lock:
+        _global_shutdown = True
+    managers = list(_live)
+    hard = _exiting_on_interrupt()
+    for m in managers:
+        if hard:
+            m.post(("terminate", True, "the program was interrupted"))
+        else:
+            m.post(("shutdown", False))
+    try:
+        for m in managers:
+            m.thread.join()
+    except KeyboardInterrupt:
+        _kill_everything(managers)
+        raise
+
+
+def _kill_everything(managers: list[Manager]) -> None:
+    for m in managers:
+        m.post(("terminate", True, "the program was interrupted"))
+    for m in managers:
+        m.thread.join(timeout=5.0)
+
+
+def _atexit_last_resort() -> None:
+    """Runs after threads were joined; anything still alive here is killed."""
+    managers = [m for m in list(_live) if m.thread.is_alive()]
+    if managers:
+        _kill_everything(managers)
+
+
+threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
+import atexit  # noqa: E402
+
+atexit.register(_atexit_last_resort)

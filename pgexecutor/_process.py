@@ -1,0 +1,389 @@
+"""Starting workers as process-group leaders; observing, signalling and reaping them.
+
+Everything POSIX lives here so that the manager reads as policy. The hazards:
+
+* **Group leadership without a race.** The default start uses ``posix_spawn`` with
+  ``setpgroup=0``: the child is its own group leader *before* it executes a single
+  instruction of Python, so there is no moment when signalling ``-pid`` misses it.
+  (``posix_spawn`` is also vfork-fast and safe from a threaded parent, unlike fork.)
+  With a multiprocessing ``mp_context`` the child calls ``setpgid(0, 0)`` and the parent
+  calls ``setpgid(pid, pid)`` too, as shells do; whichever runs first wins.
+* **A pgid is reserved only while its leader is unreaped or a member lives.** Once we
+  reap the leader and its members are gone, the kernel may hand the number to an
+  unrelated process. Hence :func:`observe_exit` looks at a death *without* reaping
+  (``waitid(WNOWAIT)``), the manager signals the group, and only then calls
+  :func:`reap`. Nothing here signals a group whose leader was reaped.
+* **Pipe EOF is not death.** A task that forks copies the worker's pipe ends into its
+  children, so EOF never comes while they live. Death is watched through a pidfd
+  (Linux >= 5.3), which becomes readable when the process exits, whoever holds its pipes.
+* **fd inheritance.** Python creates fds close-on-exec; the child's three pipe ends are
+  ``dup2``-ed onto 3, 4 and 5 by the spawn's file actions, which clears close-on-exec
+  on those copies only. So no worker inherits another worker's pipes, or the guardian's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+# fds the child finds its pipes at (see _worker.main).
+CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD = 3, 4, 5
+
+_F_SETPIPE_SZ = 1031  # Linux: bigger pipes mean fewer syscalls for large payloads
+_PIPE_SIZE = 1 << 20
+
+# Every pgid this process created, for tests that prove nothing leaked.
+_spawned: deque[int] = deque(maxlen=100_000)
+_spawn_lock = threading.Lock()
+
+# fds that a fork-started worker must close at once: other workers' pipe ends, the
+# manager's wake-up pipe, ... (a fork copies them all; see _worker.mp_main).
+_parent_only_fds: set[int] = set()
+
+
+def spawned_pgids() -> frozenset[int]:
+    """Every worker process group this process has created (for leak checks)."""
+    return frozenset(_spawned)
+
+
+def mark_parent_only(*fds: int) -> None:
+    """Record fds a fork-started worker must close (they belong to this process)."""
+    _parent_only_fds.update(fds)
+
+
+def unmark_parent_only(*fds: int) -> None:
+    _parent_only_fds.difference_update(fds)
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    """A started worker: its pid (== its pgid) and the parent's ends of its pipes."""
+
+    pid: int
+    to_worker: int  # parent writes tasks here (non-blocking)
+    from_worker: int  # parent reads results here (non-blocking)
+    dump: int  # parent reads faulthandler stack dumps here (non-blocking)
+    pidfd: int = -1  # readable once the process exits; -1 where unavailable
+    is_child: bool = True  # False for forkserver: only the forkserver can wait for it
+    mp_process: Any = None
+    create_time: float = 0.0
+    reaped: bool = False
+    exitcode: int | None = None
+    _fds_open: bool = field(default=True, repr=False)
+
+    def close_fds(self) -> None:
+        """Close the parent's ends of the pipes and the pidfd (idempotent)."""
+        if not self._fds_open:
+            return
+        self._fds_open = False
+        fds = [self.to_worker, self.from_worker, self.dump, self.pidfd]
+        unmark_parent_only(*fds)
+        for fd in fds:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe()  # close-on-exec: never inherited by accident
+    if sys.platform.startswith("linux"):
+        try:
+            import fcntl
+
+            fcntl.fcntl(w, _F_SETPIPE_SZ, _PIPE_SIZE)
+        except OSError:
+            pass
+    return r, w
+
+
+def _open_pidfd(pid: int) -> int:
+    if not hasattr(os, "pidfd_open"):
+        return -1
+    try:
+        return os.pidfd_open(pid)
+    except OSError:  # old kernel (< 5.3), or a sandbox that forbids it
+        return -1
+
+
+def _record(pid: int) -> None:
+    _spawned.append(pid)
+
+
+def _bootstrap_code() -> str:
+    """The ``python -c`` program a fresh worker runs: find this package, serve."""
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return (
+        "import sys; sys.path.insert(0, %r); "
+        "from pgexecutor._worker import main; main()" % pkg_root
+    )
+
+
+def _spawn_fresh(python: str) -> WorkerProcess:
+    """Start ``python -c bootstrap`` as a group leader with pipes at fds 3, 4, 5."""
+    task_r, task_w = _pipe()
+    res_r, res_w = _pipe()
+    dump_r, dump_w = _pipe()
+    child_ends = (task_r, res_w, dump_w)
+    # dup2 through scratch fds above every source, so that no source is overwritten
+    # before it was copied (a source may already sit at 3, 4 or 5).
+    scratch = max(max(child_ends) + 1, CHILD_DUMP_FD + 1)
+    actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
+    for i, fd in enumerate(child_ends):
+        actions.append((os.POSIX_SPAWN_DUP2, fd, scratch + i))
+    for i, target in enumerate((CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD)):
+        actions.append((os.POSIX_SPAWN_DUP2, scratch + i, target))
+    for i in range(3):
+        actions.append((os.POSIX_SPAWN_CLOSE, scratch + i))
+    try:
+        pid = os.posix_spawn(
+            python,
+            [python, "-c", _bootstrap_code()],
+            os.environ,
+            file_actions=actions,
+            setpgroup=0,  # the child leads a new group whose id is its pid
+            setsigmask=(),  # start with no signal blocked, whatever our thread blocks
+            setsigdef=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE),
+        )
+    except BaseException:
+        for fd in (task_r, task_w, res_r, res_w, dump_r, dump_w):
+            os.close(fd)
+        raise
+    for fd in child_ends:
+        os.close(fd)
+    return WorkerProcess(pid=pid, to_worker=task_w, from_worker=res_r, dump=dump_r)
+
+
+def _spawn_mp(ctx: Any) -> WorkerProcess:
+    """Start a worker through a multiprocessing context (fork, spawn or forkserver)."""
+    from multiprocessing import process as mp_process
+    from multiprocessing.connection import Connection
+
+    from . import _worker
+
+    task_r, task_w = _pipe()
+    res_r, res_w = _pipe()
+    dump_r, dump_w = _pipe()
+    conns = (
+        Connection(task_r, readable=True, writable=False),
+        Connection(res_w, readable=False, writable=True),
+        Connection(dump_w, readable=False, writable=True),
+    )
+    parent_ends = (task_w, res_r, dump_r)
+    proc = ctx.Process(
+        target=_worker.mp_main,
+        args=(*conns, sorted(_parent_only_fds | set(parent_ends))),
+        name="pgexecutor-worker",
+    )
+    proc.daemon = False  # daemonic processes may not have children (DataLoader, pools)
+    # multiprocessing refuses to start children from a daemonic process; ours are not
+    # multiprocessing's to police (a Dask worker is daemonic, yet must run executors).
+    me = mp_process.current_process()
+    was_daemon = me._config.get("daemon")  # type: ignore[attr-defined]
+    try:
+        me._config["daemon"] = False  # type: ignore[attr-defined]
+        proc.start()
+    except BaseException:
+        for c in conns:
+            c.close()
+        for fd in parent_ends:
+            os.close(fd)
+        raise
+    finally:
+        if was_daemon is not None:
+            me._config["daemon"] = was_daemon  # type: ignore[attr-defined]
+    for c in conns:
+        c.close()
+    pid = proc.pid
+    assert pid is not None
+    try:
+        os.setpgid(pid, pid)  # as shells do; the child does it too, first one wins
+    except OSError:
+        pass  # it already exec'd (spawn), or is not our child (forkserver)
+    # multiprocessing reaps "its" children whenever another Process starts; we must
+    # be the only one to reap (see the module docstring), so take it off its list.
+    mp_process._children.discard(proc)  # type: ignore[attr-defined]
+    return WorkerProcess(
+        pid=pid,
+        to_worker=task_w,
+        from_worker=res_r,
+        dump=dump_r,
+        is_child=ctx.get_start_method() != "forkserver",
+        mp_process=proc,
+    )
+
+
+def spawn_worker(mp_context: Any = None, python: str | None = None) -> WorkerProcess:
+    """Start one worker as the leader of a new process group.
+
+    The parent's ends of its pipes come back non-blocking: the manager must never
+    block on a worker.
+    """
+    with _spawn_lock:  # one spawn at a time: keeps fd bookkeeping consistent
+        if mp_context is None:
+            proc = _spawn_fresh(python or sys.executable)
+        else:
+            proc = _spawn_mp(mp_context)
+        _record(proc.pid)
+        mark_parent_only(proc.to_worker, proc.from_worker, proc.dump)
+    for fd in (proc.to_worker, proc.from_worker, proc.dump):
+        os.set_blocking(fd, False)
+    proc.pidfd = _open_pidfd(proc.pid)
+    if proc.pidfd >= 0:
+        mark_parent_only(proc.pidfd)
+    proc.create_time = process_create_time(proc.pid)
+    return proc
+
+
+def process_create_time(pid: int) -> float:
+    """The process's start time (psutil's notion), or 0.0 if it is gone."""
+    try:
+        import psutil
+
+        return float(psutil.Process(pid).create_time())
+    except Exception:
+        return 0.0
+
+
+def _status_to_code(si_code: int, si_status: int) -> int:
+    if si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+        return -si_status
+    return si_status
+
+
+def observe_exit(proc: WorkerProcess) -> tuple[bool, int | None]:
+    """Has the worker exited? Returns ``(dead, exitcode)`` WITHOUT reaping it.
+
+    While the leader stays an unreaped zombie its pgid stays reserved, so the caller
+    can still signal the group safely. ``exitcode`` may be None when the platform
+    cannot tell before reaping; :func:`reap` then gives it.
+    """
+    if proc.reaped:
+        return True, proc.exitcode
+    if proc.is_child and hasattr(os, "waitid"):
+        try:
+            res = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # somebody else reaped it: treat as dead
+            proc.reaped = True
+            return True, proc.exitcode
+        if res is None:
+            return False, None
+        proc.exitcode = _status_to_code(res.si_code, res.si_status)
+        return True, proc.exitcode
+    if not proc.is_child and proc.mp_process is not None:
+        # forkserver: the forkserver reaps it and reports the status on a socket.
+        code = proc.mp_process._popen.poll()
+        if code is None:
+            return False, None
+        proc.exitcode = code
+        return True, code
+    # No waitid (macOS): a zombie is dead but not reaped.
+    try:
+        import psutil
+
+        dead = psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE
+    except Exception:
+        dead = True
+    return dead, None
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to the whole group. Only call while its leader is unreaped."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def signal_leader(pid: int, sig: int) -> bool:
+    """Send ``sig`` to the leader alone. Only call while it is unreaped."""
+    try:
+        os.kill(pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the processes (zombies included) whose process group is ``pgid``."""
+    import psutil
+
+    members = []
+    for pid in psutil.pids():
+        try:
+            if os.getpgid(pid) == pgid:
+                members.append(pid)
+        except OSError:
+            continue
+    return members
+
+
+def live_members(pgid: int, exclude: int | None = None) -> list[int]:
+    """Members of the group that are not zombies (zombies are already dead)."""
+    import psutil
+
+    alive = []
+    for pid in group_members(pgid):
+        if pid == exclude:
+            continue
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.Error:
+            continue
+    return alive
+
+
+def reap(proc: WorkerProcess) -> int | None:
+    """Collect the dead leader's exit status. After this its pgid may be recycled."""
+    if proc.reaped:
+        return proc.exitcode
+    if proc.is_child:
+        try:
+            _, status = os.waitpid(proc.pid, 0)
+            proc.exitcode = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            pass
+    elif proc.mp_process is not None:
+        proc.exitcode = proc.mp_process._popen.wait(timeout=1.0)
+    proc.reaped = True
+    return proc.exitcode
+
+
+def process_memory(pid: int) -> int:
+    """One process's memory in bytes: PSS where the platform has it, else RSS.
+
+    PSS (proportional set size) charges each shared page to the processes that map
+    it in equal parts. That is what a group budget needs: a DataLoader's forked
+    workers share the parent's copy-on-write pages, and RSS would count those pages
+    once per process, tripping a limit the group never really used.
+    """
+    import psutil
+
+    p = psutil.Process(pid)
+    if sys.platform.startswith("linux"):
+        try:
+            return int(p.memory_full_info().pss)
+        except (psutil.AccessDenied, AttributeError):
+            pass
+    return int(p.memory_info().rss)
+
+
+def group_memory(pgid: int) -> int:
+    """The memory of every live process in the group, summed (see process_memory)."""
+    import psutil
+
+    total = 0
+    for pid in group_members(pgid):
+        try:
+            total += process_memory(pid)
+        except psutil.Error:
+            continue
+    return total

@@ -1,0 +1,194 @@
+"""The worker's main loop. It runs in the child, as the leader of its own group.
+
+A worker reads frames from the manager (INIT once, then TASKs, then EXIT), runs each
+task in order, and writes one RESULT or ERROR frame per task, at once: the manager
+infers when a task starts from when the previous result arrived, so a result must
+never wait in a buffer while the next task runs.
+
+The worker reads tasks ahead of time (the manager may pipeline one), but it never
+reads while a task runs, so a worker that hangs simply stops consuming its pipe.
+"""
+
+from __future__ import annotations
+
+import atexit
+import faulthandler
+import os
+import signal
+import sys
+from typing import Any
+
+from . import _protocol as proto
+from ._process import CHILD_DUMP_FD, CHILD_RESULT_FD, CHILD_TASK_FD
+
+#: Signal the manager sends to the worker (the leader only) to get a stack dump.
+DUMP_SIGNAL = signal.SIGUSR2
+
+
+def main() -> None:
+    """Entry point of a fresh-interpreter worker (pipes at fds 3, 4, 5)."""
+    _serve(CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD)
+
+
+def mp_main(task_conn: Any, result_conn: Any, dump_conn: Any, close_fds: list[int]) -> None:
+    """Entry point of a worker started through a multiprocessing context."""
+    try:
+        os.setpgid(0, 0)  # the parent does it too; whoever is first wins
+    except OSError:
+        pass
+    fds = (task_conn.detach(), result_conn.detach(), dump_conn.detach())
+    # A fork copied every fd of the parent: other workers' pipes, the guardian's pipe.
+    # Holding them would keep EOFs from arriving (the guardian's above all), so close.
+    for fd in close_fds:
+        if fd not in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    _serve(*fds)
+
+
+def _exit_cleanly(code: int = 0) -> None:
+    """Exit without joining threads a task may have left behind (they would hang us)."""
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    os._exit(code)
+
+
+def _apply_config(config: dict[str, Any]) -> None:
+    """Make this interpreter see what the parent sees: sys.path, cwd, authkey."""
+    parent_path = config.get("sys_path")
+    if parent_path is not None:
+        sys.path[:] = list(parent_path) + [p for p in sys.path if p not in parent_path]
+    authkey = config.get("authkey")
+    if authkey is not None:
+        # Manager proxies passed as arguments authenticate with the parent's key.
+        import multiprocessing
+
+        multiprocessing.current_process().authkey = authkey
+
+
+class _Channel:
+    """The worker's side of the pipes: blocking reads ahead, one write per result."""
+
+    def __init__(self, rfd: int, wfd: int) -> None:
+        self.rfd = rfd
+        self.wfd = wfd
+        self.reader = proto.FrameReader()
+        self.frames: list[tuple[int, int, bytes]] = []
+        self.pos = 0
+
+    def next_frame(self) -> tuple[int, int, bytes] | None:
+        """The next frame from the manager; ``None`` at end of file."""
+        while self.pos >= len(self.frames):
+            want = max(self.reader.needed(), 1 << 16)
+            data = os.read(self.rfd, min(want, 1 << 24))
+            if not data:
+                return None
+            self.frames = self.reader.feed(data)
+            self.pos = 0
+        item = self.frames[self.pos]
+        self.frames[self.pos] = (0, 0, b"")  # drop our reference to the payload
+        self.pos += 1
+        return item
+
+    def send(self, kind: int, ident: int, payload: bytes = b"") -> None:
+        if len(payload) < 1 << 16:
+            proto.write_all(self.wfd, proto.frame(kind, ident, payload))
+        else:
+            header, body = proto.frame_parts(kind, ident, payload)
+            proto.write_all(self.wfd, header)
+            proto.write_all(self.wfd, body)
+
+
+def _serve(rfd: int, wfd: int, dump_fd: int) -> None:
+    # Our pipes must not leak into programs a task execs (fork is another matter:
+    # the manager never relies on EOF for that reason).
+    for fd in (rfd, wfd, dump_fd):
+        os.set_inheritable(fd, False)
+    chan = _Channel(rfd, wfd)
+    # A stack dump on demand, written by C code in the signal handler: it works even
+    # while a task is stuck in C holding the GIL.
+    faulthandler.register(DUMP_SIGNAL, file=dump_fd, all_threads=True, chain=False)
+
+    first = chan.next_frame()
+    if first is None or first[0] != proto.INIT:
+        _exit_cleanly(0)
+        return
+    try:
+        config = proto.loads(first[2])
+        _apply_config(config)
+        initializer = config.get("initializer")
+        if initializer is not None:
+            initializer, initargs = proto.loads(initializer)
+            initializer(*initargs)
+    except BaseException as exc:
+        summary = f"{type(exc).__name__}: {exc}"
+        text = proto.format_exception_text(exc)
+        chan.send(proto.INIT_FAILED, os.getpid(), proto.dumps((summary, text)))
+        _exit_cleanly(1)
+        return
+    del first, config, initializer
+    chan.send(proto.READY, os.getpid())
+
+    while True:
+        msg = chan.next_frame()
+        if msg is None or msg[0] == proto.EXIT:
+            break
+        kind, task_id, payload = msg
+        del msg
+        if kind != proto.TASK:
+            continue
+        _run_one(chan, task_id, payload)
+        del payload
+    _exit_cleanly(0)
+
+
+def _run_one(chan: _Channel, task_id: int, payload: bytes) -> None:
+    """Run one task and send exactly one RESULT or ERROR frame for it."""
+    try:
+        fn, args, kwargs = proto.loads(payload)
+    except BaseException as exc:
+        err = proto.pickling_error("arguments", "unpickling them in the worker failed", exc)
+        chan.send(proto.ERROR, task_id, proto.dump_exception(err))
+        return
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:
+        del fn, args, kwargs
+        chan.send(proto.ERROR, task_id, proto.dump_exception(exc))
+        return
+    del fn, args, kwargs
+    try:
+        data = proto.dumps(result)
+    except BaseException as exc:
+        err = proto.pickling_error("result", "pickling it in the worker failed", exc)
+        chan.send(proto.ERROR, task_id, proto.dump_exception(err))
+        return
+    del result
+    chan.send(proto.RESULT, task_id, data)
+
+
+def run_chunk(fn: Any, chunk: list[tuple[Any, ...]]) -> list[tuple[bool, Any]]:
+    """Run ``fn`` over a chunk of argument tuples (``map`` with ``chunksize > 1``).
+
+    Each item's exception is captured on its own, so ``map`` can yield the results
+    before it and raise (or, with ``return_exceptions``, yield) the error in place.
+    """
+    out: list[tuple[bool, Any]] = []
+    for args in chunk:
+        try:
+            out.append((True, fn(*args)))
+        except Exception as exc:
+            out.append((False, proto.dump_exception(exc)))
+    return out

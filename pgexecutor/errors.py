@@ -1,0 +1,210 @@
+"""The errors a user of :class:`~pgexecutor.ProcessGroupExecutor` can see.
+
+They subclass the standard library's exceptions on purpose, so that code written for
+``ProcessPoolExecutor`` keeps catching them: a timeout is a
+``concurrent.futures.TimeoutError`` and a dead worker is a ``BrokenProcessPool``.
+Unlike ``ProcessPoolExecutor``, the pool is *not* broken afterwards: only the one
+future fails and a fresh worker takes the dead one's place.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import TimeoutError as _FuturesTimeoutError
+from concurrent.futures.process import BrokenProcessPool
+
+__all__ = [
+    "TaskTimeoutError",
+    "WorkerCrashedError",
+    "MemoryLimitError",
+    "WorkerInitializerError",
+    "RemoteTaskError",
+    "TaskPicklingError",
+]
+
+
+def _innermost_frame(stack: str | None) -> str | None:
+    """Return the last ``File "...", line N in f`` line of the current thread's dump.
+
+    faulthandler prints the thread that received the signal first ("Current thread"
+    / "Thread 0x... (most recent call first)") with its innermost frame on top.
+    """
+    if not stack:
+        return None
+    for block in stack.split("\n\n"):
+        if "most recent call first" not in block:
+            continue
+        for line in block.splitlines():
+            line = line.strip()
+            if line.startswith("File "):
+                return line
+    return None
+
+
+class TaskTimeoutError(_FuturesTimeoutError):
+    """The task ran longer than its ``task_timeout``; its worker's whole group was killed.
+
+    ``timeout`` is the limit in seconds and ``pid`` the worker that ran the task.
+    ``stack`` holds the Python stacks of every thread of the worker at the moment of
+    expiry (a ``faulthandler`` dump), or ``None`` when the worker could not answer;
+    ``str(error)`` names the innermost frame, which is usually where it hung.
+    """
+
+    def __init__(
+        self,
+        timeout: float,
+        pid: int | None = None,
+        stack: str | None = None,
+        attempts: int = 1,
+    ) -> None:
+        self.timeout = timeout
+        self.pid = pid
+        self.stack = stack
+        self.attempts = attempts
+        super().__init__(timeout, pid, stack, attempts)
+
+    def __reduce__(self):  # type: ignore[override]
+        return (type(self), (self.timeout, self.pid, self.stack, self.attempts))
+
+    def __str__(self) -> str:
+        msg = f"task exceeded its timeout of {self.timeout:g} s (worker pid {self.pid})"
+        where = _innermost_frame(self.stack)
+        if where:
+            msg += f"; it was at {where}"
+        if self.attempts > 1:
+            msg += f"; gave up after {self.attempts} attempts"
+        return msg
+
+
+class WorkerCrashedError(BrokenProcessPool):
+    """The worker running the task died (signal, ``os._exit``, segfault, abort, ...).
+
+    ``exitcode`` follows ``Popen.returncode``: negative is the signal number that
+    killed it. A subclass of ``BrokenProcessPool`` so existing ``except`` clauses still
+    fire, but the pool is **not** broken: only this future failed.
+    """
+
+    def __init__(
+        self,
+        pid: int | None = None,
+        exitcode: int | None = None,
+        reason: str | None = None,
+        attempts: int = 1,
+    ) -> None:
+        self.pid = pid
+        self.exitcode = exitcode
+        self.reason = reason
+        self.attempts = attempts
+        super().__init__(pid, exitcode, reason, attempts)
+
+    def __reduce__(self):  # type: ignore[override]
+        return (type(self), (self.pid, self.exitcode, self.reason, self.attempts))
+
+    def _describe_exit(self) -> str:
+        import signal
+
+        if self.exitcode is None:
+            return "exit status unknown"
+        if self.exitcode < 0:
+            try:
+                name = signal.Signals(-self.exitcode).name
+            except ValueError:
+                name = f"signal {-self.exitcode}"
+            return f"killed by {name}"
+        return f"exited with status {self.exitcode}"
+
+    def __str__(self) -> str:
+        msg = f"worker pid {self.pid} died while running the task ({self._describe_exit()})"
+        if self.reason:
+            msg += f": {self.reason}"
+        if self.attempts > 1:
+            msg += f"; gave up after {self.attempts} attempts"
+        return msg
+
+
+class MemoryLimitError(WorkerCrashedError):
+    """The memory of the worker's group passed ``max_memory``; the group was killed.
+
+    ``rss`` is the measured memory in bytes (see the README for how shared pages
+    count) and ``limit`` the budget.
+    """
+
+    def __init__(
+        self,
+        rss: int = 0,
+        limit: int = 0,
+        pid: int | None = None,
+        exitcode: int | None = None,
+        attempts: int = 1,
+    ) -> None:
+        self.rss = rss
+        self.limit = limit
+        super().__init__(pid, exitcode, None, attempts)
+        self.args = (rss, limit, pid, exitcode, attempts)
+
+    def __reduce__(self):  # type: ignore[override]
+        return (type(self), (self.rss, self.limit, self.pid, self.exitcode, self.attempts))
+
+    def __str__(self) -> str:
+        msg = (
+            f"the memory of worker pid {self.pid}'s process group reached "
+            f"{self.rss / 2**20:.1f} MiB, over its limit of {self.limit / 2**20:.1f} MiB; "
+            "the group was killed"
+        )
+        if self.attempts > 1:
+            msg += f"; gave up after {self.attempts} attempts"
+        return msg
+
+
+class WorkerInitializerError(BrokenProcessPool):
+    """The ``initializer`` raised in a new worker; the futures waiting for it fail.
+
+    ``remote_traceback`` is the initializer's traceback text from the worker.
+    """
+
+    def __init__(self, message: str, remote_traceback: str | None = None) -> None:
+        self.remote_traceback = remote_traceback
+        super().__init__(message, remote_traceback)
+
+    def __str__(self) -> str:
+        text = str(self.args[0])
+        if self.remote_traceback:
+            text += "\n\nRemote traceback:\n" + self.remote_traceback
+        return text
+
+
+class RemoteTaskError(Exception):
+    """A task's exception that could not travel back as itself.
+
+    Raised when the exception the task raised cannot be pickled in the worker or
+    unpickled here. ``type_name`` names the original class and ``remote_traceback``
+    holds its full traceback text as the worker formatted it.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str) -> None:
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+        super().__init__(type_name, message, remote_traceback)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.type_name}: {self.message}\n\n"
+            f"(the exception could not be transferred from the worker; remote traceback:)\n"
+            f"{self.remote_traceback}"
+        )
+
+
+class TaskPicklingError(Exception):
+    """The task, its arguments or its result could not be (un)pickled.
+
+    ``stage`` says which: ``"arguments"`` (pickling in the caller or unpickling in the
+    worker) or ``"result"`` (pickling in the worker or unpickling here).
+    """
+
+    def __init__(self, stage: str, detail: str) -> None:
+        self.stage = stage
+        self.detail = detail
+        super().__init__(stage, detail)
+
+    def __str__(self) -> str:
+        return f"could not transfer the task's {self.stage}: {self.detail}"

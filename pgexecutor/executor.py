@@ -1,0 +1,409 @@
+"""``ProcessGroupExecutor``: the public face; everything stateful is in ``_manager``.
+
+This module only validates, pickles and enqueues. Pickling happens here, in the
+caller's thread, so an unpicklable argument fails exactly its own future at once and
+the manager never sees it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
+from concurrent.futures import TimeoutError as FuturesTimeoutError
+from typing import Any
+
+from . import _manager
+from . import _protocol as proto
+from ._manager import Manager, ManagerConfig, TaskInfo, WorkItem
+from ._worker import run_chunk
+
+_UNSET: Any = object()
+
+
+def _default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def _check_timeout(value: float | None, name: str) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    if not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds or None")
+    return value
+
+
+def _check_memory(value: int | None) -> int | None:
+    if value is None:
+        return None
+    value = int(value)
+    if value <= 0:
+        raise ValueError("max_memory must be a positive number of bytes or None")
+    return value
+
+
+def _check_retries(value: int) -> int:
+    value = int(value)
+    if value < 0:
+        raise ValueError("retries must be >= 0")
+    return value
+
+
+def task_info(future: Future[Any]) -> TaskInfo | None:
+    """What happened to a finished task: duration, worker pid, attempts, peak memory.
+
+    Returns None for a future that did not come from a ProcessGroupExecutor or has
+    not finished yet.
+    """
+    return getattr(future, "_pgexecutor_info", None)
+
+
+class ProcessGroupExecutor(Executor):
+    """A ``ProcessPoolExecutor`` whose workers each lead their own process group.
+
+    A task that runs past ``task_timeout``, crashes its worker, or (with
+    ``max_memory``) lets its group grow past the budget fails on its own with
+    :class:`TaskTimeoutError`, :class:`WorkerCrashedError` or
+    :class:`MemoryLimitError`; the worker's *whole group* (every process the task
+    spawned) is killed, SIGTERM then SIGKILL after ``kill_grace`` seconds, and a fresh
+    worker takes its place. The pool is never broken.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        mp_context: Any = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        *,
+        max_tasks_per_child: int | None = None,
+        task_timeout: float | None = None,
+        kill_grace: float = 1.0,
+        max_memory: int | None = None,
+        retries: int = 0,
+    ) -> None:
+        if os.name != "posix":
+            raise OSError("ProcessGroupExecutor needs POSIX process groups (Linux, macOS)")
+        if max_workers is None:
+            max_workers = _default_workers()
+        elif max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if max_tasks_per_child is not None:
+            if not isinstance(max_tasks_per_child, int):
+                raise TypeError("max_tasks_per_child must be an integer")
+            if max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be >= 1")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if isinstance(mp_context, str):
+            mp_context = multiprocessing.get_context(mp_context)
+        kill_grace = float(kill_grace)
+        if kill_grace < 0:
+            raise ValueError("kill_grace must be >= 0")
+        self._max_workers = max_workers
+        self._mp_context = mp_context
+        self._task_timeout = _check_timeout(task_timeout, "task_timeout")
+        self._max_memory = _check_memory(max_memory)
+        self._retries = _check_retries(retries)
+        self._kill_grace = kill_grace
+        init_payload = proto.dumps(
+            {
+                "sys_path": list(sys.path),
+                "initializer": (
+                    proto.dumps((initializer, tuple(initargs))) if initializer else None
+                ),
+                "authkey": bytes(multiprocessing.current_process().authkey),
+            }
+        )
+        self._manager = Manager(
+            ManagerConfig(
+                max_workers=max_workers,
+                mp_context=mp_context,
+                init_payload=init_payload,
+                max_tasks_per_child=max_tasks_per_child,
+                kill_grace=kill_grace,
+            )
+        )
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        self._started = False
+        _manager.track(self._manager)
+        # If the executor is dropped without shutdown, finish its work and clean up,
+        # as shutdown(wait=False) would. The finalizer must not reference self.
+        weakref.finalize(self, self._manager.post, ("shutdown", False))
+
+    # ------------------------------------------------------------------ submit
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._submit(fn, args, kwargs, self._task_timeout, self._max_memory, self._retries)
+
+    def _submit(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        max_memory: int | None,
+        retries: int,
+    ) -> Future[Any]:
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if _manager._global_shutdown:
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            if not self._started:
+                self._started = True
+                self._manager.start()
+            fut: Future[Any] = Future()
+            try:
+                payload = proto.dumps((fn, args, kwargs))
+            except BaseException as exc:
+                fut.set_running_or_notify_cancel()
+                fut.set_exception(
+                    proto.pickling_error("arguments", "pickling them in the caller failed", exc)
+                )
+                self._manager.stats.submitted += 1
+                self._manager.stats.failed += 1
+                return fut
+            self._manager.stats.submitted += 1
+            self._manager.post(WorkItem(fut, payload, timeout, max_memory, retries))
+            return fut
+
+    # ------------------------------------------------------------------ map
+
+    def map(  # type: ignore[override]
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        return_exceptions: bool = False,
+    ) -> Iterator[Any]:
+        """Like ``Executor.map``; ``return_exceptions=True`` yields errors in place.
+
+        With ``chunksize > 1`` each chunk is one task (its ``task_timeout`` covers the
+        whole chunk), yet an item's exception still lands at that item's position.
+        """
+        return self._map(
+            fn, iterables, timeout, chunksize, return_exceptions,
+            self._task_timeout, self._max_memory, self._retries,
+        )
+
+    def _map(
+        self,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        timeout: float | None,
+        chunksize: int,
+        return_exceptions: bool,
+        task_timeout: float | None,
+        max_memory: int | None,
+        retries: int,
+    ) -> Iterator[Any]:
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        args_iter = zip(*iterables)
+        if chunksize == 1:
+            fs = [
+                self._submit(fn, args, {}, task_timeout, max_memory, retries) for args in args_iter
+            ]
+            return _yield_results(fs, end_time, return_exceptions, chunked=False)
+        fs = []
+        while True:
+            chunk = list(itertools.islice(args_iter, chunksize))
+            if not chunk:
+                break
+            fs.append(self._submit(run_chunk, (fn, chunk), {}, task_timeout, max_memory, retries))
+        return _yield_results(fs, end_time, return_exceptions, chunked=True)
+
+    # ------------------------------------------------------------------ options
+
+    def options(
+        self,
+        *,
+        task_timeout: float | None = _UNSET,
+        retries: int = _UNSET,
+        max_memory: int | None = _UNSET,
+    ) -> ExecutorOptions:
+        """A light view whose ``submit``/``map`` use these settings per task.
+
+        The executor's own defaults stay as they are::
+
+            slow = ex.options(task_timeout=600, retries=2)
+            fut = slow.submit(mesh, geometry)
+        """
+        return ExecutorOptions(
+            self,
+            self._task_timeout if task_timeout is _UNSET else _check_timeout(task_timeout, "task_timeout"),
+            self._max_memory if max_memory is _UNSET else _check_memory(max_memory),
+            self._retries if retries is _UNSET else _check_retries(retries),
+        )
+
+    # ------------------------------------------------------------------ shutdown
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._shutdown_lock:
+            self._shutdown = True
+            started = self._started
+            self._manager.post(("shutdown", cancel_futures))
+        if not started:
+            # No thread ever ran: nothing to wait for, only fds to release.
+            if self._manager.inbox:
+                self._manager.start()
+            else:
+                self._manager._close()
+                self._manager.finished.set()
+                return
+        if wait:
+            self._join()
+
+    def _join(self) -> None:
+        try:
+            self._manager.finished.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C while waiting for tasks: stop them all rather than wait more.
+            self._manager.post(("terminate", True, "interrupted while shutting down"))
+            self._manager.finished.wait(timeout=self._kill_grace + 5.0)
+            raise
+
+    def _terminate(self, hard: bool, reason: str) -> None:
+        with self._shutdown_lock:
+            self._shutdown = True
+            started = self._started
+            self._manager.post(("terminate", hard, reason))
+        if not started:
+            self.shutdown(wait=True)
+            return
+        self._join()
+
+    def terminate_workers(self) -> None:
+        """SIGTERM every worker group (SIGKILL after ``kill_grace``) and shut down.
+
+        Running futures fail with WorkerCrashedError, queued ones are cancelled.
+        """
+        self._terminate(False, "terminated by terminate_workers()")
+
+    def kill_workers(self) -> None:
+        """SIGKILL every worker group at once and shut down (see terminate_workers)."""
+        self._terminate(True, "killed by kill_workers()")
+
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool | None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self._terminate(False, "the with block was interrupted (KeyboardInterrupt)")
+            return False
+        self.shutdown(wait=True)
+        return False
+
+    # ------------------------------------------------------------------ introspection
+
+    def stats(self) -> dict[str, int]:
+        """Counters: submitted, completed, failed, cancelled, timed_out, crashed,
+        memory_killed, retried, workers_started, workers_killed."""
+        return self._manager.stats.snapshot()
+
+    def worker_pids(self) -> list[int]:
+        """Pids (each equal to its group id) of the workers alive right now."""
+        return [w.pid for w in list(self._manager.workers.values())]
+
+
+class ExecutorOptions:
+    """What :meth:`ProcessGroupExecutor.options` returns: per-task settings."""
+
+    def __init__(
+        self,
+        executor: ProcessGroupExecutor,
+        task_timeout: float | None,
+        max_memory: int | None,
+        retries: int,
+    ) -> None:
+        self._executor = executor
+        self.task_timeout = task_timeout
+        self.max_memory = max_memory
+        self.retries = retries
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._executor._submit(
+            fn, args, kwargs, self.task_timeout, self.max_memory, self.retries
+        )
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        return_exceptions: bool = False,
+    ) -> Iterator[Any]:
+        return self._executor._map(
+            fn, iterables, timeout, chunksize, return_exceptions,
+            self.task_timeout, self.max_memory, self.retries,
+        )
+
+    def options(self, **kwargs: Any) -> ExecutorOptions:
+        merged = {
+            "task_timeout": self.task_timeout,
+            "max_memory": self.max_memory,
+            "retries": self.retries,
+        }
+        merged.update(kwargs)
+        return self._executor.options(**merged)
+
+
+def _result_or_exception(fut: Future[Any], timeout: float | None) -> tuple[bool, Any]:
+    try:
+        return True, fut.result(timeout)
+    except FuturesTimeoutError:
+        if not fut.done():
+            raise  # map's own timeout: the standard meaning
+        return False, fut.exception()
+    except Exception as exc:
+        return False, exc
+
+
+def _yield_results(
+    fs: list[Future[Any]],
+    end_time: float | None,
+    return_exceptions: bool,
+    chunked: bool,
+) -> Iterator[Any]:
+    """Yield results in order; on exit (even early) cancel what is still pending."""
+    fs.reverse()  # pop() from the end is O(1) and drops our reference as we go
+    try:
+        while fs:
+            fut = fs.pop()
+            timeout = None if end_time is None else end_time - time.monotonic()
+            if timeout is not None and timeout < 0:
+                timeout = 0
+            if return_exceptions:
+                ok, value = _result_or_exception(fut, timeout)
+            else:
+                ok, value = True, fut.result(timeout)
+            del fut
+            if not chunked:
+                yield value
+            elif not ok:
+                yield value  # the whole chunk failed (timeout, crash): one error for it
+            else:
+                for item_ok, item in value:
+                    if item_ok:
+                        yield item
+                        continue
+                    exc = proto.load_exception(item)
+                    if return_exceptions:
+                        yield exc
+                    else:
+                        raise exc
+    finally:
+        for fut in fs:
+            fut.cancel()
