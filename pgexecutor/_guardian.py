@@ -46,8 +46,8 @@ def _start_locked() -> None:
     r, w = os.pipe()
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = (
-        "import sys; sys.path.insert(0, %r); "
-        "from pgexecutor._guardian import guardian_main; guardian_main()" % pkg_root
+        f"import sys; sys.path.insert(0, {pkg_root!r}); "
+        "from pgexecutor._guardian import guardian_main; guardian_main()"
     )
     scratch = max(r + 1, _CHILD_FD + 1)
     actions = [
@@ -153,13 +153,18 @@ if hasattr(os, "register_at_fork"):
 # ---------------------------------------------------------------- the guardian side
 
 
-def _leader_is_ours(pid: int, create_time: float) -> bool:
+def _leader_state(pid: int, create_time: float) -> str:
+    """"ours" (our worker, alive or an unreaped zombie), "stranger" (a newer process
+    has the number), or "gone" (no process has it)."""
     import psutil
 
     try:
-        return abs(psutil.Process(pid).create_time() - create_time) < 0.05
+        started = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return "gone"
     except psutil.Error:
-        return False
+        return "stranger"  # cannot tell: do not touch it
+    return "ours" if abs(started - create_time) < 0.05 else "stranger"
 
 
 def _members_started_after(pgid: int, create_time: float) -> list[int]:
@@ -178,19 +183,41 @@ def _members_started_after(pgid: int, create_time: float) -> list[int]:
     return out
 
 
+def _our_members(pgid: int, create_time: float) -> list[int] | None:
+    """The processes we may signal in group ``pgid``; None means "killpg is safe".
+
+    POSIX rule that decides it: a pid number stays reserved as long as any process
+    uses it as its pgid, so the number of a group with even one member left cannot be
+    handed to a new process.
+    - Leader alive (or an unreaped zombie) and it is our worker: the group is ours,
+      signal it whole.
+    - A process with that pid exists but started at another time: our group emptied
+      at some point and the number was recycled. Everything in it is a stranger.
+    - No process has that pid: our leader died and was reaped (by init, after the
+      parent died). Its orphans still carry the pgid, and since they hold the number
+      it cannot have been recycled while they live. Signal members one by one, and only
+      those no older than our worker (a recycled group whose new leader also died
+      before we looked is the one case this cannot tell apart).
+    """
+    state = _leader_state(pgid, create_time)
+    if state == "ours":
+        return None
+    if state == "stranger":
+        return []
+    return _members_started_after(pgid, create_time)
+
+
 def _signal_verified(pgid: int, create_time: float, sig: int) -> bool:
     """Signal the group if it is still ours; True if anything was signalled."""
-    if _leader_is_ours(pgid, create_time):
-        # The leader lives (or is an unreaped zombie): the pgid is reserved for it.
+    members = _our_members(pgid, create_time)
+    if members is None:
         try:
             os.killpg(pgid, sig)
             return True
         except OSError:
             return False
-    # The leader was reaped: the number could in principle belong to a new group, so
-    # signal members one by one, and only those no older than our worker.
     hit = False
-    for pid in _members_started_after(pgid, create_time):
+    for pid in members:
         try:
             os.kill(pid, sig)
             hit = True
@@ -202,7 +229,10 @@ def _signal_verified(pgid: int, create_time: float, sig: int) -> bool:
 def _group_alive(pgid: int, create_time: float) -> bool:
     import psutil
 
-    for pid in _members_started_after(pgid, create_time):
+    members = _our_members(pgid, create_time)
+    if members is None:
+        members = _members_started_after(pgid, create_time)
+    for pid in members:
         try:
             if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
                 return True

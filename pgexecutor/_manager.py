@@ -107,6 +107,7 @@ class WorkItem:
         "pid",
         "peak_memory",
         "on_event",
+        "sent",
     )
 
     def __init__(
@@ -129,6 +130,7 @@ class WorkItem:
         self.pid = 0
         self.peak_memory: int | None = None
         self.on_event = on_event
+        self.sent = False  # handed to a worker at least once (the future is RUNNING)
 
 
 class _Worker:
@@ -225,6 +227,8 @@ class Manager:
         os.set_blocking(self._wake_w, False)
         proc_mod.mark_parent_only(self._wake_r, self._wake_w)
         self._woken = False
+        self._wake_lock = threading.Lock()
+        self._closed = False
         self.queue: deque[WorkItem] = deque()
         self.workers: dict[int, _Worker] = {}
         self._poller = select.poll()
@@ -245,14 +249,22 @@ class Manager:
         self.thread.start()
 
     def post(self, msg: Any) -> None:
-        """Hand the manager a work item or a command; thread-safe and cheap."""
+        """Hand the manager a work item or a command; thread-safe and cheap.
+
+        The wake write happens under a lock shared with ``_close``: once the pipe is
+        closed its fd number may be reused by anything, and a stray byte written there
+        (a finalizer, a second shutdown) would corrupt someone else's file.
+        """
         self.inbox.append(msg)
         if not self._woken:
-            self._woken = True
-            try:
-                os.write(self._wake_w, b"\0")
-            except (BlockingIOError, OSError):
-                pass  # already full (it is awake anyway) or closed (it has finished)
+            with self._wake_lock:
+                if self._closed:
+                    return
+                self._woken = True
+                try:
+                    os.write(self._wake_w, b"\0")
+                except (BlockingIOError, OSError):
+                    pass  # already full: it is awake anyway
 
     # ------------------------------------------------------------ poll bookkeeping
 
@@ -283,8 +295,20 @@ class Manager:
             self.finished.set()
 
     def _loop(self) -> None:
+        # Act first, then sleep: whatever was posted before the thread started (the
+        # first tasks, or a shutdown) must be dispatched without waiting for a wake-up.
         self._drain_inbox()
         while True:
+            now = time.monotonic()
+            if not self._use_pidfd and now >= self._next_exit_poll:
+                self._next_exit_poll = now + _POLL_EXIT_INTERVAL
+                for w in list(self.workers.values()):
+                    if w.state != DEAD:
+                        self._on_exit(w)
+            self._check_timers(now)
+            self._dispatch()
+            if self.shutting_down and self._finish_shutdown():
+                return
             timeout = self._next_wakeup()
             ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
             for fd, _ev in self._poller.poll(ms):
@@ -303,16 +327,6 @@ class Manager:
                 elif kind == self._WRITE:
                     assert w is not None
                     self._flush(w)
-            now = time.monotonic()
-            if not self._use_pidfd and now >= self._next_exit_poll:
-                self._next_exit_poll = now + _POLL_EXIT_INTERVAL
-                for w in list(self.workers.values()):
-                    if w.state != DEAD:
-                        self._on_exit(w)
-            self._check_timers(now)
-            self._dispatch()
-            if self.shutting_down and self._finish_shutdown():
-                return
 
     def _drain_inbox(self) -> None:
         try:
@@ -345,6 +359,9 @@ class Manager:
                     if w.inflight:
                         item = w.inflight.popleft()
                         self._fail(item, WorkerCrashedError(w.pid, None, reason), "crashed", now)
+                    # Tasks waiting in its pipe never started: cancelled, not crashed.
+                    while w.inflight:
+                        self._fail(w.inflight.popleft(), CancelledError(), "cancelled", now)
                     self._kill(w, reason, hard=hard, now=now)
                 elif w.state in (KILLING, DEAD) and hard:
                     w.kill_at = now
@@ -438,12 +455,25 @@ class Manager:
                 self._target = 0
                 return
 
+    def _pool_is_full(self) -> bool:
+        """Every worker the pool may have is running and ready for work."""
+        ready = 0
+        for w in self.workers.values():
+            if w.state == STARTING:
+                return False
+            if w.state == READY:
+                ready += 1
+        return ready >= self.cfg.max_workers
+
     def _dispatch(self) -> None:
         if self.queue:
             ready = [w for w in self.workers.values() if w.state == READY]
-            # Idle workers first; prefetch one more task per worker only when every
-            # worker is busy (a prefetched task waits behind the one running).
-            for depth in range(_PREFETCH_DEPTH):
+            # Idle workers first. A prefetched task waits behind the one running, so
+            # prefetch only when the pool cannot grow: while a worker is still starting
+            # (or more may start) the next task must go to it, or two tasks that need
+            # to run side by side would run one after the other.
+            depths = _PREFETCH_DEPTH if self._pool_is_full() else 1
+            for depth in range(depths):
                 for w in ready:
                     if not self.queue:
                         break
@@ -457,10 +487,11 @@ class Manager:
         self._adjust_workers()
 
     def _send_task(self, w: _Worker, item: WorkItem) -> None:
-        if item.attempts == 0 and not item.future.set_running_or_notify_cancel():
-            self.stats.cancelled += 1
-            return  # cancelled while queued
-        item.attempts += 1
+        if not item.sent:
+            if not item.future.set_running_or_notify_cancel():
+                self.stats.cancelled += 1
+                return  # cancelled while queued
+            item.sent = True
         item.pid = w.pid
         w.inflight.append(item)
         if len(w.inflight) == 1:
@@ -474,8 +505,13 @@ class Manager:
             w.state = RETIRING
 
     def _start_clock(self, w: _Worker, item: WorkItem, now: float) -> None:
-        """The task at the head of a worker's pipe starts now (deadlines count from here)."""
+        """The task at the head of a worker's pipe starts now (deadlines count from here).
+
+        Only a start counts as an attempt: a task that waited in a killed worker's pipe
+        goes back to the queue without having used one.
+        """
         item.started = now
+        item.attempts += 1
         if item.max_memory is not None:
             w.next_memory = now  # sample at once, then every _MEMORY_INTERVAL
 
@@ -611,7 +647,7 @@ class Manager:
         now = time.monotonic()
         while self.queue:
             item = self.queue.popleft()
-            if item.attempts == 0 and not item.future.set_running_or_notify_cancel():
+            if not item.sent and not item.future.set_running_or_notify_cancel():
                 continue
             self._fail(item, exc, "crashed", now)
 
@@ -797,11 +833,13 @@ class Manager:
         # the number may be recycled: this worker's pgid is never signalled again.
         escalated = w.kill_sent or bool(proc_mod.live_members(w.pid, exclude=w.pid))
         proc_mod.signal_group(w.pid, signal.SIGKILL)
+        # The guardian forgets the group before the reap frees its number, so it never
+        # holds a pgid that may be recycled.
+        _guardian.unregister(w.pid)
         code = proc_mod.reap(w.proc)
         for fd in (w.proc.from_worker, w.proc.to_worker, w.proc.pidfd):
             self._unregister(fd)
         w.proc.close_fds()
-        _guardian.unregister(w.pid)
         del self.workers[w.pid]
         if w.reason:
             logger.info(
@@ -845,18 +883,22 @@ class Manager:
             if type(msg) is WorkItem:
                 self.queue.append(msg)
         for item in self.queue:
-            if item.attempts == 0 and not item.future.set_running_or_notify_cancel():
+            if not item.sent and not item.future.set_running_or_notify_cancel():
                 continue
             if not item.future.done():
                 item.future.set_exception(err)
         self.queue.clear()
 
     def _close(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            self._unregister(fd)
-        proc_mod.unmark_parent_only(self._wake_r, self._wake_w)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._wake_lock:
+            if self._closed:
+                return
+            self._closed = True
+            for fd in (self._wake_r, self._wake_w):
+                self._unregister(fd)
+            proc_mod.unmark_parent_only(self._wake_r, self._wake_w)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
 
 # ---------------------------------------------------------------- interpreter exit

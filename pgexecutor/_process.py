@@ -120,8 +120,8 @@ def _bootstrap_code() -> str:
     """The ``python -c`` program a fresh worker runs: find this package, serve."""
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return (
-        "import sys; sys.path.insert(0, %r); "
-        "from pgexecutor._worker import main; main()" % pkg_root
+        f"import sys; sys.path.insert(0, {pkg_root!r}); "
+        "from pgexecutor._worker import main; main()"
     )
 
 

@@ -36,7 +36,7 @@ def mp_main(task_conn: Any, result_conn: Any, dump_conn: Any, close_fds: list[in
         os.setpgid(0, 0)  # the parent does it too; whoever is first wins
     except OSError:
         pass
-    fds = (task_conn.detach(), result_conn.detach(), dump_conn.detach())
+    fds = (_take_fd(task_conn), _take_fd(result_conn), _take_fd(dump_conn))
     # A fork copied every fd of the parent: other workers' pipes, the guardian's pipe.
     # Holding them would keep EOFs from arriving (the guardian's above all), so close.
     for fd in close_fds:
@@ -49,6 +49,21 @@ def mp_main(task_conn: Any, result_conn: Any, dump_conn: Any, close_fds: list[in
     os.dup2(devnull, 0)
     os.close(devnull)
     _serve(*fds)
+
+
+def _take_fd(conn: Any) -> int:
+    """Own a Connection's fd without Connection closing it when collected.
+
+    multiprocessing's Connection has no public detach(); its fd lives in ``_handle``
+    (stable since 3.3). Fall back to a dup if that ever changes.
+    """
+    fd = getattr(conn, "_handle", None)
+    if isinstance(fd, int):
+        conn._handle = None
+        return fd
+    fd = os.dup(conn.fileno())
+    conn.close()
+    return fd
 
 
 def _exit_cleanly(code: int = 0) -> None:

@@ -213,19 +213,21 @@ class ProcessGroupExecutor(Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end_time = None if timeout is None else timeout + time.monotonic()
-        args_iter = zip(*iterables)
+        args_iter = zip(*iterables, strict=False)
         if chunksize == 1:
             fs = [
                 self._submit(fn, args, {}, task_timeout, max_memory, retries) for args in args_iter
             ]
             return _yield_results(fs, end_time, return_exceptions, chunked=False)
         fs = []
+        sizes = []
         while True:
             chunk = list(itertools.islice(args_iter, chunksize))
             if not chunk:
                 break
+            sizes.append(len(chunk))
             fs.append(self._submit(run_chunk, (fn, chunk), {}, task_timeout, max_memory, retries))
-        return _yield_results(fs, end_time, return_exceptions, chunked=True)
+        return _yield_results(fs, end_time, return_exceptions, chunked=True, sizes=sizes)
 
     # ------------------------------------------------------------------ options
 
@@ -255,16 +257,12 @@ class ProcessGroupExecutor(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._shutdown_lock:
             self._shutdown = True
-            started = self._started
-            self._manager.post(("shutdown", cancel_futures))
-        if not started:
-            # No thread ever ran: nothing to wait for, only fds to release.
-            if self._manager.inbox:
-                self._manager.start()
-            else:
+            if not self._started:
+                # No task was ever submitted: no thread, no worker; release the fds.
                 self._manager._close()
                 self._manager.finished.set()
                 return
+            self._manager.post(("shutdown", cancel_futures))
         if wait:
             self._join()
 
@@ -279,12 +277,13 @@ class ProcessGroupExecutor(Executor):
 
     def _terminate(self, hard: bool, reason: str) -> None:
         with self._shutdown_lock:
+            if not self._started:
+                self._shutdown = True
+                self._manager._close()
+                self._manager.finished.set()
+                return
             self._shutdown = True
-            started = self._started
             self._manager.post(("terminate", hard, reason))
-        if not started:
-            self.shutdown(wait=True)
-            return
         self._join()
 
     def terminate_workers(self) -> None:
@@ -371,39 +370,52 @@ def _result_or_exception(fut: Future[Any], timeout: float | None) -> tuple[bool,
         return False, exc
 
 
+def _pop_result(
+    fs: list[Future[Any]], end_time: float | None, return_exceptions: bool
+) -> tuple[bool, Any]:
+    """Take the next future off ``fs`` and wait for it (map's timeout applies)."""
+    fut = fs.pop()
+    timeout = None if end_time is None else max(0.0, end_time - time.monotonic())
+    if return_exceptions:
+        return _result_or_exception(fut, timeout)
+    return True, fut.result(timeout)
+
+
 def _yield_results(
     fs: list[Future[Any]],
     end_time: float | None,
     return_exceptions: bool,
     chunked: bool,
+    sizes: list[int] | None = None,
 ) -> Iterator[Any]:
-    """Yield results in order; on exit (even early) cancel what is still pending."""
+    """Yield results in order; on exit (even early) cancel what is still pending.
+
+    No local variable holds a result across a ``yield``: a suspended generator's frame
+    would keep the last value alive for as long as the caller holds the iterator.
+    """
     fs.reverse()  # pop() from the end is O(1) and drops our reference as we go
+    if sizes is not None:
+        sizes.reverse()
     try:
         while fs:
-            fut = fs.pop()
-            timeout = None if end_time is None else end_time - time.monotonic()
-            if timeout is not None and timeout < 0:
-                timeout = 0
-            if return_exceptions:
-                ok, value = _result_or_exception(fut, timeout)
-            else:
-                ok, value = True, fut.result(timeout)
-            del fut
             if not chunked:
-                yield value
-            elif not ok:
-                yield value  # the whole chunk failed (timeout, crash): one error for it
-            else:
-                for item_ok, item in value:
-                    if item_ok:
-                        yield item
-                        continue
-                    exc = proto.load_exception(item)
+                yield _pop_result(fs, end_time, return_exceptions)[1]
+                continue
+            assert sizes is not None
+            size = sizes.pop()
+            ok, items = _pop_result(fs, end_time, return_exceptions)
+            if not ok:
+                # The whole chunk failed (its worker hung or died): every item of it
+                # gets that error, so positions stay aligned with the inputs.
+                items = [(None, items)] * size
+            items.reverse()
+            while items:
+                if items[-1][0] is False:
                     if return_exceptions:
-                        yield exc
-                    else:
-                        raise exc
+                        yield proto.load_exception(items.pop()[1])
+                        continue
+                    raise proto.load_exception(items.pop()[1])
+                yield items.pop()[1]
     finally:
         for fut in fs:
             fut.cancel()
