@@ -1,0 +1,130 @@
+"""Shared fixtures: every test must leave no worker process group behind.
+
+``pgexecutor._process.spawned_pgids()`` lists every worker process group this
+process created (a worker's pid is its pgid). After each test, every group created
+during that test must be empty: no process, zombie or not, may still carry that pgid.
+Zombies and slow exits get a generous grace period (LEAK_GRACE seconds) before the
+test is failed; survivors are then SIGKILLed so one leak does not cascade.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import psutil
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+#: seconds to wait for a test's worker groups to empty before calling it a leak
+LEAK_GRACE = 10.0
+
+
+def _spawned_pgids_func():
+    """The introspection hook, or None while pgexecutor is not importable yet."""
+    try:
+        from pgexecutor import _process  # noqa: PLC0415
+    except Exception:
+        return None
+    return getattr(_process, "spawned_pgids", None)
+
+
+def spawned_pgids() -> frozenset[int] | None:
+    func = _spawned_pgids_func()
+    if func is None:
+        return None
+    try:
+        return frozenset(func())
+    except Exception:
+        return None
+
+
+def group_members(pgid: int) -> list[dict]:
+    """Every process (zombies included) whose process group is ``pgid``.
+
+    Each entry: ``{"pid", "pgid", "status", "cmdline", "ppid"}``.
+    """
+    found = []
+    for proc in psutil.process_iter(["pid", "status", "cmdline", "ppid"]):
+        pid = proc.info["pid"]
+        try:
+            pg = os.getpgid(pid)
+        except (ProcessLookupError, PermissionError, OSError):
+            continue
+        if pg != pgid:
+            continue
+        found.append(
+            {
+                "pid": pid,
+                "pgid": pg,
+                "status": proc.info.get("status"),
+                "cmdline": " ".join(proc.info.get("cmdline") or []) or "?",
+                "ppid": proc.info.get("ppid"),
+            }
+        )
+    return found
+
+
+def survivors_of(pgids, grace: float = LEAK_GRACE) -> list[dict]:
+    """Poll until every group in ``pgids`` is empty or ``grace`` runs out.
+
+    Returns the processes still present at the end (empty list = clean).
+    """
+    own = os.getpgrp()
+    pgids = {p for p in pgids if p and p != own}
+    if not pgids:
+        return []
+    deadline = time.monotonic() + grace
+    delay = 0.02
+    while True:
+        left = [m for pg in sorted(pgids) for m in group_members(pg)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
+
+
+def format_survivors(left: list[dict]) -> str:
+    return "\n".join(
+        f"  pid={m['pid']} pgid={m['pgid']} ppid={m['ppid']} status={m['status']} "
+        f"cmdline={m['cmdline']!r}"
+        for m in left
+    )
+
+
+def _kill_groups(pgids) -> None:
+    own = os.getpgrp()
+    for pg in pgids:
+        if not pg or pg == own:
+            continue
+        try:
+            os.killpg(pg, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_worker_groups(request):
+    """Fail the test if any worker group it created still has a process after it."""
+    before = spawned_pgids()
+    yield
+    after = spawned_pgids()
+    if after is None:  # pgexecutor not importable: nothing to check
+        return
+    new = after - (before or frozenset())
+    if not new:
+        return
+    left = survivors_of(new)
+    if left:
+        _kill_groups({m["pgid"] for m in left})
+        pytest.fail(
+            f"{request.node.nodeid}: {len(left)} process(es) of worker groups created "
+            f"by this test survived {LEAK_GRACE:g} s after it ended:\n"
+            + format_survivors(left),
+            pytrace=False,
+        )

@@ -1,0 +1,576 @@
+"""Issue 2, items 4-11: timeouts, crashes, forks, exceptions, pickling faults,
+return_exceptions, terminate/kill, and what shutdown leaves behind.
+
+Every test here starts real processes; the autouse fixture in conftest.py proves after
+each one that no process of any worker group it created survived.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import CancelledError
+from concurrent.futures import TimeoutError as FuturesTimeoutError
+from concurrent.futures.process import BrokenProcessPool
+
+import psutil
+import pytest
+
+from pgexecutor import (
+    ProcessGroupExecutor,
+    RemoteTaskError,
+    TaskPicklingError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# ----------------------------------------------------------------- task functions
+
+
+def add(a, b):
+    return a + b
+
+
+def getpid():
+    return os.getpid()
+
+
+def sleep_forever():
+    time.sleep(1000)
+
+
+def ignore_term_and_sleep():
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(1000)
+
+
+def spin_in_c_blocking_term():
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    re.match(r"(a+)+$", "a" * 64 + "b")  # exponential backtracking inside C
+
+
+def exit_with(code):
+    os._exit(code)
+
+
+def kill_self(sig):
+    os.kill(os.getpid(), sig)
+    time.sleep(10)
+
+
+def segfault():
+    ctypes.string_at(0)
+
+
+def abort():
+    ctypes.CDLL(None).abort()
+
+
+def spawn_child_and_report(path):
+    """Start a child in our group that outlives the task, and report its pid."""
+    p = subprocess.Popen(["sleep", "1000"])
+    with open(path, "w") as f:
+        f.write(str(p.pid))
+    return p.pid
+
+
+def fork_then(action):
+    """Fork a child that keeps the worker's pipes open, then misbehave."""
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(1000)
+        os._exit(0)
+    if action == "crash":
+        os._exit(7)
+    if action == "hang":
+        time.sleep(1000)
+    return pid
+
+
+def pool_then_crash():
+    ctx = multiprocessing.get_context("fork")
+    pool = ctx.Pool(2)
+    assert pool.map(abs, [-1, -2]) == [1, 2]
+    os._exit(5)  # the pool's workers still hold copies of our pipes
+
+
+def raise_value_error(x):
+    raise ValueError(f"bad input {x}")
+
+
+class NeedsTwoArgs(Exception):
+    def __init__(self, a, b):
+        super().__init__(a)  # args == (a,): unpickling calls NeedsTwoArgs(a) -> TypeError
+        self.b = b
+
+
+def raise_unpicklable_exception():
+    raise NeedsTwoArgs("first", "second")
+
+
+class HoldsLock(Exception):
+    def __init__(self):
+        super().__init__("holds a lock")
+        self.lock = threading.Lock()
+
+
+def raise_exception_holding_lock():
+    raise HoldsLock()
+
+
+def return_lock():
+    return threading.Lock()
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise TypeError("I refuse to be pickled")
+
+
+class _Killer:
+    """Unpickling this kills the process doing it (the worker)."""
+
+    def __reduce__(self):
+        return (os._exit, (9,))
+
+
+class _BadReducer:
+    def __reduce__(self):
+        return (int, ("not a number",))  # fails to unpickle in the worker
+
+
+class ReturnsBadUnpickle:
+    """Pickles fine in the worker, fails to unpickle in the parent."""
+
+    def __reduce__(self):
+        return (_fail_on_load, ())
+
+
+def _fail_on_load():
+    raise RuntimeError("cannot rebuild me here")
+
+
+def return_bad_unpickle():
+    return ReturnsBadUnpickle()
+
+
+def leave_background_child(path):
+    p = subprocess.Popen(["bash", "-c", "sleep 1000 & wait"])
+    with open(path, "w") as f:
+        f.write(str(p.pid))
+    return os.getpgid(0)
+
+
+def check_pgid():
+    return os.getpid(), os.getpgid(0)
+
+
+def alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_gone(pid, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# ----------------------------------------------------------------- 4. timeouts
+
+
+@pytest.mark.parametrize(
+    "fn", [sleep_forever, ignore_term_and_sleep, spin_in_c_blocking_term], ids=["sleep", "ignores-term", "c-spin"]
+)
+def test_timeout_kills_group_and_fails_at_once(fn):
+    with ProcessGroupExecutor(1, task_timeout=0.5, kill_grace=0.5) as ex:
+        fut = ex.submit(fn)
+        behind = ex.submit(add, 1, 2)  # queued behind the hung task: must not fail
+        t0 = time.monotonic()
+        with pytest.raises(TaskTimeoutError) as ei:
+            fut.result(timeout=30)
+        waited = time.monotonic() - t0
+        err = ei.value
+        assert isinstance(err, FuturesTimeoutError)
+        assert err.timeout == 0.5 and isinstance(err.pid, int)
+        # It fails at expiry, not after the grace period: generous bound on a noisy box.
+        assert waited < 0.5 + 5.0
+        assert behind.result(timeout=30) == 3
+        assert wait_gone(err.pid)
+        assert err.pid not in ex.worker_pids()
+
+
+def test_timeout_per_task_via_options_and_clock_starts_at_start():
+    with ProcessGroupExecutor(1, kill_grace=0.2) as ex:
+        quick = ex.options(task_timeout=3.0)
+        # Each of these sleeps 1s with a 3s timeout; if the clock started at submit,
+        # the third one (queued behind two) would time out.
+        futs = [quick.submit(time.sleep, 1.0) for _ in range(3)]
+        assert [f.result(timeout=60) for f in futs] == [None, None, None]
+        hung = ex.options(task_timeout=0.3).submit(sleep_forever)
+        with pytest.raises(TaskTimeoutError):
+            hung.result(timeout=30)
+        assert ex._task_timeout is None  # the executor's own default is untouched
+        assert ex.submit(add, 2, 2).result(timeout=30) == 4
+
+
+def test_timeout_replaces_worker_and_pool_keeps_working():
+    with ProcessGroupExecutor(2, task_timeout=0.3, kill_grace=0.2) as ex:
+        bad = [ex.submit(sleep_forever) for _ in range(3)]
+        good = [ex.submit(add, i, i) for i in range(20)]
+        for f in bad:
+            with pytest.raises(TaskTimeoutError):
+                f.result(timeout=60)
+        assert [f.result(timeout=60) for f in good] == [2 * i for i in range(20)]
+        assert ex.stats()["timed_out"] == 3
+
+
+def test_timeout_kills_children_in_group(tmp_path):
+    def spawn_and_hang(path):
+        spawn_child_and_report(path)
+        time.sleep(1000)
+
+    path = str(tmp_path / "child")
+    with ProcessGroupExecutor(1, task_timeout=1.0, kill_grace=0.3) as ex:
+        with pytest.raises(TaskTimeoutError):
+            ex.submit(spawn_and_hang, path).result(timeout=30)
+        child = int(open(path).read())
+        assert wait_gone(child)
+
+
+# ----------------------------------------------------------------- 5. crashes
+
+
+@pytest.mark.parametrize(
+    "fn,args,expected",
+    [
+        (exit_with, (0,), 0),
+        (exit_with, (3,), 3),
+        (kill_self, (signal.SIGKILL,), -signal.SIGKILL),
+        (segfault, (), -signal.SIGSEGV),
+        (abort, (), -signal.SIGABRT),
+    ],
+    ids=["exit0", "exit3", "sigkill", "segfault", "abort"],
+)
+def test_crash_fails_only_its_future(fn, args, expected):
+    with ProcessGroupExecutor(2) as ex:
+        before = [ex.submit(add, 1, 1) for _ in range(4)]
+        bad = ex.submit(fn, *args)
+        after = [ex.submit(add, 2, 2) for _ in range(4)]
+        with pytest.raises(WorkerCrashedError) as ei:
+            bad.result(timeout=30)
+        err = ei.value
+        assert isinstance(err, BrokenProcessPool)  # old except clauses still fire
+        assert err.exitcode == expected
+        assert isinstance(err.pid, int)
+        assert [f.result(timeout=30) for f in before + after] == [2] * 4 + [4] * 4
+        # The pool is not broken.
+        assert ex.submit(add, 3, 3).result(timeout=30) == 6
+
+
+def test_crash_kills_children_left_in_group(tmp_path):
+    def child_then_crash(path):
+        spawn_child_and_report(path)
+        os._exit(1)
+
+    path = str(tmp_path / "child")
+    with ProcessGroupExecutor(1, kill_grace=0.3) as ex:
+        with pytest.raises(WorkerCrashedError):
+            ex.submit(child_then_crash, path).result(timeout=30)
+        assert wait_gone(int(open(path).read()))
+        assert ex.submit(add, 1, 2).result(timeout=30) == 3
+
+
+def test_idle_worker_killed_from_outside_is_replaced():
+    with ProcessGroupExecutor(2) as ex:
+        pids = {f.result(timeout=30) for f in [ex.submit(getpid) for _ in range(20)]}
+        deadline = time.monotonic() + 30
+        while len(ex.worker_pids()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        victim = ex.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            current = ex.worker_pids()
+            if victim not in current and len(current) == 2:
+                break
+            time.sleep(0.05)
+        assert victim not in ex.worker_pids()
+        assert len(ex.worker_pids()) == 2  # replaced without waiting for new work
+        results = {f.result(timeout=30) for f in [ex.submit(getpid) for _ in range(20)]}
+        assert victim not in results
+        assert pids  # sanity
+
+
+# ----------------------------------------------------------------- 6. forks
+
+
+@pytest.mark.parametrize("action", ["crash", "hang"])
+def test_death_noticed_when_task_forked(action):
+    with ProcessGroupExecutor(1, task_timeout=2.0, kill_grace=0.3) as ex:
+        fut = ex.submit(fork_then, action)
+        expected = WorkerCrashedError if action == "crash" else TaskTimeoutError
+        with pytest.raises(expected):
+            fut.result(timeout=30)
+        assert ex.submit(add, 1, 1).result(timeout=30) == 2
+
+
+def test_death_noticed_with_fork_pool_alive():
+    with ProcessGroupExecutor(1, kill_grace=0.3) as ex:
+        with pytest.raises(WorkerCrashedError) as ei:
+            ex.submit(pool_then_crash).result(timeout=60)
+        assert ei.value.exitcode == 5
+
+
+# ----------------------------------------------------------------- 7. exceptions
+
+
+def test_exception_type_args_and_traceback_through_worker_frames():
+    with ProcessGroupExecutor(1) as ex:
+        fut = ex.submit(raise_value_error, 42)
+        exc = fut.exception(timeout=30)
+        assert type(exc) is ValueError
+        assert exc.args == ("bad input 42",)
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        assert "raise_value_error" in text
+        assert __file__.rstrip("c") in text or "test_faults.py" in text
+        assert 'raise ValueError(f"bad input {x}")' in text or "line" in text
+
+
+def test_exception_with_custom_init_round_trips():
+    # Plain pickle cannot rebuild it (args == ("first",) but __init__ needs two);
+    # tblib's reducer restores args and __dict__ without calling __init__.
+    with ProcessGroupExecutor(1) as ex:
+        exc = ex.submit(raise_unpicklable_exception).exception(timeout=30)
+        assert type(exc) is NeedsTwoArgs
+        assert exc.args == ("first",) and exc.b == "second"
+
+
+def raise_exception_from_worker_only_module():
+    """Raise an exception whose class lives in a module only the worker has."""
+    import types
+
+    mod = types.ModuleType("pgx_worker_only_errors")
+    exec("class WorkerOnlyError(Exception):\n    pass\n", mod.__dict__)
+    sys.modules[mod.__name__] = mod
+    raise mod.WorkerOnlyError("only the worker can import me")
+
+
+def test_exception_that_fails_to_unpickle_arrives_as_remote_error():
+    with ProcessGroupExecutor(1) as ex:
+        exc = ex.submit(raise_exception_from_worker_only_module).exception(timeout=30)
+        assert isinstance(exc, RemoteTaskError)
+        assert exc.type_name == "pgx_worker_only_errors.WorkerOnlyError"
+        assert "raise_exception_from_worker_only_module" in exc.remote_traceback
+        assert "only the worker can import me" in str(exc)
+        assert "WorkerOnlyError" in str(exc)
+        assert ex.submit(add, 1, 1).result(timeout=30) == 2
+
+
+def test_exception_that_fails_to_pickle_arrives_as_remote_error():
+    with ProcessGroupExecutor(1) as ex:
+        exc = ex.submit(raise_exception_holding_lock).exception(timeout=30)
+        assert isinstance(exc, RemoteTaskError)
+        assert "HoldsLock" in exc.type_name
+        assert "holds a lock" in str(exc)
+        assert "raise_exception_holding_lock" in exc.remote_traceback
+
+
+# ----------------------------------------------------------------- 8. pickling faults
+
+
+def test_unpicklable_argument_fails_only_its_future():
+    with ProcessGroupExecutor(1) as ex:
+        bad = ex.submit(add, threading.Lock(), 1)
+        exc = bad.exception(timeout=30)
+        assert isinstance(exc, TaskPicklingError) and exc.stage == "arguments"
+        assert "lock" in str(exc).lower()
+        bad2 = ex.submit(add, Unpicklable(), 1)
+        assert "refuse" in str(bad2.exception(timeout=30))
+        assert ex.submit(add, 1, 1).result(timeout=30) == 2
+
+
+def test_result_that_fails_to_pickle():
+    with ProcessGroupExecutor(1) as ex:
+        exc = ex.submit(return_lock).exception(timeout=30)
+        assert isinstance(exc, TaskPicklingError) and exc.stage == "result"
+        assert "pickl" in str(exc)
+        assert ex.submit(add, 1, 1).result(timeout=30) == 2
+
+
+def test_result_that_fails_to_unpickle_in_parent():
+    with ProcessGroupExecutor(1) as ex:
+        exc = ex.submit(return_bad_unpickle).exception(timeout=30)
+        assert isinstance(exc, TaskPicklingError) and exc.stage == "result"
+        assert "cannot rebuild me here" in str(exc)
+        assert ex.submit(add, 1, 1).result(timeout=30) == 2
+
+
+def test_argument_that_fails_to_unpickle_in_worker():
+    with ProcessGroupExecutor(1) as ex:
+        exc = ex.submit(add, _BadReducer(), 1).exception(timeout=30)
+        assert isinstance(exc, TaskPicklingError) and exc.stage == "arguments"
+        assert "not a number" in str(exc)
+        assert ex.submit(add, 1, 1).result(timeout=30) == 2
+
+
+def test_argument_whose_unpickling_kills_the_worker():
+    with ProcessGroupExecutor(1) as ex:
+        before = ex.submit(add, 1, 1)
+        bad = ex.submit(add, _Killer(), 1)
+        after = [ex.submit(add, 2, 2) for _ in range(3)]
+        with pytest.raises(WorkerCrashedError) as ei:
+            bad.result(timeout=30)
+        assert ei.value.exitcode == 9
+        assert before.result(timeout=30) == 2
+        assert [f.result(timeout=30) for f in after] == [4, 4, 4]
+
+
+# ----------------------------------------------------------------- 9. return_exceptions
+
+
+def maybe_fail(i):
+    if i == 1:
+        raise ValueError("one")
+    if i == 2:
+        os._exit(2)
+    if i == 3:
+        time.sleep(1000)
+    return i
+
+
+@pytest.mark.parametrize("chunksize", [1, 2])
+def test_map_return_exceptions_yields_errors_in_place(chunksize):
+    with ProcessGroupExecutor(2, task_timeout=1.0, kill_grace=0.2) as ex:
+        out = list(ex.map(maybe_fail, range(6), return_exceptions=True, chunksize=chunksize))
+    assert out[0] == 0 and out[4] == 4 and out[5] == 5
+    assert isinstance(out[1], ValueError)
+    if chunksize == 1:
+        assert isinstance(out[2], WorkerCrashedError)
+        assert isinstance(out[3], TaskTimeoutError)
+    else:
+        # items 2 and 3 share a chunk: the whole chunk's worker died or hung
+        assert isinstance(out[2], (WorkerCrashedError, TaskTimeoutError))
+
+
+def test_map_without_return_exceptions_raises_crash_at_position():
+    with ProcessGroupExecutor(2) as ex:
+        it = ex.map(maybe_fail, [0, 4, 2, 5])
+        assert next(it) == 0
+        assert next(it) == 4
+        with pytest.raises(WorkerCrashedError):
+            next(it)
+
+
+# ----------------------------------------------------------------- 10. terminate / kill
+
+
+@pytest.mark.parametrize("method", ["terminate_workers", "kill_workers"])
+def test_terminate_and_kill_workers(method, tmp_path):
+    def hang_with_child(path):
+        spawn_child_and_report(path)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(1000)
+
+    path = str(tmp_path / "child")
+    ex = ProcessGroupExecutor(1, kill_grace=30.0 if method == "kill_workers" else 0.3)
+    running = ex.submit(hang_with_child, path)
+    queued = ex.submit(add, 1, 1)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    child = int(open(path).read())
+    workers = ex.worker_pids()
+    t0 = time.monotonic()
+    getattr(ex, method)()
+    elapsed = time.monotonic() - t0
+    with pytest.raises(WorkerCrashedError):
+        running.result(timeout=10)
+    assert queued.cancelled() or isinstance(queued.exception(timeout=10), (CancelledError, BrokenProcessPool))
+    assert wait_gone(child)
+    for pid in workers:
+        assert wait_gone(pid)
+    if method == "kill_workers":
+        assert elapsed < 10  # did not wait out the 30 s grace period
+    with pytest.raises(RuntimeError, match="cannot schedule new futures after"):
+        ex.submit(add, 1, 1)
+
+
+# ----------------------------------------------------------------- 11. after shutdown
+
+
+def test_shutdown_kills_background_children_of_finished_tasks(tmp_path):
+    path = str(tmp_path / "bg")
+    with ProcessGroupExecutor(1, kill_grace=0.3) as ex:
+        pgid = ex.submit(leave_background_child, path).result(timeout=30)
+        bg = int(open(path).read())
+        assert alive(bg)
+        assert os.getpgid(bg) == pgid
+    assert wait_gone(bg)
+
+
+def _counts():
+    me = psutil.Process()
+    return me.num_threads(), me.num_fds()
+
+
+def test_threads_and_fds_return_to_baseline():
+    # Warm up once: the guardian's pipe stays open for the life of this process.
+    with ProcessGroupExecutor(2) as ex:
+        ex.submit(add, 1, 1).result(timeout=30)
+    gc.collect()
+    base = _counts()
+    for _ in range(3):
+        with ProcessGroupExecutor(2, task_timeout=0.5, kill_grace=0.1) as ex:
+            list(ex.map(add, range(50), range(50)))
+            with pytest.raises(TaskTimeoutError):
+                ex.submit(sleep_forever).result(timeout=30)
+            with pytest.raises(WorkerCrashedError):
+                ex.submit(exit_with, 1).result(timeout=30)
+    gc.collect()
+    assert _counts() == base
+
+
+def test_twenty_thousand_tiny_tasks_do_not_grow_memory():
+    me = psutil.Process()
+    with ProcessGroupExecutor(2) as ex:
+        for f in [ex.submit(add, i, 1) for i in range(2000)]:  # warm-up
+            f.result(timeout=60)
+        gc.collect()
+        rss0 = me.memory_info().rss
+        total = 0
+        for _batch in range(10):
+            futs = [ex.submit(add, i, 1) for i in range(2000)]
+            total += sum(f.result(timeout=60) for f in futs)
+            del futs
+        gc.collect()
+        rss1 = me.memory_info().rss
+    assert total == 10 * sum(range(1, 2001))
+    assert rss1 - rss0 < 20 * 2**20, (rss0, rss1)  # generous: no per-task leak
+
+
+def test_many_crashes_in_a_row_never_break_the_pool():
+    with ProcessGroupExecutor(2) as ex:
+        futs = [ex.submit(exit_with, 1) if i % 2 else ex.submit(add, i, 0) for i in range(30)]
+        for i, f in enumerate(futs):
+            if i % 2:
+                assert isinstance(f.exception(timeout=60), WorkerCrashedError)
+            else:
+                assert f.result(timeout=60) == i
