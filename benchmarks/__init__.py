@@ -1,0 +1,1 @@
+"""Benchmarks for pgexecutor (not part of the installed package)."""
