@@ -1,6 +1,6 @@
 """The main demo: a map over tasks that hang, crash and spawn process trees.
 
-Run it with ``python examples/demo.py``. Each input is one of:
+Run it with ``python examples/demo.py`` (``-v`` also prints pgexecutor's log). Each input is one of:
 
 * ``ok``       -- returns a number;
 * ``hang-c``   -- hangs inside C code with SIGTERM blocked (a catastrophic regex, the
@@ -18,6 +18,7 @@ the demo lists every process of every worker group it created and shows none sur
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import re
 import signal
@@ -69,17 +70,19 @@ def survivors(pgids: frozenset[int]) -> list[psutil.Process]:
 
 
 def main() -> int:
+    if "-v" in sys.argv[1:]:  # show the executor's own log: starts, kills, replacements
+        logging.basicConfig(format="    [%(name)s] %(message)s")
+        logging.getLogger("pgexecutor").setLevel(logging.DEBUG)
     before = spawned_pgids()
     t0 = time.monotonic()
     print(f"{len(KINDS)} tasks on 2 workers, task_timeout=2s, kill_grace=0.5s\n")
     with ProcessGroupExecutor(max_workers=2, task_timeout=2.0, kill_grace=0.5) as ex:
         results = ex.map(job, range(len(KINDS)), KINDS, return_exceptions=True)
-        for i, (kind, res) in enumerate(zip(KINDS, results)):
+        for i, (kind, res) in enumerate(zip(KINDS, results, strict=True)):
             if isinstance(res, TaskTimeoutError):
-                what = f"TIMEOUT   killed worker {res.pid}'s group; it hung at {res}"
-                what = what.split("; it was at ")[0] + (
-                    f"\n{'':24}hung at: {res.stack.splitlines()[1].strip()}" if res.stack else ""
-                )
+                # str(res) names the innermost frame of the worker's stack at expiry;
+                # res.stack holds the whole faulthandler dump of every thread.
+                what = f"TIMEOUT   {res}; its group was killed"
             elif isinstance(res, WorkerCrashedError):
                 what = f"CRASHED   {res}"
             elif isinstance(res, Exception):

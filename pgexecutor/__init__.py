@@ -4,6 +4,8 @@ A task that hangs, crashes or blows its memory budget is killed together with
 everything it spawned; only its own future fails, and the pool keeps going.
 """
 
+import logging as _logging
+
 from ._manager import TaskInfo
 from .errors import (
     MemoryLimitError,
@@ -28,3 +30,7 @@ __all__ = [
     "task_info",
 ]
 __version__ = "0.1.0"
+
+# A library logs, the application decides where it goes: without this, Python's
+# last-resort handler would print every timeout warning to stderr.
+_logging.getLogger("pgexecutor").addHandler(_logging.NullHandler())
