@@ -50,6 +50,7 @@ if not _pp or REPO_ROOT not in _pp.split(os.pathsep):
 from benchmarks import _tasks  # noqa: E402
 
 N_WORKERS = 2
+PGX_KILL_GRACE = 1.0  # pgexecutor's default kill_grace, made explicit
 BASELINE = "ppe-fork"
 
 CONFIGS = {
@@ -146,7 +147,7 @@ class PgExecutorPeer(Peer):
 
     def start(self, n):
         from pgexecutor import ProcessGroupExecutor
-        self.ex = ProcessGroupExecutor(max_workers=n)
+        self.ex = ProcessGroupExecutor(max_workers=n, kill_grace=PGX_KILL_GRACE)
 
     def submit(self, fn, *args):
         return self.ex.submit(fn, *args)
@@ -755,6 +756,58 @@ def _summary(key, m):
     return "%s %d/%d" % (word, len(samples) - len(good), len(samples)), None
 
 
+def _md_row(cells, header=False):
+    """One markdown table row (and the separator line after a header)."""
+    row = "| " + " | ".join(str(c) for c in cells) + " |"
+    if header:
+        row += "\n|" + "|".join([" --- "] + [" ---: "] * (len(cells) - 1)) + "|"
+    return row
+
+
+#: What issue 6 asks of pgexecutor. ("speedup", key, base peer, at least) compares
+#: base/value; ("ratio", key, base peer, at most) compares value/base; ("ms", key,
+#: None, at most) is an absolute bound in milliseconds.
+TARGETS = [
+    ("tiny submit throughput", "speedup", "submit", BASELINE, 2.5),
+    ("map, chunksize 1", "speedup", "map1", BASELINE, 5.0),
+    ("map, chunksize 64", "speedup", "map64", BASELINE, 3.0),
+    ("round trip p50", "ratio", "rt_p50", BASELINE, 0.4),
+    ("startup to first result (vs ppe-spawn)", "ratio", "startup", "ppe-spawn", 0.6),
+    ("payload", "speedup", "payload", BASELINE, 3.0),
+    ("timeout lateness, Python (sleep)", "ms", "sleep_late", None, 10.0),
+    ("timeout lateness, C spin", "ms", "cspin_late", None, 10.0),
+    ("group gone after deadline, SIGTERM-proof task", "ms", "cspin_group_gone", None,
+     PGX_KILL_GRACE * 1e3 + 50.0),
+]
+
+
+def _target_rows(table, ratio, scenarios):
+    """(label, target, measured, met) for every target whose scenario ran."""
+    scenario_of = {k: sc for k, _, sc in METRICS}
+    out = []
+    for label, how, key, base, bound in TARGETS:
+        if scenario_of[key] not in scenarios:
+            continue
+        if how == "ms":
+            v = table.get(("pgexecutor", key), (None, None))[1]
+            target, measured = "<= %.0f ms" % bound, ("%.1f ms" % v if v is not None else "-")
+            ok = v is not None and v <= bound
+        else:
+            r = ratio("pgexecutor", key, base)
+            if how == "speedup":
+                target = ">= %.1fx" % bound
+                measured = "%.2fx" % (1 / r) if r else "-"
+                ok = bool(r) and 1 / r >= bound
+            else:
+                target = "<= %.2fx" % bound
+                measured = "%.2fx" % r if r is not None else "-"
+                ok = r is not None and r <= bound
+            if base != BASELINE:
+                target += " of " + base
+        out.append((label, target, measured, "yes" if ok else "**no**"))
+    return out
+
+
 def driver_main(args):
     mode = "quick" if args.quick else "full"
     cfg = CONFIGS[mode]
@@ -876,31 +929,45 @@ def driver_main(args):
         return "-", None
 
     table = {(p, k): cell(p, k, sc) for p in shown for k, _, sc in rows}
-    w0 = max([len(lab) + 5 for _, lab, _ in rows] + [10])
-    widths = [max(len(p), 9) for p in shown]
+    label_of = {}
+    for k, lab, _ in rows:
+        label_of[k] = lab + (" [us]" if unit_of.get(k, "ms") == "us" else "")
 
-    def line(first, cells):
-        return first.ljust(w0) + "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+    def ratio(p, k, base_peer=BASELINE):
+        v = table.get((p, k), (None, None))[1]
+        base = table.get((base_peer, k), (None, None))[1]
+        return v / base if (v is not None and base) else None
 
     print()
-    print("Absolute figures (median of repetitions; ms unless noted; lower is better)")
-    print(line("", shown))
-    for k, lab, _ in rows:
-        unit = unit_of.get(k, "ms")
-        label = lab + (" [us]" if unit == "us" else "")
-        print(line(label, [table[(p, k)][0] for p in shown]))
+    print("### Absolute figures")
     print()
-    print("Ratio to %s (value / %s; <1 = faster than the stdlib fork pool)" % (BASELINE, BASELINE))
-    print(line("", shown))
+    print("Median of repetitions; ms unless noted; lower is better.")
+    print()
+    print(_md_row(["figure"] + shown, header=True))
+    for k, _, _ in rows:
+        print(_md_row([label_of[k]] + [table[(p, k)][0] for p in shown]))
+    print()
+    print("### Ratio to %s" % BASELINE)
+    print()
+    print("Value / %s's value in the same run; below 1.00x = faster than the stdlib fork pool."
+          % BASELINE)
+    print()
+    print(_md_row(["figure"] + shown, header=True))
     for k, lab, _ in rows:
-        base = table.get((BASELINE, k), (None, None))[1]
         cells = []
         for p in shown:
-            v = table[(p, k)][1]
-            cells.append("%.2fx" % (v / base) if (v is not None and base) else "-")
+            r = ratio(p, k)
+            cells.append("%.2fx" % r if r is not None else "-")
         if all(c == "-" for c in cells):
             continue
-        print(line(lab, cells))
+        print(_md_row([lab] + cells))
+    if "pgexecutor" in shown:
+        print()
+        print("### pgexecutor against the targets of issue 6")
+        print()
+        print(_md_row(["figure", "target", "measured", "met"], header=True))
+        for label, target, measured, met in _target_rows(table, ratio, scenarios):
+            print(_md_row([label, target, measured, met]))
     print()
     print("Peers: " + "; ".join("%s=%s" % (p, info[p]["version"]) for p in shown))
     if notes:
