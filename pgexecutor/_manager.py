@@ -68,7 +68,15 @@ _STACK_QUIET = 0.005  # the dump is complete once the pipe stays quiet this long
 _MEMORY_INTERVAL = 0.1  # seconds between memory samples of a limited task's group
 _POLL_EXIT_INTERVAL = 0.05  # without pidfds, how often to look for dead workers
 _MAX_START_FAILURES = 3  # workers that died before READY in a row: stop retrying
-_PREFETCH_DEPTH = 2  # tasks in flight per worker: one running, one waiting in its pipe
+# Tasks in flight per worker once the pool is full: the one running plus those waiting
+# in its pipe (see Manager._prefetch_depth).
+_PREFETCH_MIN = 2  # always one waiting, so a worker never idles between two tasks
+_PREFETCH_MAX = 64  # tiny tasks: enough that a worker drains its pipe while we sleep
+_PREFETCH_BUDGET = 0.002  # seconds of (recent average) work a worker may have queued
+_AVG_WEIGHT = 0.25  # weight of the newest run time in the moving average
+
+_JOIN_BELOW = 1 << 16  # task payloads smaller than this are copied into their frame
+_IOV_MAX = 1024  # buffers per writev (Linux's IOV_MAX)
 
 _task_ids = itertools.count(1)
 
@@ -79,10 +87,13 @@ class TaskInfo:
 
     ``duration`` is the run time in seconds of the last attempt (from when the worker
     started it to when its outcome arrived), ``pid`` the worker that ran that attempt,
-    ``attempts`` how many times it was started, ``peak_memory`` the largest memory of
-    the worker's group seen while it ran (bytes; only sampled when ``max_memory`` is
-    set) and ``outcome`` one of ``"ok"``, ``"error"``, ``"timeout"``, ``"crashed"``,
-    ``"memory"``, ``"cancelled"``.
+    ``attempts`` how many times it was started (retries included), ``peak_memory``
+    the largest memory of the worker's group seen while that attempt ran (bytes, as
+    :func:`pgexecutor._process.group_memory` counts it; None unless the task had a
+    ``max_memory``, or if it ended before the first sample) and ``outcome`` one of
+    ``"ok"``, ``"error"`` (the task raised), ``"timeout"``, ``"crashed"``,
+    ``"memory"``, ``"cancelled"``. It is set before the future resolves, so
+    done-callbacks can read it.
     """
 
     duration: float | None = None
@@ -182,7 +193,29 @@ class ManagerConfig:
 
 
 class Stats:
-    """Counters of what the executor did (read with ``executor.stats()``)."""
+    """Counters of what the executor did (read with ``executor.stats()``).
+
+    Futures: ``submitted``; each ends in exactly one of ``completed`` (a result),
+    ``failed`` (any exception, after its last attempt) or ``cancelled``. Events, one
+    per attempt that ended that way, so a retried task can add several: ``timed_out``,
+    ``crashed`` (the worker died on its own), ``memory_killed``. ``retried`` counts
+    attempts started again after such an event. Workers: ``workers_started`` (the
+    first ones and every replacement) and ``workers_killed`` (groups this executor
+    signalled: timeout, memory limit, cancel, terminate; not workers that crashed
+    or retired). Written by the manager thread only, except ``submitted`` and the
+    ``failed`` of an argument that does not pickle (the caller's thread).
+    """
+
+    submitted: int
+    completed: int
+    failed: int
+    cancelled: int
+    timed_out: int
+    crashed: int
+    memory_killed: int
+    retried: int
+    workers_started: int
+    workers_killed: int
 
     FIELDS = (
         "submitted",
@@ -240,6 +273,7 @@ class Manager:
         self.stats = Stats()
         self._use_pidfd = True
         self._next_exit_poll = 0.0
+        self._avg_run: float | None = None  # moving average of task run times (seconds)
         self.thread = threading.Thread(target=self._run, name="pgexecutor-manager", daemon=True)
         self.finished = threading.Event()
 
@@ -468,23 +502,46 @@ class Manager:
     def _dispatch(self) -> None:
         if self.queue:
             ready = [w for w in self.workers.values() if w.state == READY]
-            # Idle workers first. A prefetched task waits behind the one running, so
-            # prefetch only when the pool cannot grow: while a worker is still starting
-            # (or more may start) the next task must go to it, or two tasks that need
-            # to run side by side would run one after the other.
-            depths = _PREFETCH_DEPTH if self._pool_is_full() else 1
-            for depth in range(depths):
-                for w in ready:
-                    if not self.queue:
-                        break
-                    if len(w.inflight) == depth and w.state == READY:
-                        self._send_task(w, self.queue.popleft())
-                if not self.queue:
+            # Idle workers first, then one level deeper on each, round robin. A
+            # prefetched task waits behind the one running, so prefetch only when the
+            # pool cannot grow: while a worker is still starting (or more may start)
+            # the next task must go to it, or two tasks that need to run side by side
+            # would run one after the other.
+            if self._pool_is_full():
+                now = time.monotonic()
+                limits = [self._prefetch_depth(w, now) for w in ready]
+            else:
+                limits = [1] * len(ready)
+            queue = self.queue
+            for depth in range(max(limits, default=0)):
+                for w, limit in zip(ready, limits):
+                    if depth < limit and len(w.inflight) == depth and w.state == READY:
+                        self._send_task(w, queue.popleft())
+                        if not queue:
+                            break
+                if not queue:
                     break
             for w in ready:
                 if w.out:
                     self._flush(w)
         self._adjust_workers()
+
+    def _prefetch_depth(self, w: _Worker, now: float) -> int:
+        """How many tasks ``w`` may hold: the one running plus those in its pipe.
+
+        A task written to a worker's pipe is committed to that worker: if the one ahead
+        of it turns out long, it waits while another worker may sit idle. So queue
+        deep only for tiny tasks, as many as fit in _PREFETCH_BUDGET at the recent
+        average run time, and never behind a task already running longer than that.
+        Deep pipes are what make tiny tasks fast: one write carries many tasks, and a
+        worker works through them while the manager sleeps or reads results.
+        """
+        avg = self._avg_run
+        if avg is None:
+            return _PREFETCH_MIN
+        if w.inflight and now - w.inflight[0].started > _PREFETCH_BUDGET:
+            return _PREFETCH_MIN
+        return max(_PREFETCH_MIN, min(_PREFETCH_MAX, int(_PREFETCH_BUDGET / max(avg, 1e-6))))
 
     def _send_task(self, w: _Worker, item: WorkItem) -> None:
         if not item.sent:
@@ -496,8 +553,12 @@ class Manager:
         w.inflight.append(item)
         if len(w.inflight) == 1:
             self._start_clock(w, item, time.monotonic())
-        self._queue_frame(w, proto.HEADER.pack(proto.TASK, item.task_id, len(item.payload)))
-        self._queue_frame(w, item.payload)
+        payload = item.payload
+        if len(payload) < _JOIN_BELOW:
+            self._queue_frame(w, proto.frame(proto.TASK, item.task_id, payload))
+        else:  # a large payload is not copied: header and payload go out by writev
+            self._queue_frame(w, proto.HEADER.pack(proto.TASK, item.task_id, len(payload)))
+            self._queue_frame(w, payload)
         w.tasks_sent += 1
         limit = self.cfg.max_tasks_per_child
         if limit is not None and w.tasks_sent >= limit:
@@ -525,7 +586,7 @@ class Manager:
         out = w.out
         try:
             while out:
-                n = os.writev(fd, list(itertools.islice(out, 64)))
+                n = os.writev(fd, out if len(out) <= _IOV_MAX else itertools.islice(out, _IOV_MAX))
                 while n:
                     head = out[0]
                     if n >= len(head):
@@ -572,6 +633,9 @@ class Manager:
                 return  # a late answer from a worker we already gave up on
             item = w.inflight.popleft()
             now = time.monotonic()
+            run = now - item.started
+            avg = self._avg_run
+            self._avg_run = run if avg is None else avg + _AVG_WEIGHT * (run - avg)
             if w.inflight:
                 self._start_clock(w, w.inflight[0], now)
             self._start_failures = 0
@@ -629,18 +693,26 @@ class Manager:
         fut.set_exception(exc)
 
     def _fail_or_retry(self, item: WorkItem, exc: BaseException, outcome: str, now: float) -> None:
-        """A worker was lost under this task: run it again if retries remain."""
-        if item.attempts <= item.retries and not self.shutting_down:
+        """A worker was lost under this task: run it again if retries remain.
+
+        Retries go on during a plain shutdown: the future is still running and
+        shutdown(wait=True) waits for running futures. (terminate/kill fail in-flight
+        tasks themselves and never come through here.)
+        """
+        if item.attempts <= item.retries:
             self.stats.retried += 1
             logger.info(
-                "retrying task %d after its worker %s (attempt %d of %d)",
-                item.task_id, outcome, item.attempts + 1, item.retries + 1,
+                "retrying task %d (%s on worker pid=%d; attempt %d of %d)",
+                item.task_id, outcome, item.pid, item.attempts + 1, item.retries + 1,
             )
             item.started = 0.0
+            item.peak_memory = None  # task_info reports the last attempt, like duration
             self.queue.appendleft(item)
             return
         if hasattr(exc, "attempts"):
             exc.attempts = item.attempts
+            if exc.args:  # keep repr() and args in step; attempts is the last argument
+                exc.args = (*exc.args[:-1], item.attempts)
         self._fail(item, exc, outcome, now)
 
     def _fail_queue(self, exc: BaseException) -> None:
@@ -729,9 +801,15 @@ class Manager:
     def _sample_memory(self, w: _Worker, item: WorkItem, now: float) -> None:
         w.next_memory = now + _MEMORY_INTERVAL
         used = proc_mod.group_memory(w.pid)
+        limit = item.max_memory
+        if limit is not None and used > limit:
+            # The task may have finished with its answer still in the pipe: then the
+            # memory belongs to no running task and killing would fail a success.
+            self._read_results(w)
+            if not w.inflight or w.inflight[0] is not item or w.state not in (READY, RETIRING):
+                return
         if item.peak_memory is None or used > item.peak_memory:
             item.peak_memory = used
-        limit = item.max_memory
         if limit is not None and used > limit:
             w.inflight.popleft()
             self.stats.memory_killed += 1
