@@ -315,6 +315,15 @@ class ProcessGroupExecutor(Executor):
         """Pids (each equal to its group id) of the workers alive right now."""
         return [w.pid for w in list(self._manager.workers.values())]
 
+    def _kill_task(self, future: Future[Any]) -> None:
+        """Stop ``future``'s task for good: if it runs, its worker's whole group is
+        killed (SIGTERM, SIGKILL after ``kill_grace``) and replaced; if it waits, it is
+        dropped. The future ends cancelled. For integrations (Dask's cancel, Ray)."""
+        with self._shutdown_lock:
+            if not self._started:
+                return
+        self._manager.post(("cancel", future))
+
 
 class ExecutorOptions:
     """What :meth:`ProcessGroupExecutor.options` returns: per-task settings."""
