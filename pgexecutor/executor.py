@@ -19,7 +19,7 @@ from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from typing import Any
 
-from . import _manager
+from . import _manager, _progress
 from . import _protocol as proto
 from ._manager import Manager, ManagerConfig, TaskInfo, WorkItem
 from ._worker import run_chunk
@@ -188,15 +188,23 @@ class ProcessGroupExecutor(Executor):
         timeout: float | None = None,
         chunksize: int = 1,
         return_exceptions: bool = False,
+        progress: Any = False,
     ) -> Iterator[Any]:
         """Like ``Executor.map``; ``return_exceptions=True`` yields errors in place.
 
         With ``chunksize > 1`` each chunk is one task (its ``task_timeout`` covers the
         whole chunk), yet an item's exception still lands at that item's position.
+
+        ``progress=True`` shows a tqdm bar (``pip install 'pgexecutor[progress]'``)
+        that advances as tasks finish, in any order, and counts ``ok``, ``failed``,
+        ``timeout``, ``crashed`` and ``memory`` as they happen; it closes when the
+        iteration ends. Pass your own ``tqdm(...)`` (or any object with ``update(n)``
+        and ``set_postfix(mapping, refresh=...)``) to choose where and how it draws;
+        that bar is yours to close.
         """
         return self._map(
             fn, iterables, timeout, chunksize, return_exceptions,
-            self._task_timeout, self._max_memory, self._retries,
+            self._task_timeout, self._max_memory, self._retries, progress,
         )
 
     def _map(
@@ -209,15 +217,22 @@ class ProcessGroupExecutor(Executor):
         task_timeout: float | None,
         max_memory: int | None,
         retries: int,
+        progress: Any = False,
     ) -> Iterator[Any]:
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
+        make_bar = _progress.resolve(progress)  # a missing tqdm fails before any submit
         end_time = None if timeout is None else timeout + time.monotonic()
         args_iter = zip(*iterables, strict=False)
         if chunksize == 1:
             fs = [
                 self._submit(fn, args, {}, task_timeout, max_memory, retries) for args in args_iter
             ]
+            if make_bar is not None:
+                return _progress.watch(
+                    make_bar, fs, None,
+                    _yield_results(fs, end_time, return_exceptions, chunked=False),
+                )
             return _yield_results(fs, end_time, return_exceptions, chunked=False)
         fs = []
         sizes = []
@@ -227,6 +242,11 @@ class ProcessGroupExecutor(Executor):
                 break
             sizes.append(len(chunk))
             fs.append(self._submit(run_chunk, (fn, chunk), {}, task_timeout, max_memory, retries))
+        if make_bar is not None:
+            return _progress.watch(
+                make_bar, fs, sizes,
+                _yield_results(fs, end_time, return_exceptions, chunked=True, sizes=sizes),
+            )
         return _yield_results(fs, end_time, return_exceptions, chunked=True, sizes=sizes)
 
     # ------------------------------------------------------------------ options
@@ -352,10 +372,12 @@ class ExecutorOptions:
         timeout: float | None = None,
         chunksize: int = 1,
         return_exceptions: bool = False,
+        progress: Any = False,
     ) -> Iterator[Any]:
+        """``ProcessGroupExecutor.map`` with this view's settings (``progress`` too)."""
         return self._executor._map(
             fn, iterables, timeout, chunksize, return_exceptions,
-            self.task_timeout, self.max_memory, self.retries,
+            self.task_timeout, self.max_memory, self.retries, progress,
         )
 
     def options(self, **kwargs: Any) -> ExecutorOptions:

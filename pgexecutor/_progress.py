@@ -1,0 +1,173 @@
+"""Progress bars for ``map(..., progress=...)``.
+
+The bar advances when a future *finishes* (a done-callback), not when the caller's
+iteration reaches it: results come back in order, so a slow first item would
+otherwise freeze the bar while everything behind it is already done. Its postfix
+counts how items ended: ``ok``, ``failed`` (the task raised), ``timeout``,
+``crashed``, ``memory`` and, when some were, ``cancelled``.
+
+Done-callbacks run in the manager thread (or in the caller's, for a future that was
+already done), so the counting is under a lock and the bar is told little: one
+``set_postfix(..., refresh=False)`` and one ``update(n)`` per finished future; tqdm
+then redraws at most every ``mininterval``. The tracker never holds a future or a
+result: ``map`` drops each result as soon as it is yielded and this must not undo it.
+
+tqdm is an optional extra (``pip install 'pgexecutor[progress]'``), imported only
+when ``progress=True`` asks for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from typing import Any
+
+from .errors import MemoryLimitError, TaskTimeoutError, WorkerCrashedError
+
+__all__ = ["resolve", "watch"]
+
+_MISSING_TQDM = (
+    "map(progress=True) draws its bar with tqdm, an optional dependency: "
+    "pip install 'pgexecutor[progress]' (or pip install tqdm)"
+)
+
+#: postfix keys, in display order; "cancelled" only shows once it is not zero
+OUTCOMES = ("ok", "failed", "timeout", "crashed", "memory", "cancelled")
+
+#: how long the end of a finished map waits for done-callbacks still running in the
+#: manager thread (microseconds in practice), so the bar's last line is complete
+_CLOSE_WAIT = 2.0
+
+
+def resolve(progress: Any) -> Callable[[int], tuple[Any, bool]] | None:
+    """Check ``progress`` BEFORE anything is submitted; return a bar factory or None.
+
+    ``progress`` is False/None (no bar), True (a tqdm bar on stderr, closed when the
+    map's iteration ends) or an object with ``update(n)`` and ``set_postfix(mapping,
+    refresh=...)`` such as a ``tqdm(...)`` the caller made and owns (we set its
+    ``total`` if it is None, and never close it). The factory takes the item count
+    and returns ``(bar, owned)``.
+    """
+    if progress is None or progress is False:
+        return None
+    if progress is True:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError as exc:
+            raise ImportError(_MISSING_TQDM) from exc
+
+        def make(total: int) -> tuple[Any, bool]:
+            return tqdm(total=total, unit="task"), True
+
+        return make
+    if callable(getattr(progress, "update", None)) and callable(
+        getattr(progress, "set_postfix", None)
+    ):
+
+        def use(total: int) -> tuple[Any, bool]:
+            if getattr(progress, "total", None) is None:
+                try:
+                    progress.total = total
+                except AttributeError:
+                    pass
+            return progress, False
+
+        return use
+    raise TypeError(
+        "progress must be True, False, or a tqdm-like object with update() and "
+        f"set_postfix(); got {type(progress).__name__}"
+    )
+
+
+def _classify(fut: Future[Any], size: int, chunked: bool) -> dict[str, int]:
+    """How the items of one finished future ended."""
+    if fut.cancelled():
+        return {"cancelled": size}
+    exc = fut.exception()
+    if exc is None:
+        if not chunked:
+            return {"ok": 1}
+        # A chunk's result is [(ok, value_or_pickled_error), ...], one per item.
+        ok = sum(1 for good, _ in fut.result() if good)
+        return {"ok": ok, "failed": size - ok}
+    if isinstance(exc, MemoryLimitError):  # before WorkerCrashedError: a subclass
+        return {"memory": size}
+    if isinstance(exc, TaskTimeoutError):
+        return {"timeout": size}
+    if isinstance(exc, WorkerCrashedError):
+        return {"crashed": size}
+    return {"failed": size}
+
+
+class _Tracker:
+    def __init__(self, bar: Any, owned: bool, total: int, chunked: bool) -> None:
+        self.bar = bar
+        self.owned = owned
+        self.total = total
+        self.chunked = chunked
+        self.counts = dict.fromkeys(OUTCOMES, 0)
+        self.seen = 0
+        self.closed = False
+        self.cond = threading.Condition()
+
+    def postfix(self) -> dict[str, int]:
+        return {k: v for k, v in self.counts.items() if v or k != "cancelled"}
+
+    def done(self, fut: Future[Any], size: int) -> None:
+        try:
+            got = _classify(fut, size, self.chunked)
+        except BaseException:  # never let a bar break the manager thread
+            got = {"failed": size}
+        with self.cond:
+            if self.closed:
+                return
+            for key, n in got.items():
+                self.counts[key] += n
+            self.seen += size
+            try:
+                self.bar.set_postfix(self.postfix(), refresh=False)
+                self.bar.update(size)
+            finally:
+                self.cond.notify_all()
+
+    def close(self, finished: bool) -> None:
+        """End of the map's iteration. After a full run, wait (briefly) for the
+        callbacks of the last futures; after an early exit, stop at once."""
+        with self.cond:
+            if finished:
+                self.cond.wait_for(lambda: self.seen >= self.total, timeout=_CLOSE_WAIT)
+            self.closed = True
+            if self.owned:
+                self.bar.close()
+            else:
+                refresh = getattr(self.bar, "refresh", None)
+                if callable(refresh):
+                    refresh()
+
+
+def watch(
+    make_bar: Callable[[int], tuple[Any, bool]],
+    fs: list[Future[Any]],
+    sizes: list[int] | None,
+    results: Iterator[Any],
+) -> Iterator[Any]:
+    """Show the progress of ``fs`` (``sizes``: items per future, for chunks) on a bar
+    and return ``results`` wrapped so that the bar is closed when iteration ends."""
+    chunked = sizes is not None
+    total = sum(sizes) if sizes is not None else len(fs)
+    bar, owned = make_bar(total)
+    tracker = _Tracker(bar, owned, total, chunked)
+    for i, fut in enumerate(fs):
+        fut.add_done_callback(functools.partial(tracker.done, size=sizes[i] if sizes else 1))
+    return _closing(results, tracker)
+
+
+def _closing(results: Iterator[Any], tracker: _Tracker) -> Iterator[Any]:
+    finished = False
+    try:
+        yield from results
+        finished = True
+    finally:
+        tracker.close(finished)
