@@ -1,0 +1,217 @@
+"""The examples, run for real (reduced size) as their users would run them.
+
+Each example runs as a subprocess with ``--json PATH`` and reports what happened to
+every input, the pids of the processes its tasks started and the worker process groups
+it created. The tests assert on those outcomes, then check for themselves, with psutil,
+that every reported process is gone (by pid AND start time, so a recycled pid is not
+mistaken for a survivor) and that no process of any reported worker group survives.
+
+torch_training needs the ``[torch]`` extra and gmsh_meshing the ``[gmsh]`` extra; a test
+whose extra is missing is skipped, unless PGEXECUTOR_REQUIRE_EXTRAS is set (for CI),
+in which case it fails. swap_in needs nothing extra.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import psutil
+import pytest
+from conftest import format_survivors, survivors_of
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+
+
+def require(module: str, extra: str) -> None:
+    """Skip (or, with PGEXECUTOR_REQUIRE_EXTRAS set, fail) when ``module`` is missing."""
+    reason = (
+        f"the {extra!r} extra is not installed ({module} cannot be imported); "
+        f"pip install -e '.[test,{extra}]' to run this example"
+    )
+    if os.environ.get("PGEXECUTOR_REQUIRE_EXTRAS"):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            pytest.fail(f"{reason} (PGEXECUTOR_REQUIRE_EXTRAS is set): {exc}")
+        return
+    pytest.importorskip(module, reason=reason)
+
+
+def run_example(tmp_path: Any, name: str, *args: str, limit: float = 120.0) -> dict[str, Any]:
+    """Run ``examples/<name>.py *args --json ...``; return its summary (exit code 0 or not).
+
+    The example runs in its own session so that, should it overrun ``limit``, it can be
+    killed with everything in its group (its pgexecutor workers are then killed by
+    pgexecutor's guardian, which watches the example's process).
+    """
+    out = tmp_path / f"{name}.json"
+    cmd = [sys.executable, os.path.join(EXAMPLES, f"{name}.py"), *args, "--json", str(out)]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{name} ran over {limit:g}s\n--- stdout\n{stdout}\n--- stderr\n{stderr}")
+    print(stdout)  # shown by pytest when the test fails
+    print(stderr, file=sys.stderr)
+    assert out.exists(), f"{name} exited {proc.returncode} without a summary:\n{stderr}"
+    summary = json.loads(out.read_text())
+    summary["_returncode"] = proc.returncode
+    summary["_stdout"] = stdout
+    return summary
+
+
+def alive(pid: int, create_time: float) -> bool:
+    """Is this very process (same pid and start time) still running (not a zombie)?"""
+    try:
+        p = psutil.Process(pid)
+        return abs(p.create_time() - create_time) < 0.05 and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def assert_worker_groups_empty(pgids: list[int]) -> None:
+    assert pgids, "the example reported no worker process group"
+    left = survivors_of(set(pgids))
+    assert not left, "processes of the example's worker groups survived:\n" + format_survivors(left)
+
+
+# ------------------------------------------------------------------ torch
+
+
+@pytest.mark.timeout(180)
+def test_torch_training_hung_dataloader_is_killed_with_its_group(tmp_path: Any) -> None:
+    require("torch", "torch")
+    s = run_example(tmp_path, "torch_training", "--quick", "--timeout", "12", limit=150)
+    assert s["_returncode"] == 0, s["_stdout"]
+    tasks = s["tasks"]
+    hung = s["hang_index"]
+    assert len(tasks) == 3
+
+    # Which task failed, and how: only the one whose Dataset hangs (injected), by timeout.
+    assert [t["outcome"] for t in tasks] == ["timeout" if i == hung else "ok" for i in range(3)]
+    assert "exceeded its timeout of 12 s" in tasks[hung]["error"]
+    # the task's own thread was stuck waiting for a batch from its DataLoader
+    assert "_next_data" in tasks[hung]["hung_in"]
+    assert tasks[hung]["hung_in"].endswith("train_task")
+    for t in tasks:
+        if t["outcome"] == "ok":
+            assert math.isfinite(t["train_loss"]) and math.isfinite(t["eval_loss"])
+            assert t["eval_loss"] < 50
+
+    # Every task really used DataLoader worker processes, in its own worker's group:
+    # 2 for training + 2 for evaluation, or just the 2 training ones for the hung task.
+    for i, t in enumerate(tasks):
+        assert len(t["dataloader_workers"]) == (2 if i == hung else 4), t["dataloader_workers"]
+        assert t["dataloader_pgids"] == [t["worker_pid"]]
+        assert t["dataloader_in_worker_group"]
+    # The hung task's DataLoader workers died with the group, promptly.
+    assert 0 <= tasks[hung]["dataloader_gone_after_deadline"] < 10
+
+    # Checked here, independently of the example: every DataLoader worker is gone...
+    workers = [w for t in tasks for w in t["dataloader_workers"]]
+    assert len(workers) == 10
+    still = [w for w in workers if alive(w["pid"], w["create_time"])]
+    assert not still, f"DataLoader workers still alive: {still}"
+    # ...and no process of any worker group survives.
+    assert_worker_groups_empty(s["worker_pgids"])
+    assert s["stats"]["timed_out"] == 1 and s["stats"]["completed"] == 2
+
+
+# ------------------------------------------------------------------ gmsh
+
+BAD_GMSH = {  # case -> (outcome, signal)
+    "bowtie_hang": ("timeout", None),
+    "transfinite_hang": ("timeout", None),
+    "embed_hang": ("timeout", None),
+    "size_formula_abort": ("crashed", "SIGABRT"),
+    "size_formula_typo_abort": ("crashed", "SIGABRT"),
+    "injected_segfault": ("crashed", "SIGSEGV"),
+}
+
+
+@pytest.mark.timeout(150)
+def test_gmsh_meshing_each_bad_input_costs_one_result(tmp_path: Any) -> None:
+    require("gmsh", "gmsh")
+    sys.path.insert(0, EXAMPLES)
+    try:
+        from _gmsh_cases import CASES
+    finally:
+        sys.path.remove(EXAMPLES)
+    s = run_example(tmp_path, "gmsh_meshing", "--quick", "--timeout", "5", limit=120)
+    assert s["_returncode"] == 0, s["_stdout"]
+    inputs = s["inputs"]
+
+    failed = {x["label"]: x for x in inputs if x["outcome"] != "ok"}
+    assert set(failed) == set(BAD_GMSH), "exactly the bad inputs fail, one result each"
+    for label, (outcome, sig) in BAD_GMSH.items():
+        x = failed[label]
+        assert x["outcome"] == outcome, (label, x)
+        assert x["params"] == CASES[label], "a failure is reported with its parameters"
+        if outcome == "timeout":
+            assert "generate" in x["hung_in"], x  # stuck inside gmsh's mesher
+        else:
+            assert x["signal"] == sig, (label, x)
+    # each bad input killed its own worker: no two failures share one
+    assert len({x["worker_pid"] for x in failed.values()}) == len(BAD_GMSH)
+
+    ok = [x for x in inputs if x["outcome"] == "ok"]
+    assert len(ok) >= 6
+    for x in ok:
+        st = x["stats"]
+        assert st["nodes"] > 0 and st["elements"] > 0 and st["dim"] in (2, 3), x
+        assert st["shape"] == x["params"]["shape"]
+    assert s["stats"]["timed_out"] == 3 and s["stats"]["crashed"] == 3
+
+    assert_worker_groups_empty(s["worker_pgids"])
+
+
+# ------------------------------------------------------------------ swap_in
+
+
+@pytest.mark.timeout(120)
+def test_swap_in_shows_the_difference_and_leaves_nothing(tmp_path: Any) -> None:
+    s = run_example(tmp_path, "swap_in", limit=90)
+    assert s["_returncode"] == 0, s["_stdout"]
+    assert s["elapsed"] < 60
+    ppe, pge = s["ppe"], s["pge"]
+
+    # ProcessPoolExecutor: the wait timed out, the task did not; its worker and child
+    # lived on, shutdown blocked, and killing the workers orphaned the child.
+    assert ppe["hung_done_after_wait"] is False
+    roles = sorted(p["role"] for p in ppe["alive_after_program"])
+    assert roles == ["child", "worker", "worker"], ppe["alive_after_program"]
+    assert ppe["shutdown_blocked"] is True
+    assert [p["cmdline"] for p in ppe["orphans"]] == ["sleep 600"]
+    assert ppe["orphans"][0]["ppid"] not in ppe["workers_killed"]
+    assert ppe["hung_result"].startswith("BrokenProcessPool")
+
+    # ProcessGroupExecutor: the task itself failed, its child died with the group.
+    assert pge["hung_done_after_wait"] is True
+    assert pge["hung_result"].startswith("TaskTimeoutError")
+    assert pge["alive_after_program"] == []
+    assert pge["shutdown_blocked"] is False and pge["shutdown_seconds"] < 5
+    assert any(p["cmdline"] == "sleep 600" for p in pge["processes_seen"])
+
+    # Checked here: nothing either run started is alive, and the worker groups are empty.
+    for run in (ppe, pge):
+        assert run["left"] == []
+        still = [p for p in run["processes_seen"] if alive(p["pid"], p["create_time"])]
+        assert not still, still
+    assert_worker_groups_empty(pge["worker_pgids"])
