@@ -237,9 +237,10 @@ def child_then_stop(path, how):
 
 def escape_then_hang(path):
     session = subprocess.Popen(["sleep", "1000"], start_new_session=True)
-    group = subprocess.Popen(["sleep", "1000"], process_group=0)
+    # setpgid(0, 0) in the child (Popen(process_group=0) on 3.11+; posix_spawn on 3.10)
+    group_pid = os.posix_spawnp("sleep", ["sleep", "1000"], os.environ, setpgroup=0)
     stays = subprocess.Popen(["sleep", "1000"])
-    _write(path, json.dumps([session.pid, group.pid, stays.pid, os.getpgid(0)]))
+    _write(path, json.dumps([session.pid, group_pid, stays.pid, os.getpgid(0)]))
     time.sleep(1000)
 
 
@@ -521,7 +522,7 @@ def test_no_group_signalled_after_its_leader_was_reaped(tmp_path, monkeypatch):
 def test_guardian_spares_a_group_that_reuses_a_dead_workers_pgid():
     """The guardian was told about worker group N (created at T). If N was recycled,
     the process now leading group N started after T; the guardian must not signal it."""
-    stranger = subprocess.Popen(["sleep", "1000"], process_group=0)
+    stranger = subprocess.Popen(["sleep", "1000"], start_new_session=True)  # its own group
     try:
         p = snapshot(stranger.pid)
         claimed_worker_start = p.create_time() - 5.0  # the dead worker was older
