@@ -514,7 +514,7 @@ class Manager:
                 limits = [1] * len(ready)
             queue = self.queue
             for depth in range(max(limits, default=0)):
-                for w, limit in zip(ready, limits):
+                for w, limit in zip(ready, limits, strict=True):
                     if depth < limit and len(w.inflight) == depth and w.state == READY:
                         self._send_task(w, queue.popleft())
                         if not queue:
