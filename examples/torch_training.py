@@ -13,7 +13,9 @@ One task's ``Dataset.__getitem__`` blocks forever. That fault is INJECTED (see
 forever for its first batch, and its two DataLoader workers wait forever in
 ``__getitem__``. When ``task_timeout`` expires pgexecutor kills the worker's whole
 group, so the DataLoader workers die with it; the task fails with TaskTimeoutError and
-every other task finishes and reports its loss.
+every other task finishes and reports its loss. (Killing only the task's process would
+not do: its DataLoader workers, stuck in ``__getitem__``, never run torch's parent-alive
+check, and stay alive as orphans of init.)
 
 A monitor thread watches every DataLoader worker (each one records its pid as it starts)
 and notes when it died. At the end the example checks, with psutil and by pid (plus
@@ -49,13 +51,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def warm_up() -> None:
-    """Worker initializer: import torch once per worker, before any task's clock starts."""
+    """Worker initializer: pay torch's one-time costs before any task's clock starts.
+
+    Importing torch takes seconds, and so does the first optimizer (its first use
+    imports torch._dynamo); on a busy machine that could eat a task's whole timeout.
+    """
     if HERE not in sys.path:
         sys.path.insert(0, HERE)
-    import _torch_cases  # noqa: F401  (imports torch)
-    import torch
+    import _torch_cases  # imports torch
 
+    torch = _torch_cases.torch
     torch.set_num_threads(1)
+    model = _torch_cases.make_model()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
 
 
 def run_task(spec: dict[str, Any], pid_log: str) -> dict[str, Any]:
@@ -203,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="reduced size (3 tasks, 2 epochs)")
     ap.add_argument("--tasks", type=int, help="number of tasks (default 6, quick 3)")
     ap.add_argument("--epochs", type=int, help="epochs per task (default 3, quick 2)")
-    ap.add_argument("--timeout", type=float, default=15.0, help="task_timeout in seconds")
+    ap.add_argument("--timeout", type=float, help="task_timeout in seconds (default 15, quick 10)")
     ap.add_argument("--json", metavar="PATH", help="write a machine-readable summary here")
     ap.add_argument("-v", action="store_true", help="print pgexecutor's log")
     args = ap.parse_args(argv)
@@ -215,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     n = 256 if args.quick else 512
     hang_index = 1
     tasks = make_tasks(n_tasks, hang_index, epochs, n)
-    timeout, grace = args.timeout, 1.0
+    timeout, grace = args.timeout or (10.0 if args.quick else 15.0), 1.0
 
     print(
         f"torch {metadata.version('torch')} (CPU), {n_tasks} tasks on 2 workers, "
@@ -254,7 +262,12 @@ def main(argv: list[str] | None = None) -> int:
                 res = fut.result()
                 out.update(outcome="ok", train_loss=res["train_loss"], eval_loss=res["eval_loss"])
             elif isinstance(exc, TaskTimeoutError):
-                out.update(outcome="timeout", error=str(exc), hung_in=call_chain(exc.stack))
+                out.update(
+                    outcome="timeout",
+                    error=str(exc),
+                    hung_in=call_chain(exc.stack),
+                    stack=exc.stack,
+                )
             elif isinstance(exc, WorkerCrashedError):
                 out.update(outcome="crashed", error=str(exc))
             else:

@@ -98,7 +98,7 @@ def assert_worker_groups_empty(pgids: list[int]) -> None:
 @pytest.mark.timeout(180)
 def test_torch_training_hung_dataloader_is_killed_with_its_group(tmp_path: Any) -> None:
     require("torch", "torch")
-    s = run_example(tmp_path, "torch_training", "--quick", "--timeout", "12", limit=150)
+    s = run_example(tmp_path, "torch_training", "--quick", "--timeout", "10", limit=150)
     assert s["_returncode"] == 0, s["_stdout"]
     tasks = s["tasks"]
     hung = s["hang_index"]
@@ -106,7 +106,7 @@ def test_torch_training_hung_dataloader_is_killed_with_its_group(tmp_path: Any) 
 
     # Which task failed, and how: only the one whose Dataset hangs (injected), by timeout.
     assert [t["outcome"] for t in tasks] == ["timeout" if i == hung else "ok" for i in range(3)]
-    assert "exceeded its timeout of 12 s" in tasks[hung]["error"]
+    assert "exceeded its timeout of 10 s" in tasks[hung]["error"]
     # the task's own thread was stuck waiting for a batch from its DataLoader
     assert "_next_data" in tasks[hung]["hung_in"]
     assert tasks[hung]["hung_in"].endswith("train_task")
