@@ -214,7 +214,7 @@ def with_ppe() -> dict[str, Any]:
         report["shutdown_returned_after_cleanup"] = not shutdown.is_alive()
         exc = hung.exception(timeout=0) if hung.done() else None
         report["hung_result"] = f"{type(exc).__name__}: {exc}" if exc else "not done"
-        print(f"  shutdown returned; the hung input's future: {report['hung_result'][:90]}")
+        print(f"  shutdown returned; the hung input's future: {report['hung_result']}")
     finally:
         # Never leave anything behind, even if the above failed half-way.
         kill_recorded(watcher)
