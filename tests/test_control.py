@@ -116,6 +116,20 @@ def forked_children_grow(n, nbytes, pid_path):
     time.sleep(1000)
 
 
+def orphan_grows(nbytes, pid_path):
+    """A child starts a grandchild that allocates, then exits: the grandchild is
+    nobody's descendant any more (reparented), yet still in the worker's group."""
+    middle = (
+        "import subprocess, sys\n"
+        "p = subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]])\n"
+        "open(sys.argv[3], 'w').write(str(p.pid))\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", middle, _ALLOCATING_CHILD, str(nbytes), pid_path], check=True
+    )
+    time.sleep(1000)
+
+
 def allocate_and_sleep(nbytes):
     data = b"\x01" * nbytes  # noqa: F841
     time.sleep(1000)
@@ -275,6 +289,18 @@ def test_memory_limit_counts_children_of_a_small_task(how, tmp_path):
         # The pool keeps working, on a new worker.
         assert ex.submit(getpid).result(timeout=T) != err.pid
         assert ex.submit(add, 1, 2).result(timeout=T) == 3
+
+
+def test_memory_limit_counts_orphaned_grandchild_in_group(tmp_path):
+    pid_path = str(tmp_path / "grandchild")
+    with ProcessGroupExecutor(1, max_memory=200 * MiB, task_timeout=100) as ex:
+        fut = ex.submit(orphan_grows, 300 * MiB, pid_path)
+        with pytest.raises(MemoryLimitError) as ei:
+            fut.result(timeout=T)
+        assert ei.value.rss > 200 * MiB
+        (grandchild,) = read_pids(pid_path)
+        assert wait_gone(grandchild)
+        assert ex.submit(add, 1, 1).result(timeout=T) == 2
 
 
 def test_memory_sampled_while_task_runs_not_after(tmp_path):
