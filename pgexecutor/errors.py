@@ -23,21 +23,46 @@ __all__ = [
 
 
 def _innermost_frame(stack: str | None) -> str | None:
-    """Return the last ``File "...", line N in f`` line of the current thread's dump.
+    """Return the innermost ``File "...", line N in f`` line of the task's thread.
 
-    faulthandler prints the thread that received the signal first ("Current thread"
-    / "Thread 0x... (most recent call first)") with its innermost frame on top.
+    faulthandler dumps every thread ("Thread 0x... (most recent call first):" blocks,
+    innermost frame on top). The thread that ran the task is the one whose outermost
+    frames are the worker's main loop (``pgexecutor/_worker.py``); the "Current
+    thread" is merely whichever thread caught the dump signal, and helper threads (a
+    DataLoader's pin-memory thread, say) would name the wrong place.
     """
     if not stack:
         return None
-    for block in stack.split("\n\n"):
-        if "most recent call first" not in block:
-            continue
-        for line in block.splitlines():
-            line = line.strip()
-            if line.startswith("File "):
-                return line
-    return None
+    blocks = [b for b in stack.split("\n\n") if "most recent call first" in b]
+    chosen = (
+        next((b for b in blocks if "_worker.py" in b), None)
+        or next((b for b in blocks if "Current thread" in b), None)
+        or (blocks[0] if blocks else None)
+    )
+    if chosen is None:
+        return None
+    frames = [ln.strip() for ln in chosen.splitlines() if ln.strip().startswith("File ")]
+    if not frames:
+        return None
+    innermost = frames[0]
+    if _is_library_frame(innermost):
+        # Stuck in the standard library or a package (a wait, gmsh's generate): also
+        # name the user's own line that called into it.
+        caller = next((f for f in frames[1:] if not _is_library_frame(f)), None)
+        if caller is not None:
+            return f"{innermost}, called from {caller}"
+    return innermost
+
+
+def _is_library_frame(frame: str) -> bool:
+    """A frame in the standard library, an installed package, or pgexecutor itself."""
+    return (
+        "/lib/python3" in frame
+        or "site-packages" in frame
+        or "<frozen " in frame
+        or "pgexecutor/_worker.py" in frame
+        or 'File "<string>"' in frame
+    )
 
 
 class TaskTimeoutError(_FuturesTimeoutError):

@@ -654,9 +654,26 @@ def test_timeout_error_says_where_the_task_hung(fn, marker):
     assert innermost in str(err)
 
 
+def hang_beside_a_helper_thread():
+    threading.Thread(target=time.sleep, args=(1000,), daemon=True).start()
+    time.sleep(0.05)  # let the helper thread reach its sleep
+    threading.Event().wait()  # LINE-EVENT-WAIT
+
+
+def test_timeout_error_names_the_task_thread_not_a_helper_thread():
+    # faulthandler lists the helper thread first; str(err) must still name the line
+    # where the task itself waits, and the user's own line that called into threading.
+    with ProcessGroupExecutor(1, task_timeout=1.0, kill_grace=0.3) as ex:
+        with pytest.raises(TaskTimeoutError) as ei:
+            ex.submit(hang_beside_a_helper_thread).result(timeout=30)
+    text = str(ei.value)
+    line = _line_of(hang_beside_a_helper_thread, "LINE-EVENT-WAIT")
+    assert "in wait" in text, text
+    assert re.search(rf'line {line} in hang_beside_a_helper_thread', text), text
+    assert "in run" not in text, text  # the helper thread's frame
+
+
 # ----------------------------------------------------------------- 7. nesting, daemons
-
-
 
 
 @pytest.mark.parametrize(
