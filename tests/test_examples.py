@@ -13,7 +13,6 @@ in which case it fails. swap_in needs nothing extra.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -24,7 +23,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import format_survivors, survivors_of
+from conftest import format_survivors, require_extra, survivors_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -32,17 +31,7 @@ EXAMPLES = os.path.join(ROOT, "examples")
 
 def require(module: str, extra: str) -> None:
     """Skip (or, with PGEXECUTOR_REQUIRE_EXTRAS set, fail) when ``module`` is missing."""
-    reason = (
-        f"the {extra!r} extra is not installed ({module} cannot be imported); "
-        f"pip install -e '.[test,{extra}]' to run this example"
-    )
-    if os.environ.get("PGEXECUTOR_REQUIRE_EXTRAS"):
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            pytest.fail(f"{reason} (PGEXECUTOR_REQUIRE_EXTRAS is set): {exc}")
-        return
-    pytest.importorskip(module, reason=reason)
+    require_extra(module, extra)
 
 
 def run_example(tmp_path: Any, name: str, *args: str, limit: float = 120.0) -> dict[str, Any]:
