@@ -28,10 +28,13 @@ def _spawn_tree(path: str) -> dict:
     )
     grandchild = int(child.stdout.readline())
     me = os.getpid()
+    parent = psutil.Process(me).parent()
+    grandparent = parent.parent() if parent is not None else None
     report = {
         "pid": me,
         "pgid": os.getpgid(0),
         "ppid": os.getppid(),
+        "ancestors": [p.pid for p in (parent, grandparent) if p is not None],
         "procs": [[p, psutil.Process(p).create_time()] for p in (me, child.pid, grandchild)],
     }
     tmp = f"{path}.tmp{me}"
@@ -62,11 +65,12 @@ def spawn_tree_and_crash(path: str, how: str) -> None:
     time.sleep(30)
 
 
-def spawn_tree_and_signal_parent(path: str, sig: int) -> str:
-    """Start a tree, report it, then send ``sig`` to the process that started this one
-    (the Ray worker, when the task runs in RayExecutor's per-worker pool), and hang."""
-    _spawn_tree(path)
-    os.kill(os.getppid(), sig)
+def spawn_tree_and_signal_ancestors(path: str, sig: int, generations=(1,)) -> str:
+    """Start a tree, report it, then send ``sig`` to ancestors (1: the parent, 2: the
+    grandparent; under RayExecutor those are the host and the Ray worker), and hang."""
+    report = _spawn_tree(path)
+    for g in generations:
+        os.kill(report["ancestors"][g - 1], sig)
     time.sleep(300)
     return "woke up"
 

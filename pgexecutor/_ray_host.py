@@ -1,0 +1,60 @@
+"""The host process of a Ray worker's tasks (see pgexecutor/ray.py).
+
+This module runs inside a pgexecutor worker process started by a Ray worker (the
+"host"); it must not import ray. The host keeps its own one-process
+ProcessGroupExecutor, whose worker runs the user's call in a process group of its own
+and whose guardian is a *grandchild* of the Ray worker. That is the point: when a Ray
+worker exits in an orderly way (ray.cancel(force=True), ray.shutdown(), the job
+ending) Ray SIGKILLs its direct children (``RAY_kill_child_processes_on_worker_exit``,
+on by default), which would take a guardian that is its child down with it and leave
+the task's own children running. The host and its guardian are those direct children;
+the host's guardian outlives them, sees the host gone and kills the task's group.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from . import _protocol as proto
+from .executor import ProcessGroupExecutor
+
+_pools: dict[float, ProcessGroupExecutor] = {}
+_lock = threading.Lock()
+
+
+def pool_for(kill_grace: float) -> ProcessGroupExecutor:
+    """This process's one-worker pool for ``kill_grace`` (made on first use, then kept)."""
+    with _lock:
+        pool = _pools.get(kill_grace)
+        if pool is None:
+            pool = _pools[kill_grace] = ProcessGroupExecutor(max_workers=1, kill_grace=kill_grace)
+        return pool
+
+
+def call_pickled(payload: bytes) -> Any:
+    """In the task process: unpickle the driver's call and make it."""
+    try:
+        fn, args, kwargs = proto.loads(payload)
+    except BaseException as exc:
+        raise proto.pickling_error(
+            "arguments", "unpickling them on the Ray node failed", exc
+        ) from None
+    return fn(*args, **kwargs)
+
+
+def host_call(
+    payload: bytes,
+    timeout: float | None,
+    max_memory: int | None,
+    retries: int,
+    kill_grace: float,
+) -> Any:
+    """In the host: run the call in the task process with the task's limits, and wait.
+
+    TaskTimeoutError, WorkerCrashedError, MemoryLimitError or the call's own exception
+    is raised from here as itself, and travels back to the Ray worker the same way.
+    """
+    pool = pool_for(kill_grace)
+    fut = pool._submit(call_pickled, (payload,), {}, timeout, max_memory, retries)
+    return fut.result()

@@ -1,0 +1,555 @@
+"""Ray: the same Executor, errors and ``options()``, with tasks on a Ray cluster.
+
+::
+
+    from pgexecutor.ray import RayExecutor
+
+    with RayExecutor(task_timeout=600, max_memory=8 * 2**30) as ex:  # uses ray.init()'s cluster
+        for res in ex.map(mesh, geometries, return_exceptions=True):
+            ...                           # TaskTimeoutError, WorkerCrashedError, ...
+
+How a task runs::
+
+    driver (this process)                   a Ray worker, on any node
+    ---------------------                   -------------------------
+    submit(): pickle the call here
+      -> queue -> manager thread --------->  _run_task (a streaming generator task)
+         (at most max_workers Ray tasks        -> host process (one per Ray worker, kept)
+          handed to Ray at once)                  -> task process, leads its own group:
+                                                     the call, and whatever it spawns
+                 <-- ("started", ...) -----  once the host has the call
+                 <-- ("ok", value) | ("error", exc) -- when the call ends
+
+Why process groups inside the Ray worker: Ray runs a task in the Ray worker process
+itself; only recent Ray releases put each worker in a process group of its own
+(``RAY_process_group_cleanup_enabled``), and none has a per-task timeout. Running the
+call in a ProcessGroupExecutor *inside* the Ray task gives every guarantee of pgexecutor
+on every node, whatever Ray's settings: ``task_timeout`` counts from the moment the task
+process starts the call (not from scheduling), and on expiry, crash or memory overrun
+the call's whole group is killed (SIGTERM, SIGKILL after ``kill_grace``) and the error
+comes back as itself. The Ray worker lives on and keeps its processes for the next task.
+
+Why the host in between: when a Ray worker exits in an orderly way (force-cancel,
+``ray.shutdown()``, the job ending) Ray SIGKILLs the worker's direct children
+(``RAY_kill_child_processes_on_worker_exit``, on by default), not recursively. A pool
+made in the Ray worker would lose its worker *and its guardian* that way, and the
+task's own children would run on. So the Ray worker's pool runs one "host" process,
+which makes the pool that runs the calls; that pool's guardian is a grandchild of the
+Ray worker, survives Ray's kill, sees the host die and kills the task's group. If the
+Ray worker crashes instead, the guardians chain the same way. Cost: one more process
+per Ray worker and one more local hop per task.
+
+The backstop: the driver knows when each task started (the first streamed item). If no
+outcome arrives by ``start + (retries + 1) * (task_timeout + kill_grace) +
+backstop_margin``, the Ray worker itself is stuck (stopped, wedged in a lock): the
+driver force-cancels the Ray task (``ray.cancel(force=True)``, which kills the Ray
+worker and, through the guardians, the task's group) and fails the future with
+TaskTimeoutError.
+
+Requirements: pgexecutor installed on every node (as Ray needs for any library); the
+call's function and arguments travel with cloudpickle, so functions from the driver's
+``__main__`` and closures work, and functions from your own modules must be importable
+on the nodes (Ray's ``runtime_env`` ``py_modules``/``working_dir``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import CancelledError, Executor, Future
+from typing import Any
+
+import ray
+
+from . import _protocol as proto
+from ._ray_host import host_call
+from ._worker import run_chunk
+from .errors import TaskTimeoutError, WorkerCrashedError
+from .executor import (
+    ExecutorOptions,
+    ProcessGroupExecutor,
+    _check_memory,
+    _check_retries,
+    _check_timeout,
+    _yield_results,
+)
+
+__all__ = ["RayExecutor"]
+
+logger = logging.getLogger("pgexecutor")
+
+_UNSET: Any = object()
+_POLL = 0.05  # seconds: how soon the manager sees a new submit while tasks run
+_GIVE_UP_AFTER_CANCEL = 60.0  # a force-cancelled task that never answers: fail it anyway
+
+ENABLE_HINT = (
+    "To make Ray start every worker in a process group of its own (and kill that group "
+    "when the worker exits), set RAY_process_group_cleanup_enabled=1 in the environment "
+    "of `ray start` on every node, or in this process's environment before ray.init() "
+    "starts a local cluster."
+)
+
+
+# ====================================================================== Ray worker side
+
+_hosts: dict[float, ProcessGroupExecutor] = {}
+_hosts_lock = threading.Lock()
+
+
+def _host_for(kill_grace: float) -> ProcessGroupExecutor:
+    """This Ray worker's host: a one-process pool whose worker runs ``host_call``
+    (created on first use, then reused; see pgexecutor/_ray_host.py for why)."""
+    with _hosts_lock:
+        host = _hosts.get(kill_grace)
+        if host is None:
+            host = _hosts[kill_grace] = ProcessGroupExecutor(max_workers=1, kill_grace=kill_grace)
+        return host
+
+
+def _run_task(
+    payload: bytes,
+    timeout: float | None,
+    max_memory: int | None,
+    retries: int,
+    kill_grace: float,
+) -> Iterator[tuple[Any, ...]]:
+    """The Ray task: hand the call to the host; stream its start, then its outcome."""
+    host = _host_for(kill_grace)
+    fut = host._submit(
+        host_call, (payload, timeout, max_memory, retries, kill_grace), {}, None, None, 0
+    )
+    try:
+        # RUNNING once the host has the call; the task process gets it right after
+        # (first use: once it has started) and task_timeout counts from then.
+        while not fut.running() and not fut.done():
+            time.sleep(0.002)
+        node = ray.get_runtime_context().get_node_id()
+        yield ("started", os.getpid(), node, host.worker_pids())
+        try:
+            value = fut.result()
+        except BaseException as exc:  # the call's own error, or a pgexecutor one
+            yield ("error", proto.dump_exception(exc))
+            return
+    except BaseException:
+        # ray.cancel() without force raises KeyboardInterrupt here: killing the host's
+        # group makes the host's guardian kill the task's group too.
+        host._kill_task(fut)
+        raise
+    yield ("ok", value)
+
+
+def _probe() -> tuple[int, int]:
+    return os.getpid(), os.getpgid(0)
+
+
+# ====================================================================== driver side
+
+
+class _Item:
+    __slots__ = (
+        "future", "payload", "timeout", "max_memory", "retries", "attempts", "gen",
+        "started", "pid", "node", "task_pids", "backstop", "cancelled_at", "reason",
+    )
+
+    def __init__(
+        self, future: Future[Any], payload: bytes, timeout: float | None,
+        max_memory: int | None, retries: int,
+    ) -> None:
+        self.future = future
+        self.payload = payload
+        self.timeout = timeout
+        self.max_memory = max_memory
+        self.retries = retries
+        self.attempts = 0
+        self.gen: Any = None
+        self.started: float | None = None
+        self.pid: int | None = None
+        self.node: str | None = None
+        self.task_pids: list[int] = []
+        self.backstop: float | None = None
+        self.cancelled_at: float | None = None
+        self.reason: str | None = None  # why *we* force-cancelled it: "timeout" or "terminate"
+
+
+class RayExecutor(Executor):
+    """A ``concurrent.futures.Executor`` that runs tasks on Ray, each in a process group.
+
+    Same errors and ``options()`` as :class:`~pgexecutor.ProcessGroupExecutor`:
+    ``task_timeout`` (counted from the moment the task starts running on its node),
+    ``max_memory`` (bytes, for the task's process group) and ``retries`` apply per
+    task; a task that hangs, crashes or overruns fails with TaskTimeoutError,
+    WorkerCrashedError or MemoryLimitError and everything it spawned is killed.
+
+    Ray: uses the cluster of an earlier ``ray.init()``; otherwise calls
+    ``ray.init(address, **init_kwargs)`` itself (``address=None`` starts a local one,
+    which ``shutdown()`` then stops). ``max_workers`` (default: the cluster's CPUs) caps
+    how many tasks are handed to Ray at once; ``remote_args`` go to ``.options()`` of
+    the Ray task (``{"num_cpus": 1}`` unless given). Ray's own task retries are off:
+    ``retries`` reruns a task whose process died or timed out, and one whose Ray worker
+    died.
+
+    The errors' ``pid`` is the task process's, except for the errors the driver
+    raises itself (a lost Ray worker, the backstop below): there it is the Ray worker's.
+
+    At start-up a tiny task checks whether Ray workers lead their own process group;
+    the answer is in :attr:`worker_process_groups`. RayExecutor does not depend on it
+    (see the module docstring), but if not, it logs how to enable it, and with
+    ``require_process_groups=True`` it raises instead.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        *,
+        task_timeout: float | None = None,
+        kill_grace: float = 1.0,
+        max_memory: int | None = None,
+        retries: int = 0,
+        remote_args: dict[str, Any] | None = None,
+        address: str | None = None,
+        init_kwargs: dict[str, Any] | None = None,
+        require_process_groups: bool = False,
+        backstop_margin: float = 30.0,
+    ) -> None:
+        kill_grace = float(kill_grace)
+        if kill_grace < 0:
+            raise ValueError("kill_grace must be >= 0")
+        self._task_timeout = _check_timeout(task_timeout, "task_timeout")
+        self._max_memory = _check_memory(max_memory)
+        self._retries = _check_retries(retries)
+        self._kill_grace = kill_grace
+        self._backstop_margin = float(backstop_margin)
+        self._owns_ray = False
+        if not ray.is_initialized():
+            ray.init(address=address, **(init_kwargs or {}))
+            self._owns_ray = True
+        args = {"num_cpus": 1}
+        args.update(remote_args or {})
+        if max_workers is None:
+            cpus = ray.cluster_resources().get("CPU", 1)
+            per_task = args.get("num_cpus") or 1
+            max_workers = max(1, int(cpus // per_task))
+        elif max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        self._max_workers = max_workers
+        self._remote = ray.remote(_run_task).options(
+            num_returns="streaming", max_retries=0, retry_exceptions=False, **args
+        )
+        self.worker_process_groups = self._check_worker_groups(require_process_groups)
+
+        self._lock = threading.Lock()
+        self._inbox: deque[Any] = deque()
+        self._wake = threading.Event()
+        self._queue: deque[_Item] = deque()
+        self._running: dict[int, _Item] = {}  # id(generator) -> item
+        self._stopping = False
+        self._shutdown = False
+        self._thread = threading.Thread(target=self._run, name="pgexecutor-ray", daemon=True)
+        self._finished = threading.Event()
+        self._thread.start()
+        weakref.finalize(self, _post, self._inbox, self._wake, ("shutdown", False))
+
+    # ------------------------------------------------------------ start-up check
+
+    def _probe_worker(self) -> tuple[int, int]:
+        return ray.get(ray.remote(_probe).options(num_cpus=0).remote(), timeout=120)
+
+    def _check_worker_groups(self, require: bool) -> bool:
+        pid, pgid = self._probe_worker()
+        if pid == pgid:
+            return True
+        msg = (
+            f"Ray workers do not lead their own process group (a worker had pid {pid}, "
+            f"process group {pgid}). RayExecutor does not rely on it: each task runs in a "
+            "process group it creates inside the Ray worker, killed on timeout, crash or "
+            "memory overrun. But processes started outside RayExecutor's tasks are not "
+            "cleaned up when Ray kills a worker. " + ENABLE_HINT
+        )
+        if require:
+            raise RuntimeError(msg)
+        logger.warning("%s", msg)
+        return False
+
+    # ------------------------------------------------------------ Executor API
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._submit(fn, args, kwargs, self._task_timeout, self._max_memory, self._retries)
+
+    def _submit(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        max_memory: int | None,
+        retries: int,
+    ) -> Future[Any]:
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            fut: Future[Any] = Future()
+            try:
+                payload = proto.dumps((fn, args, kwargs))
+            except BaseException as exc:
+                fut.set_running_or_notify_cancel()
+                fut.set_exception(
+                    proto.pickling_error("arguments", "pickling them in the caller failed", exc)
+                )
+                return fut
+            _post(self._inbox, self._wake, _Item(fut, payload, timeout, max_memory, retries))
+            return fut
+
+    def map(  # type: ignore[override]
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        return_exceptions: bool = False,
+    ) -> Iterator[Any]:
+        """Like ``ProcessGroupExecutor.map`` (``chunksize``, ``return_exceptions``)."""
+        return self._map(
+            fn, iterables, timeout, chunksize, return_exceptions,
+            self._task_timeout, self._max_memory, self._retries,
+        )
+
+    def _map(
+        self,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        timeout: float | None,
+        chunksize: int,
+        return_exceptions: bool,
+        task_timeout: float | None,
+        max_memory: int | None,
+        retries: int,
+    ) -> Iterator[Any]:
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        args_iter = zip(*iterables, strict=False)
+        if chunksize == 1:
+            fs = [
+                self._submit(fn, args, {}, task_timeout, max_memory, retries) for args in args_iter
+            ]
+            return _yield_results(fs, end_time, return_exceptions, chunked=False)
+        fs, sizes = [], []
+        while True:
+            chunk = list(itertools.islice(args_iter, chunksize))
+            if not chunk:
+                break
+            sizes.append(len(chunk))
+            fs.append(self._submit(run_chunk, (fn, chunk), {}, task_timeout, max_memory, retries))
+        return _yield_results(fs, end_time, return_exceptions, chunked=True, sizes=sizes)
+
+    def options(
+        self,
+        *,
+        task_timeout: float | None = _UNSET,
+        retries: int = _UNSET,
+        max_memory: int | None = _UNSET,
+    ) -> ExecutorOptions:
+        """A view whose ``submit``/``map`` use these settings (see ProcessGroupExecutor)."""
+        return ExecutorOptions(
+            self,  # type: ignore[arg-type]
+            self._task_timeout if task_timeout is _UNSET else _check_timeout(task_timeout, "task_timeout"),
+            self._max_memory if max_memory is _UNSET else _check_memory(max_memory),
+            self._retries if retries is _UNSET else _check_retries(retries),
+        )
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+        _post(self._inbox, self._wake, ("shutdown", cancel_futures))
+        if wait:
+            self._finished.wait()
+            if self._owns_ray and ray.is_initialized():
+                self._owns_ray = False
+                ray.shutdown()
+
+    def terminate_workers(self) -> None:
+        """Fail running tasks with WorkerCrashedError (their Ray workers are
+        force-cancelled, their groups killed), cancel queued ones, and shut down."""
+        with self._lock:
+            self._shutdown = True
+        _post(self._inbox, self._wake, ("terminate",))
+        self.shutdown(wait=True)
+
+    # ------------------------------------------------------------ the manager thread
+    # One owner for all task state, as in ProcessGroupExecutor: other threads only
+    # append to the inbox and set the wake event.
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            logger.critical("pgexecutor RayExecutor manager failed", exc_info=True)
+            err = WorkerCrashedError(None, None, "RayExecutor's manager thread failed; see the log")
+            for item in list(self._running.values()) + list(self._queue):
+                if not item.future.done():
+                    if item.future.set_running_or_notify_cancel() or item.gen is not None:
+                        item.future.set_exception(err)
+        finally:
+            self._finished.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._drain_inbox()
+            self._launch()
+            if self._stopping and not self._queue and not self._running:
+                return
+            now = time.monotonic()
+            wait = _POLL
+            for item in self._running.values():
+                if item.backstop is not None and item.cancelled_at is None:
+                    wait = min(wait, max(0.0, item.backstop - now))
+            if self._running:
+                gens = [item.gen for item in self._running.values()]
+                ready, _ = ray.wait(gens, num_returns=1, timeout=wait, fetch_local=True)
+                if ready and len(gens) > 1:
+                    ready, _ = ray.wait(gens, num_returns=len(gens), timeout=0, fetch_local=True)
+                for gen in ready:
+                    item = self._running.get(id(gen))
+                    if item is not None:
+                        self._advance(item)
+            else:
+                self._wake.wait(wait)
+                self._wake.clear()
+            self._check_backstops(time.monotonic())
+
+    def _drain_inbox(self) -> None:
+        inbox = self._inbox
+        while inbox:
+            msg = inbox.popleft()
+            if type(msg) is _Item:
+                self._queue.append(msg)
+            elif msg[0] == "shutdown":
+                self._stopping = True
+                if msg[1]:
+                    self._cancel_queue()
+            elif msg[0] == "terminate":
+                self._stopping = True
+                self._cancel_queue()
+                now = time.monotonic()
+                for item in self._running.values():
+                    if item.cancelled_at is None:
+                        item.reason = "terminate"
+                        item.cancelled_at = now
+                        ray.cancel(item.gen, force=True)
+
+    def _cancel_queue(self) -> None:
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.cancel() and not item.future.done():
+                # A retry waiting to be relaunched is already RUNNING.
+                item.future.set_exception(CancelledError())
+
+    def _launch(self) -> None:
+        while self._queue and len(self._running) < self._max_workers:
+            item = self._queue.popleft()
+            if item.gen is None and not item.future.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            item.attempts += 1
+            item.started = item.backstop = item.cancelled_at = None
+            item.reason = None
+            item.gen = self._remote.remote(
+                item.payload, item.timeout, item.max_memory, item.retries, self._kill_grace
+            )
+            self._running[id(item.gen)] = item
+
+    def _advance(self, item: _Item) -> None:
+        """The item's generator has its next message (or its error) ready."""
+        try:
+            msg = ray.get(next(item.gen))
+        except StopIteration:
+            self._finish(item, exc=WorkerCrashedError(item.pid, None, "the Ray task ended without a result"))
+            return
+        except ray.exceptions.RayTaskError as err:
+            # Our task body itself failed on the Ray worker (e.g. pgexecutor missing there).
+            cause = getattr(err, "cause", None)
+            self._finish(item, exc=cause if isinstance(cause, BaseException) else err)
+            return
+        except ray.exceptions.RayError as err:
+            self._on_ray_failure(item, err)
+            return
+        kind = msg[0]
+        if kind == "started":
+            item.pid, item.node, item.task_pids = msg[1], msg[2], msg[3]
+            item.started = time.monotonic()
+            if item.timeout is not None:
+                per_attempt = item.timeout + self._kill_grace
+                item.backstop = (
+                    item.started + (item.retries + 1) * per_attempt + self._backstop_margin
+                )
+        elif kind == "ok":
+            self._finish(item, value=msg[1])
+        else:
+            self._finish(item, exc=proto.load_exception(msg[1]))
+
+    def _on_ray_failure(self, item: _Item, err: BaseException) -> None:
+        """Ray says the task did not finish: we cancelled it, or its Ray worker died."""
+        if item.reason == "timeout":
+            assert item.timeout is not None
+            exc: BaseException = TaskTimeoutError(item.timeout, item.pid, None, item.attempts)
+            self._finish(item, exc=exc)
+            return
+        if item.reason == "terminate":
+            self._finish(item, exc=WorkerCrashedError(item.pid, None, "terminated by terminate_workers()"))
+            return
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = f"the Ray worker was lost ({type(err).__name__}: {first})"
+        if isinstance(err, ray.exceptions.OutOfMemoryError):
+            reason = f"Ray's memory monitor killed the Ray worker: {first}"
+        if item.attempts <= item.retries and not self._stopping:
+            logger.info("retrying a task after %s (attempt %d)", reason, item.attempts + 1)
+            del self._running[id(item.gen)]
+            self._queue.appendleft(item)
+            return
+        self._finish(item, exc=WorkerCrashedError(item.pid, None, reason, item.attempts))
+
+    def _finish(self, item: _Item, *, value: Any = None, exc: BaseException | None = None) -> None:
+        self._running.pop(id(item.gen), None)
+        item.payload = b""
+        fut = item.future
+        if fut.done():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)
+
+    def _check_backstops(self, now: float) -> None:
+        for item in list(self._running.values()):
+            if item.cancelled_at is None:
+                if item.backstop is not None and now >= item.backstop:
+                    logger.warning(
+                        "task process %s on Ray worker pid=%s (node %s) gave no answer %gs "
+                        "past its timeout; force-cancelling it (its Ray worker is killed)",
+                        item.task_pids, item.pid, item.node, self._backstop_margin,
+                    )
+                    item.reason = "timeout"
+                    item.cancelled_at = now
+                    ray.cancel(item.gen, force=True)
+            elif now >= item.cancelled_at + _GIVE_UP_AFTER_CANCEL:
+                # Ray never confirmed the cancel (a lost node?): stop waiting for it.
+                self._on_ray_failure(item, RuntimeError("the force-cancel was never confirmed"))
+
+    # ------------------------------------------------------------ context manager
+
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool | None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.terminate_workers()
+            return False
+        self.shutdown(wait=True)
+        return False
+
+
+def _post(inbox: deque[Any], wake: threading.Event, msg: Any) -> None:
+    inbox.append(msg)
+    wake.set()

@@ -1,0 +1,340 @@
+"""Issue 7, Ray: RayExecutor on a local ``ray.init(num_cpus=2)``, started once per session.
+
+As in test_dask.py, tasks from tests/_cluster_tasks.py report the pids (and create
+times) of the whole tree they start, and the tests poll with psutil until exactly those
+processes are gone: they live in Ray's processes' groups, out of sight of conftest's
+autouse fixture. ``_cluster_tasks`` travels by value (cloudpickle), so Ray workers need
+not import anything from tests/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+
+ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
+
+import _cluster_tasks as tasks  # noqa: E402
+import cloudpickle  # noqa: E402
+
+from pgexecutor import (  # noqa: E402
+    MemoryLimitError,
+    TaskPicklingError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
+from pgexecutor.ray import ENABLE_HINT, RayExecutor  # noqa: E402
+
+pytestmark = pytest.mark.timeout(150)
+
+GONE_WITHIN = 20.0  # generous: two shared, noisy cores, and Ray's own kill delays
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_session():
+    """One local Ray for the whole session (starting one takes 5-15 s here)."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    cloudpickle.register_pickle_by_value(tasks)
+    yield
+    cloudpickle.unregister_pickle_by_value(tasks)
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture
+def ex():
+    executor = RayExecutor(max_workers=2, kill_grace=0.5)
+    yield executor
+    executor.terminate_workers()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def read_report(path, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            time.sleep(0.05)
+    raise AssertionError(f"the task never reported its processes in {path}")
+
+
+def alive(procs) -> list[int]:
+    """Pids of ``[pid, create_time]`` pairs whose process still runs (zombies are dead)."""
+    left = []
+    for pid, ctime in procs:
+        try:
+            p = psutil.Process(pid)
+            if abs(p.create_time() - ctime) < 0.05 and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return left
+
+
+def assert_tree_gone(report: dict, timeout: float = GONE_WITHIN) -> float:
+    procs = report["procs"]
+    t0 = time.monotonic()
+    while True:
+        left = alive(procs)
+        if not left or time.monotonic() - t0 >= timeout:
+            break
+        time.sleep(0.1)
+    if left:
+        for pid, ctime in procs:  # exactly the processes the task reported
+            try:
+                p = psutil.Process(pid)
+                if abs(p.create_time() - ctime) < 0.05:
+                    p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    assert not left, f"task processes survived {timeout:g}s: {left} of {procs}"
+    return time.monotonic() - t0
+
+
+# ---------------------------------------------------------------- start-up check
+
+
+def test_start_up_check_matches_what_ray_workers_are(ex):
+    @ray.remote(num_cpus=0)
+    def leads():
+        return os.getpgid(0) == os.getpid()
+
+    assert ex.worker_process_groups is ray.get(leads.remote(), timeout=60)
+
+
+def test_start_up_check_explains_how_to_enable_groups(monkeypatch, caplog):
+    monkeypatch.setattr(RayExecutor, "_probe_worker", lambda self: (1234, 99))
+    with pytest.raises(RuntimeError, match="RAY_process_group_cleanup_enabled=1"):
+        RayExecutor(max_workers=1, require_process_groups=True)
+    with caplog.at_level("WARNING", logger="pgexecutor"):
+        ex = RayExecutor(max_workers=1)
+    try:
+        assert ex.worker_process_groups is False
+        assert ENABLE_HINT in caplog.text and "pid 1234, process group 99" in caplog.text
+    finally:
+        ex.shutdown()
+
+
+# ---------------------------------------------------------------- the Executor API
+
+
+def test_results_map_and_errors(ex):
+    assert ex.submit(tasks.add, 2, 3).result(timeout=60) == 5
+    assert list(ex.map(tasks.add, range(5), range(5))) == [0, 2, 4, 6, 8]
+    assert list(ex.map(tasks.add, range(7), range(7), chunksize=3)) == [0, 2, 4, 6, 8, 10, 12]
+    with pytest.raises(ValueError, match="boom"):
+        ex.submit(tasks.fail, "boom").result(timeout=60)
+    out = list(ex.map(tasks.fail, ["a", "b"], return_exceptions=True))
+    assert [type(e) for e in out] == [ValueError, ValueError]
+    # An argument that cannot be pickled fails its own future at once.
+    lock_arg = ex.submit(tasks.add, 1, threading.Lock())
+    assert lock_arg.done()
+    with pytest.raises(TaskPicklingError):
+        lock_arg.result()
+
+
+def test_queued_future_can_be_cancelled_and_terminate_kills_running(tmp_path):
+    ex = RayExecutor(max_workers=1, kill_grace=0.5)
+    path = str(tmp_path / "tree.json")
+    hung = ex.submit(tasks.spawn_tree_and_hang, path)
+    queued = ex.submit(tasks.add, 1, 1)
+    report = read_report(path)
+    assert queued.cancel() is True
+    ex.terminate_workers()
+    with pytest.raises(WorkerCrashedError):
+        hung.result(timeout=60)
+    assert_tree_gone(report)
+
+
+# ---------------------------------------------------------------- the guarantees
+
+
+def test_hung_task_times_out_and_its_tree_is_gone(ex, tmp_path):
+    path = str(tmp_path / "tree.json")
+    t0 = time.monotonic()
+    fut = ex.options(task_timeout=2).submit(tasks.spawn_tree_and_hang, path)
+    report = read_report(path)
+    assert report["pid"] == report["pgid"], "the task process does not lead its group"
+    with pytest.raises(TaskTimeoutError) as info:
+        fut.result(timeout=90)
+    assert time.monotonic() - t0 < 30
+    assert info.value.timeout == 2 and info.value.pid == report["pid"]
+    assert info.value.stack and "spawn_tree_and_hang" in info.value.stack
+    assert_tree_gone(report)
+    # The same Ray worker pool goes on working.
+    assert ex.submit(tasks.add, 1, 1).result(timeout=60) == 2
+
+
+def test_timeout_counts_from_the_start_not_from_scheduling():
+    # 3 tasks handed to Ray at once, 2 CPUs: the third waits in Ray's queue for ~3 s
+    # and then runs 3 s. Counted from scheduling it would pass its 4.5 s limit.
+    ex = RayExecutor(max_workers=3, kill_grace=0.5)
+    try:
+        opts = ex.options(task_timeout=4.5)
+        futs = [opts.submit(tasks.sleep_and_report, 3.0) for _ in range(3)]
+        results = [f.result(timeout=90) for f in futs]
+    finally:
+        ex.shutdown()
+    first_stop = min(r["stop"] for r in results)
+    last_start = max(r["start"] for r in results)
+    assert last_start >= first_stop - 0.5, f"the third task did not wait: {results}"
+
+
+def test_crash_gives_worker_crashed_error_and_kills_the_tree(ex, tmp_path):
+    path = str(tmp_path / "tree.json")
+    fut = ex.submit(tasks.spawn_tree_and_crash, path, "exit")
+    with pytest.raises(WorkerCrashedError) as info:
+        fut.result(timeout=90)
+    assert info.value.exitcode == 3
+    assert_tree_gone(read_report(path))
+
+
+def test_max_memory(ex):
+    fut = ex.options(max_memory=150 * 2**20).submit(tasks.hold_memory, 400 * 2**20)
+    with pytest.raises(MemoryLimitError) as info:
+        fut.result(timeout=90)
+    assert info.value.limit == 150 * 2**20
+
+
+def test_ray_worker_death_gives_worker_crashed_error_and_no_tree_survives(ex, tmp_path):
+    # The task SIGKILLs its own Ray worker (its grandparent; the host is its parent):
+    # Ray reports the worker lost, and the guardians kill the task's group.
+    path = str(tmp_path / "tree.json")
+    fut = ex.submit(tasks.spawn_tree_and_signal_ancestors, path, signal.SIGKILL, (2,))
+    with pytest.raises(WorkerCrashedError) as info:
+        fut.result(timeout=90)
+    report = read_report(path)
+    assert info.value.pid == report["ancestors"][1]  # the Ray worker
+    assert_tree_gone(report)
+
+
+def test_backstop_force_cancels_a_stuck_ray_worker(tmp_path):
+    # The task SIGSTOPs its Ray worker and the host between them, so nothing on that
+    # node can enforce the timeout or answer. The driver's backstop (timeout +
+    # kill_grace + 2 s margin) force-cancels the Ray task; Ray kills the stopped
+    # worker; its guardian kills the host, whose guardian kills the task's group.
+    ex = RayExecutor(max_workers=2, kill_grace=0.5, backstop_margin=2.0)
+    path = str(tmp_path / "tree.json")
+    t0 = time.monotonic()
+    fut = ex.options(task_timeout=1).submit(
+        tasks.spawn_tree_and_signal_ancestors, path, signal.SIGSTOP, (1, 2)
+    )
+    try:
+        with pytest.raises(TaskTimeoutError):
+            fut.result(timeout=120)
+        failed_after = time.monotonic() - t0
+        report = read_report(path)
+        took = assert_tree_gone(report, timeout=40)
+        print(f"\nbackstop: failed after {failed_after:.1f} s, tree gone {took:.1f} s later")
+        assert failed_after >= 3.0, "the backstop fired before timeout + grace + margin"
+    finally:
+        ex.terminate_workers()
+
+
+def test_driver_death_leaves_no_task_tree(tmp_path):
+    path = str(tmp_path / "tree.json")
+    script = tmp_path / "dying_driver.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys, time
+            sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+            import cloudpickle, ray
+            import _cluster_tasks as tasks
+            from pgexecutor.ray import RayExecutor
+
+            cloudpickle.register_pickle_by_value(tasks)
+            ray.init(address=sys.argv[1], log_to_driver=False)
+            ex = RayExecutor(max_workers=1)
+            fut = ex.submit(tasks.spawn_tree_and_hang, sys.argv[2])
+            print("SUBMITTED", flush=True)
+            time.sleep(600)
+            """
+        )
+    )
+    address = ray.get_runtime_context().gcs_address
+    driver = subprocess.Popen(
+        [sys.executable, str(script), address, path],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(tmp_path),
+    )
+    try:
+        report = read_report(path, timeout=90)
+    finally:
+        driver.kill()  # the driver this test started dies without any cleanup
+        driver.wait()
+    took = assert_tree_gone(report, timeout=60)
+    print(f"\ntask tree gone {took:.1f} s after the driver's SIGKILL")
+
+
+def test_main_functions_and_closures_from_a_driver_script(tmp_path):
+    path = str(tmp_path / "tree.json")
+    script = tmp_path / "driver.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import json, os, subprocess, sys, time
+            import psutil, ray
+            from pgexecutor import TaskTimeoutError
+            from pgexecutor.ray import RayExecutor
+
+            def square(x):
+                return x * x
+
+            def make_adder(n):
+                def adder(x):
+                    return x + n
+                return adder
+
+            def hang_with_child(path):
+                child = subprocess.Popen(["sleep", "300"])
+                procs = [[p, psutil.Process(p).create_time()] for p in (os.getpid(), child.pid)]
+                with open(path + ".tmp", "w") as f:
+                    json.dump({"procs": procs}, f)
+                os.replace(path + ".tmp", path)
+                time.sleep(300)
+
+            if __name__ == "__main__":
+                ray.init(address=sys.argv[1], log_to_driver=False)
+                out = {}
+                with RayExecutor(max_workers=2, kill_grace=0.5) as ex:
+                    out["square"] = ex.submit(square, 7).result(timeout=60)
+                    out["closure"] = ex.submit(make_adder(10), 5).result(timeout=60)
+                    out["lambda"] = list(ex.map(lambda x: x - 1, [3, 4]))
+                    fut = ex.options(task_timeout=1.5).submit(hang_with_child, sys.argv[2])
+                    try:
+                        fut.result(timeout=90)
+                        out["hang"] = "returned"
+                    except TaskTimeoutError:
+                        out["hang"] = "TaskTimeoutError"
+                print("RESULT " + json.dumps(out), flush=True)
+            """
+        )
+    )
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.run(
+        [sys.executable, str(script), address, path],
+        capture_output=True,
+        text=True,
+        timeout=140,
+        cwd=str(tmp_path),
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout + proc.stderr
+    out = json.loads(lines[-1][len("RESULT ") :])
+    assert out == {"square": 49, "closure": 15, "lambda": [2, 3], "hang": "TaskTimeoutError"}
+    assert_tree_gone(read_report(path))
