@@ -22,9 +22,20 @@ import time
 
 import psutil
 import pytest
+from conftest import require_extra
 
-dask = pytest.importorskip("dask", reason="the [dask] extra is not installed")
-pytest.importorskip("distributed", reason="the [dask] extra is not installed")
+
+def _module_extra(module: str, extra: str):
+    """conftest.require_extra, for module level: the whole file skips (or fails in CI)."""
+    try:
+        return require_extra(module, extra)
+    except pytest.skip.Exception as exc:
+        pytest.skip(exc.msg, allow_module_level=True)
+
+
+# Skips without the [dask] extra (fails instead under PGEXECUTOR_REQUIRE_EXTRAS, as in CI).
+dask = _module_extra("dask", "dask")
+_module_extra("distributed", "dask")
 
 import _cluster_tasks as tasks  # noqa: E402
 from distributed import Client, LocalCluster  # noqa: E402

@@ -20,8 +20,19 @@ import time
 
 import psutil
 import pytest
+from conftest import require_extra
 
-ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
+
+def _module_extra(module: str, extra: str):
+    """conftest.require_extra, for module level: the whole file skips (or fails in CI)."""
+    try:
+        return require_extra(module, extra)
+    except pytest.skip.Exception as exc:
+        pytest.skip(exc.msg, allow_module_level=True)
+
+
+# Skips without the [ray] extra (fails instead under PGEXECUTOR_REQUIRE_EXTRAS, as in CI).
+ray = _module_extra("ray", "ray")
 
 import _cluster_tasks as tasks  # noqa: E402
 import cloudpickle  # noqa: E402
