@@ -31,8 +31,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-# fds the child finds its pipes at (see _worker.main).
-CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD = 3, 4, 5
+# fds the child finds its pipes at (see _worker.main); defined beside the protocol,
+# which the worker imports first.
+from ._protocol import CHILD_DUMP_FD, CHILD_RESULT_FD, CHILD_TASK_FD
 
 _F_SETPIPE_SZ = 1031  # Linux: bigger pipes mean fewer syscalls for large payloads
 _PIPE_SIZE = 1 << 20
@@ -117,11 +118,24 @@ def _record(pid: int) -> None:
 
 
 def _bootstrap_code() -> str:
-    """The ``python -c`` program a fresh worker runs: find this package, serve."""
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """The ``python -c`` program a fresh worker runs: find this package, serve.
+
+    It registers a bare module as the ``pgexecutor`` package, so that importing
+    ``pgexecutor._worker`` does not run ``pgexecutor/__init__.py``: the public API
+    (executor, manager, logging, concurrent.futures, multiprocessing, cloudpickle)
+    would cost every worker start some 50 ms of imports it never uses. The bare
+    package loads its real ``__init__`` when a task first asks it for a public name
+    (see ``_worker._complete_package_on_demand``).
+    """
+    pkg_dir = os.path.dirname(os.path.abspath(__file__))
     return (
-        f"import sys; sys.path.insert(0, {pkg_root!r}); "
-        "from pgexecutor._worker import main; main()"
+        "import sys\n"
+        f"sys.path.insert(0, {os.path.dirname(pkg_dir)!r})\n"
+        "_pkg = type(sys)('pgexecutor')\n"
+        f"_pkg.__path__ = [{pkg_dir!r}]\n"
+        "sys.modules['pgexecutor'] = _pkg\n"
+        "from pgexecutor._worker import main\n"
+        "main()\n"
     )
 
 

@@ -11,23 +11,69 @@ reads while a task runs, so a worker that hangs simply stops consuming its pipe.
 
 from __future__ import annotations
 
+import _signal
 import atexit
 import faulthandler
 import os
-import signal
 import sys
-from typing import Any
 
 from . import _protocol as proto
-from ._process import CHILD_DUMP_FD, CHILD_RESULT_FD, CHILD_TASK_FD
+from ._protocol import CHILD_DUMP_FD, CHILD_RESULT_FD, CHILD_TASK_FD
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # ``typing`` costs a worker start milliseconds; annotations only
+    from typing import Any
 
 #: Signal the manager sends to the worker (the leader only) to get a stack dump.
-DUMP_SIGNAL = signal.SIGUSR2
+#: (``_signal``: ``signal`` would import ``enum`` into every worker.)
+DUMP_SIGNAL = _signal.SIGUSR2
 
 
 def main() -> None:
     """Entry point of a fresh-interpreter worker (pipes at fds 3, 4, 5)."""
+    _complete_package_on_demand()
     _serve(CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD)
+
+
+def _complete_package_on_demand() -> None:
+    """Turn the bootstrap's bare ``pgexecutor`` module into the real package, lazily.
+
+    The bootstrap (see ``_process._bootstrap_code``) skips ``pgexecutor/__init__.py``
+    to start fast. A task may still use the package (a nested executor, an error
+    class): the first lookup of a public name runs the real ``__init__`` in the bare
+    module. Private names are refused, so that ``from pgexecutor import _x`` imports
+    the submodule as usual without loading the rest.
+    """
+    pkg = sys.modules.get("pgexecutor")
+    if pkg is None or hasattr(pkg, "__file__"):
+        return  # the real package (started through multiprocessing)
+    import _thread
+
+    lock = _thread.allocate_lock()
+
+    def __getattr__(name: str) -> Any:
+        if name.startswith("_") and name not in ("__all__", "__version__"):
+            raise AttributeError(f"module 'pgexecutor' has no attribute {name!r}")
+        with lock:
+            if "__getattr__" in vars(pkg):
+                del pkg.__getattr__
+                _run_package_init(pkg)
+        return getattr(pkg, name)
+
+    pkg.__getattr__ = __getattr__  # type: ignore[attr-defined]
+
+
+def _run_package_init(pkg: Any) -> None:
+    import importlib.util
+
+    init = os.path.join(pkg.__path__[0], "__init__.py")
+    spec = importlib.util.spec_from_file_location(
+        "pgexecutor", init, submodule_search_locations=list(pkg.__path__)
+    )
+    assert spec is not None and spec.loader is not None
+    pkg.__spec__, pkg.__file__, pkg.__loader__ = spec, init, spec.loader
+    pkg.__package__ = "pgexecutor"
+    spec.loader.exec_module(pkg)
 
 
 def mp_main(task_conn: Any, result_conn: Any, dump_conn: Any, close_fds: list[int]) -> None:
@@ -88,9 +134,58 @@ def _apply_config(config: dict[str, Any]) -> None:
     authkey = config.get("authkey")
     if authkey is not None:
         # Manager proxies passed as arguments authenticate with the parent's key.
-        import multiprocessing
+        _give_multiprocessing_authkey(authkey)
 
-        multiprocessing.current_process().authkey = authkey
+
+def _give_multiprocessing_authkey(authkey: bytes) -> None:
+    """Set multiprocessing's authkey to ``authkey`` whenever multiprocessing loads.
+
+    Importing multiprocessing only to set its key would cost every worker start
+    ~15 ms, and most tasks never use it. So the key is set right after the module
+    that holds it executes: at once if it is loaded already, otherwise by a one-shot
+    import hook (a task unpickling a Manager proxy, or importing multiprocessing).
+    """
+    loaded = sys.modules.get("multiprocessing.process")
+    if loaded is not None:
+        loaded.current_process().authkey = authkey
+        return
+    sys.meta_path.insert(0, _AuthkeyHook(authkey))
+
+
+class _AuthkeyHook:
+    """A meta path finder for ``multiprocessing.process`` alone; see above."""
+
+    def __init__(self, authkey: bytes) -> None:
+        self.authkey = authkey
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "multiprocessing.process":
+            return None
+        sys.meta_path.remove(self)
+        from importlib.machinery import PathFinder
+
+        spec = PathFinder.find_spec(name, path, target)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _SetAuthkeyAfter(spec.loader, self.authkey)
+        return spec
+
+
+class _SetAuthkeyAfter:
+    """Loader wrapper: run the real loader, then set the key on the new module."""
+
+    def __init__(self, loader: Any, authkey: bytes) -> None:
+        self.loader = loader
+        self.authkey = authkey
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self.loader.exec_module(module)
+        module.current_process().authkey = self.authkey
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
 
 
 class _Channel:
@@ -150,7 +245,7 @@ def _serve(rfd: int, wfd: int, dump_fd: int) -> None:
     except BaseException as exc:
         summary = f"{type(exc).__name__}: {exc}"
         text = proto.format_exception_text(exc)
-        chan.send(proto.INIT_FAILED, os.getpid(), proto.dumps((summary, text)))
+        chan.send(proto.INIT_FAILED, os.getpid(), proto.dumps_result((summary, text)))
         _exit_cleanly(1)
         return
     del first, config, initializer
@@ -185,7 +280,7 @@ def _run_one(chan: _Channel, task_id: int, payload: bytes) -> None:
         return
     del fn, args, kwargs
     try:
-        data = proto.dumps(result)
+        data = proto.dumps_result(result)
     except BaseException as exc:
         err = proto.pickling_error("result", "pickling it in the worker failed", exc)
         chan.send(proto.ERROR, task_id, proto.dump_exception(err))
