@@ -62,8 +62,10 @@ def resolve(progress: Any) -> Callable[[int], tuple[Any, bool]] | None:
             return tqdm(total=total, unit="task"), True
 
         return make
-    if callable(getattr(progress, "update", None)) and callable(
-        getattr(progress, "set_postfix", None)
+    if (
+        not isinstance(progress, type)  # tqdm itself, not a bar: say so below
+        and callable(getattr(progress, "update", None))
+        and callable(getattr(progress, "set_postfix", None))
     ):
 
         def use(total: int) -> tuple[Any, bool]:
@@ -76,8 +78,8 @@ def resolve(progress: Any) -> Callable[[int], tuple[Any, bool]] | None:
 
         return use
     raise TypeError(
-        "progress must be True, False, or a tqdm-like object with update() and "
-        f"set_postfix(); got {type(progress).__name__}"
+        "progress must be True, False, or a bar such as tqdm(...) (an object with "
+        f"update() and set_postfix()); got {progress!r}"
     )
 
 

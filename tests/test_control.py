@@ -709,4 +709,13 @@ def test_progress_without_tqdm_names_the_extra(monkeypatch):
             ex.map(add, [1], [2], progress=True)
         with pytest.raises(TypeError):
             ex.map(add, [1], [2], progress="yes")
+        class BarClass:
+            def update(self, n):
+                pass
+
+            def set_postfix(self, counts, refresh=True):
+                pass
+
+        with pytest.raises(TypeError):
+            ex.map(add, [1], [2], progress=BarClass)  # the class (tqdm), not a bar
         assert ex.stats()["submitted"] == 0  # nothing was submitted before the error
