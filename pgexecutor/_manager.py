@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import select
 import signal
@@ -64,7 +65,11 @@ STARTING, READY, RETIRING, KILLING, DEAD = range(5)
 _STATE_NAMES = ("starting", "ready", "retiring", "killing", "dead")
 
 _STACK_WAIT = 0.1  # at most this long to collect a timed-out worker's stack dump
-_STACK_QUIET = 0.005  # the dump is complete once the pipe stays quiet this long
+# The dump is complete once it ends a line and the pipe stays quiet this long. The
+# faulthandler signal handler writes the whole dump in one burst, GIL or not (0.1-0.2
+# ms measured, even for a task spinning in C), so a short pause means it is over; a
+# worker preempted mid-dump usually stops mid-line, hence the newline condition.
+_STACK_QUIET_MS = 2
 _MEMORY_INTERVAL = 0.1  # seconds between memory samples of a limited task's group
 _POLL_EXIT_INTERVAL = 0.05  # without pidfds, how often to look for dead workers
 _MAX_START_FAILURES = 3  # workers that died before READY in a row: stop retrying
@@ -775,15 +780,15 @@ class Manager:
         proc_mod.signal_leader(w.pid, signal.SIGCONT)  # a stopped worker cannot answer
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        chunks: list[bytes] = []
+        dump = bytearray()
         deadline = time.monotonic() + _STACK_WAIT
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
+        while not proc_mod.dump_is_complete(w.proc, dump):
+            left_ms = math.ceil((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
                 break
-            wait = min(left, _STACK_QUIET) if chunks else left
-            if not poller.poll(int(wait * 1000) + 1):
-                if chunks:
+            settled = dump.endswith(b"\n")
+            if not poller.poll(min(left_ms, _STACK_QUIET_MS) if settled else left_ms):
+                if settled:
                     break
                 continue
             try:
@@ -794,8 +799,8 @@ class Manager:
                 break
             if not data:
                 break
-            chunks.append(data)
-        text = b"".join(chunks).decode("utf-8", "replace").strip()
+            dump += data
+        text = dump.decode("utf-8", "replace").strip()
         return text or None
 
     #: A task's first memory sample waits this long after its start. A sample costs

@@ -139,6 +139,28 @@ def _bootstrap_code() -> str:
     )
 
 
+def _bottom_frame_line() -> bytes:
+    """How a faulthandler dump of a fresh worker ends: the bootstrap's call of main()."""
+    line = _bootstrap_code().splitlines().index("main()") + 1
+    return f'  File "<string>", line {line} in <module>\n'.encode()
+
+
+_BOTTOM_FRAME = _bottom_frame_line()
+
+
+def dump_is_complete(proc: WorkerProcess, dump: bytes | bytearray) -> bool:
+    """True once ``dump``, a worker's faulthandler dump so far, is known to be whole.
+
+    faulthandler dumps the main thread last (new threads go to the head of the list it
+    walks) and each thread's outermost frame last, so a dump of a fresh-interpreter
+    worker ends with the bootstrap's ``main()`` call. A worker started through
+    multiprocessing ends elsewhere: False, and the caller waits for the pipe to go
+    quiet instead. (A stack deeper than faulthandler's 100 frames ends in "...": the
+    same.)
+    """
+    return proc.mp_process is None and dump.endswith(_BOTTOM_FRAME)
+
+
 def _spawn_fresh(python: str) -> WorkerProcess:
     """Start ``python -c bootstrap`` as a group leader with pipes at fds 3, 4, 5."""
     task_r, task_w = _pipe()
