@@ -129,7 +129,7 @@ class WorkItem:
     def __init__(
         self,
         future: Future[Any],
-        payload: bytes,
+        payload: bytes | proto.OOBPayload,
         timeout: float | None,
         max_memory: int | None,
         retries: int,
@@ -559,11 +559,17 @@ class Manager:
         if len(w.inflight) == 1:
             self._start_clock(w, item, time.monotonic())
         payload = item.payload
-        if len(payload) < _JOIN_BELOW:
-            self._queue_frame(w, proto.frame(proto.TASK, item.task_id, payload))
-        else:  # a large payload is not copied: header and payload go out by writev
-            self._queue_frame(w, proto.HEADER.pack(proto.TASK, item.task_id, len(payload)))
-            self._queue_frame(w, payload)
+        if type(payload) is bytes:
+            if len(payload) < _JOIN_BELOW:
+                self._queue_frame(w, proto.frame(proto.TASK, item.task_id, payload))
+            else:  # a large payload is not copied: header and payload go out by writev
+                self._queue_frame(w, proto.HEADER.pack(proto.TASK, item.task_id, len(payload)))
+                self._queue_frame(w, payload)
+        else:  # arrays and such, written from the caller's memory (see OOBPayload)
+            assert isinstance(payload, proto.OOBPayload)
+            self._queue_frame(w, proto.HEADER.pack(proto.TASK_OOB, item.task_id, payload.size))
+            for part in payload.parts:
+                self._queue_frame(w, part)
         w.tasks_sent += 1
         limit = self.cfg.max_tasks_per_child
         if limit is not None and w.tasks_sent >= limit:
@@ -581,7 +587,7 @@ class Manager:
         if item.max_memory is not None:
             w.next_memory = now  # sample at once, then every _MEMORY_INTERVAL
 
-    def _queue_frame(self, w: _Worker, data: bytes) -> None:
+    def _queue_frame(self, w: _Worker, data: bytes | bytearray | memoryview) -> None:
         if data:
             w.out.append(memoryview(data))
 
@@ -591,7 +597,7 @@ class Manager:
         out = w.out
         try:
             while out:
-                n = os.writev(fd, out if len(out) <= _IOV_MAX else itertools.islice(out, _IOV_MAX))
+                n = os.writev(fd, out if len(out) <= _IOV_MAX else list(itertools.islice(out, _IOV_MAX)))
                 while n:
                     head = out[0]
                     if n >= len(head):
@@ -615,25 +621,26 @@ class Manager:
         if not w.reading:
             return
         fd = w.proc.from_worker
+        reader = w.reader
         while True:
             try:
-                data = os.read(fd, 1 << 20)
+                frames = reader.read_from(fd)
             except BlockingIOError:
                 return
             except OSError:
-                data = b""
-            if not data:
+                frames = None
+            if frames is None:
                 # EOF: the worker closed its end. Not death (see _process), just quiet.
                 w.reading = False
                 self._unregister(fd)
                 return
-            for kind, ident, payload in w.reader.feed(data):
+            for kind, ident, payload in frames:
                 self._on_frame(w, kind, ident, payload)
-            if len(data) < (1 << 20):
-                return
+            if reader.drained:
+                return  # the pipe is empty: spare the read that would say so
 
-    def _on_frame(self, w: _Worker, kind: int, ident: int, payload: bytes) -> None:
-        if kind == proto.RESULT or kind == proto.ERROR:
+    def _on_frame(self, w: _Worker, kind: int, ident: int, payload: bytes | bytearray) -> None:
+        if kind == proto.RESULT or kind == proto.ERROR or kind == proto.RESULT_OOB:
             if not w.inflight or w.inflight[0].task_id != ident:
                 return  # a late answer from a worker we already gave up on
             item = w.inflight.popleft()
@@ -644,9 +651,12 @@ class Manager:
             if w.inflight:
                 self._start_clock(w, w.inflight[0], now)
             self._start_failures = 0
-            if kind == proto.RESULT:
+            if kind != proto.ERROR:
                 try:
-                    value = proto.loads(payload)
+                    if kind == proto.RESULT:
+                        value = proto.loads(payload)
+                    else:
+                        value = proto.loads_oob(payload)
                 except BaseException as exc:
                     err = proto.pickling_error("result", "unpickling it in the parent failed", exc)
                     self._fail(item, err, "error", now)
@@ -664,10 +674,10 @@ class Manager:
             summary, text = proto.loads(payload)
             w.init_failed = True
             logger.warning("initializer failed in worker pid=%d: %s", w.pid, summary)
-            err = WorkerInitializerError(
+            init_err = WorkerInitializerError(
                 f"the executor's initializer failed in a new worker: {summary}", text
             )
-            self._fail_queue(err)
+            self._fail_queue(init_err)
             self._target = 0  # do not restart workers to fail again; a new submit will
 
     # ------------------------------------------------------------ outcomes

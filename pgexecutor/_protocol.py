@@ -48,14 +48,26 @@ HEADER_SIZE = HEADER.size
 TASK = 1  #: payload: cloudpickled (fn, args, kwargs); ident: task id
 EXIT = 2  #: no payload: finish and exit cleanly
 INIT = 3  #: payload: cloudpickled WorkerConfig
+TASK_OOB = 4  #: TASK whose pickle has out-of-band buffers (see OOBPayload)
 
 # Worker -> manager.
 READY = 10  #: ident: the worker's pid; the initializer succeeded
 INIT_FAILED = 11  #: payload: pickled (summary, traceback text)
-RESULT = 12  #: payload: cloudpickled result
+RESULT = 12  #: payload: pickled result
 ERROR = 13  #: payload: an encoded exception (see dump_exception)
+RESULT_OOB = 14  #: RESULT whose pickle has out-of-band buffers (see OOBPayload)
 
 PICKLE_PROTOCOL = 5
+
+#: Buffers at least this big (numpy arrays, say) travel out of band: written from
+#: and read into their final memory, never copied into or out of a pickle.
+OOB_MIN = 1 << 16
+_OOB_ALIGN = 64  # out-of-band buffers start at multiples of this in the payload
+_OOB_PREFIX = struct.Struct("<IQ")  # buffer count, pickle length; then "<Q" per buffer
+
+#: Frames at least this big are read straight into a buffer of their own size.
+_DIRECT_MIN = 1 << 16
+_READ_CHUNK = 1 << 16  # one read for everything else
 
 
 def frame(kind: int, ident: int = 0, payload: bytes = b"") -> bytes:
@@ -68,43 +80,158 @@ def frame_parts(kind: int, ident: int, payload: bytes) -> tuple[bytes, bytes]:
     return HEADER.pack(kind, ident, len(payload)), payload
 
 
-class FrameReader:
-    """Incremental frame parser for bytes arriving in arbitrary pieces."""
+class OOBPayload:
+    """A pickle with its large buffers kept apart, as the parts of one frame payload.
 
-    __slots__ = ("_buf",)
+    Layout: prefix (buffer count, pickle length, each buffer's length), the pickle,
+    then each buffer at the next multiple of 64 bytes (so that arrays rebuilt on
+    the reading side are aligned). ``parts`` are written with one ``writev``; the
+    buffers are views of the caller's own memory, not copies.
+    """
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, data: bytes, buffers: list[memoryview]) -> None:
+        head = bytearray(_OOB_PREFIX.pack(len(buffers), len(data)))
+        head += struct.pack(f"<{len(buffers)}Q", *(b.nbytes for b in buffers))
+        head += data
+        parts: list[bytes | bytearray | memoryview] = [head]
+        offset = len(head)
+        for view in buffers:
+            pad = -offset % _OOB_ALIGN
+            if pad:
+                parts.append(bytes(pad))
+            parts.append(view)
+            offset += pad + view.nbytes
+        self.parts = parts
+        self.size = offset
+
+
+def loads_oob(payload: bytes | bytearray) -> Any:
+    """Unpickle an :class:`OOBPayload`; its buffers are views of ``payload``, not copies."""
+    view = memoryview(payload)
+    count, size = _OOB_PREFIX.unpack_from(view, 0)
+    pos = _OOB_PREFIX.size
+    lengths = struct.unpack_from(f"<{count}Q", view, pos)
+    pos += 8 * count
+    data = view[pos : pos + size]
+    pos += size
+    buffers = []
+    for n in lengths:
+        pos += -pos % _OOB_ALIGN
+        buffers.append(view[pos : pos + n])
+        pos += n
+    return _plain_loads(data, buffers=buffers)
+
+
+def _dumps_with_buffers(dump: Any, obj: Any) -> bytes | OOBPayload:
+    """Run ``dump(obj, buffer_callback=...)``, keeping large buffers out of band."""
+    buffers: list[memoryview] = []
+
+    def keep_large(buf: Any) -> bool:  # False: out of band
+        view = buf.raw()
+        if view.nbytes < OOB_MIN:
+            return True
+        buffers.append(view)
+        return False
+
+    data = dump(obj, keep_large)
+    return OOBPayload(data, buffers) if buffers else data
+
+
+class FrameReader:
+    """Incremental frame parser for bytes arriving in arbitrary pieces.
+
+    Small frames are cut out of a shared buffer. A large frame (a numpy array, say)
+    gets a bytearray of its own, and the pipe is read straight into it: the
+    unpickled array then lives in that very memory, with no copy in between.
+    """
+
+    __slots__ = ("_buf", "_big", "_big_view", "_big_got", "_big_kind", "_big_ident", "drained")
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._big: bytearray | None = None
+        self._big_view: memoryview | None = None
+        self._big_got = 0
+        self._big_kind = 0
+        self._big_ident = 0
+        self.drained = False  # the last read_from took less than it asked for
+
+    def read_from(self, fd: int) -> list[tuple[int, int, bytes | bytearray]] | None:
+        """Read once from ``fd``; return the frames completed, or None at end of file.
+
+        A non-blocking ``fd`` with nothing to read raises BlockingIOError.
+        """
+        view = self._big_view
+        if view is not None:
+            want = len(view) - self._big_got
+            n = os.readv(fd, [view[self._big_got :]])
+            if n == 0:
+                return None
+            self.drained = n < want
+            self._big_got += n
+            return self._finish_big() if n == want else []
+        data = os.read(fd, _READ_CHUNK)
+        if not data:
+            return None
+        self.drained = len(data) < _READ_CHUNK
+        return self.feed(data)
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes | bytearray]]:
+        """Add ``data`` and return every frame it completes, in order."""
+        buf = self._buf
+        buf += data
+        out: list[tuple[int, int, bytes | bytearray]] = []
+        pos = 0
+        n = len(buf)
+        with memoryview(buf) as mv:
+            while n - pos >= HEADER_SIZE:
+                kind, ident, size = HEADER.unpack_from(buf, pos)
+                end = pos + HEADER_SIZE + size
+                if end > n:
+                    break
+                out.append((kind, ident, bytes(mv[pos + HEADER_SIZE : end])))
+                pos = end
+        if n - pos >= HEADER_SIZE:
+            kind, ident, size = HEADER.unpack_from(buf, pos)
+            if size >= _DIRECT_MIN:
+                self._start_big(kind, ident, size, pos + HEADER_SIZE)
+                return out
+        if pos:
+            del buf[:pos]
+        return out
+
+    def _start_big(self, kind: int, ident: int, size: int, start: int) -> None:
+        """Move the head frame's first bytes to a buffer of its own; read on into it."""
+        big = bytearray(size)
+        got = len(self._buf) - start
+        with memoryview(self._buf) as mv:
+            big[:got] = mv[start:]
+        self._buf.clear()
+        self._big, self._big_view, self._big_got = big, memoryview(big), got
+        self._big_kind, self._big_ident = kind, ident
+
+    def _finish_big(self) -> list[tuple[int, int, bytes | bytearray]]:
+        big = self._big
+        assert big is not None and self._big_view is not None
+        self._big_view.release()
+        self._big = self._big_view = None
+        return [(self._big_kind, self._big_ident, big)]
 
     def needed(self) -> int:
         """Bytes still missing to complete the frame at the head of the buffer."""
+        if self._big is not None:
+            return len(self._big) - self._big_got
         buf = self._buf
         if len(buf) < HEADER_SIZE:
             return HEADER_SIZE - len(buf)
         _, _, size = HEADER.unpack_from(buf, 0)
         return HEADER_SIZE + size - len(buf)
 
-    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
-        """Add ``data`` and return every frame it completes, in order."""
-        buf = self._buf
-        buf += data
-        out: list[tuple[int, int, bytes]] = []
-        pos = 0
-        n = len(buf)
-        while n - pos >= HEADER_SIZE:
-            kind, ident, size = HEADER.unpack_from(buf, pos)
-            end = pos + HEADER_SIZE + size
-            if end > n:
-                break
-            out.append((kind, ident, bytes(buf[pos + HEADER_SIZE : end])))
-            pos = end
-        if pos:
-            del buf[:pos]
-        return out
-
     def pending(self) -> int:
         """Bytes buffered that do not yet form a whole frame."""
-        return len(self._buf)
+        return len(self._buf) + (self._big_got if self._big is not None else 0)
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
@@ -113,6 +240,20 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def write_parts(fd: int, parts: list[Any]) -> None:
+    """Write several buffers to a blocking fd, with as few ``writev`` calls as it takes."""
+    views = [memoryview(p).cast("B") for p in parts]
+    while views:
+        n = os.writev(fd, views)
+        while n:
+            if n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
 
 
 def read_exact(fd: int, size: int) -> bytes | None:
@@ -145,7 +286,28 @@ def dumps(obj: Any) -> bytes:
     return _cloudpickle_module().dumps(obj, protocol=PICKLE_PROTOCOL)
 
 
-def dumps_result(obj: Any) -> bytes:
+def _cloud_dump(obj: Any, buffer_callback: Any) -> bytes:
+    return _cloudpickle_module().dumps(  # type: ignore[no-any-return]
+        obj, protocol=PICKLE_PROTOCOL, buffer_callback=buffer_callback
+    )
+
+
+def _plain_dump(obj: Any, buffer_callback: Any) -> bytes:
+    return _plain_dumps(obj, PICKLE_PROTOCOL, buffer_callback=buffer_callback)  # type: ignore[no-any-return]
+
+
+def dumps_task(obj: Any) -> bytes | OOBPayload:
+    """cloudpickle a task's ``(fn, args, kwargs)``; large buffers stay out of band.
+
+    An out-of-band buffer is a view of the caller's own memory (a numpy array's data),
+    read when the task is written to a worker, not when it is submitted: as with
+    ProcessPoolExecutor, which pickles in a feeder thread, an argument changed after
+    submit() may be seen changed.
+    """
+    return _dumps_with_buffers(_cloud_dump, obj)
+
+
+def dumps_result(obj: Any) -> bytes | OOBPayload:
     """Pickle a task's result in the worker: plain pickle, or cloudpickle if it refuses.
 
     Plain pickle costs a tenth of cloudpickle per call and no import at worker start.
@@ -156,12 +318,12 @@ def dumps_result(obj: Any) -> bytes:
     save resolves to the very same object.
     """
     try:
-        return _plain_dumps(obj, PICKLE_PROTOCOL)
+        return _dumps_with_buffers(_plain_dump, obj)
     except Exception:
-        return dumps(obj)
+        return _dumps_with_buffers(_cloud_dump, obj)
 
 
-def loads(data: bytes) -> Any:
+def loads(data: bytes | bytearray) -> Any:
     """Unpickle; cloudpickle's output is a standard pickle stream."""
     return _plain_loads(data)
 
@@ -208,7 +370,7 @@ def dump_exception(exc: BaseException) -> bytes:
     return _plain_dumps((_qualified_name(type(exc)), _safe_str(exc), text, blob), PICKLE_PROTOCOL)
 
 
-def load_exception(payload: bytes) -> BaseException:
+def load_exception(payload: bytes | bytearray) -> BaseException:
     """Decode what :func:`dump_exception` made, falling back to a RemoteTaskError."""
     from .errors import RemoteTaskError
 

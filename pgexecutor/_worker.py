@@ -60,7 +60,7 @@ def _complete_package_on_demand() -> None:
                 _run_package_init(pkg)
         return getattr(pkg, name)
 
-    pkg.__getattr__ = __getattr__  # type: ignore[attr-defined]
+    vars(pkg)["__getattr__"] = __getattr__
 
 
 def _run_package_init(pkg: Any) -> None:
@@ -166,7 +166,7 @@ class _AuthkeyHook:
 
         spec = PathFinder.find_spec(name, path, target)
         if spec is not None and spec.loader is not None:
-            spec.loader = _SetAuthkeyAfter(spec.loader, self.authkey)
+            spec.loader = _SetAuthkeyAfter(spec.loader, self.authkey)  # type: ignore[assignment]
         return spec
 
 
@@ -195,30 +195,32 @@ class _Channel:
         self.rfd = rfd
         self.wfd = wfd
         self.reader = proto.FrameReader()
-        self.frames: list[tuple[int, int, bytes]] = []
+        self.frames: list[tuple[int, int, bytes | bytearray]] = []
         self.pos = 0
 
-    def next_frame(self) -> tuple[int, int, bytes] | None:
+    def next_frame(self) -> tuple[int, int, bytes | bytearray] | None:
         """The next frame from the manager; ``None`` at end of file."""
         while self.pos >= len(self.frames):
-            want = max(self.reader.needed(), 1 << 16)
-            data = os.read(self.rfd, min(want, 1 << 24))
-            if not data:
+            frames = self.reader.read_from(self.rfd)
+            if frames is None:
                 return None
-            self.frames = self.reader.feed(data)
+            self.frames = frames
             self.pos = 0
         item = self.frames[self.pos]
         self.frames[self.pos] = (0, 0, b"")  # drop our reference to the payload
         self.pos += 1
         return item
 
-    def send(self, kind: int, ident: int, payload: bytes = b"") -> None:
-        if len(payload) < 1 << 16:
+    def send(self, kind: int, ident: int, payload: bytes | proto.OOBPayload = b"") -> None:
+        """One frame; an out-of-band payload goes out by writev from where it lies."""
+        if isinstance(payload, proto.OOBPayload):
+            header = proto.HEADER.pack(kind, ident, payload.size)
+            proto.write_parts(self.wfd, [header, *payload.parts])
+        elif len(payload) < 1 << 16:
             proto.write_all(self.wfd, proto.frame(kind, ident, payload))
         else:
             header, body = proto.frame_parts(kind, ident, payload)
-            proto.write_all(self.wfd, header)
-            proto.write_all(self.wfd, body)
+            proto.write_parts(self.wfd, [header, body])
 
 
 def _serve(rfd: int, wfd: int, dump_fd: int) -> None:
@@ -257,17 +259,17 @@ def _serve(rfd: int, wfd: int, dump_fd: int) -> None:
             break
         kind, task_id, payload = msg
         del msg
-        if kind != proto.TASK:
+        if kind != proto.TASK and kind != proto.TASK_OOB:
             continue
-        _run_one(chan, task_id, payload)
+        _run_one(chan, task_id, payload, kind == proto.TASK_OOB)
         del payload
     _exit_cleanly(0)
 
 
-def _run_one(chan: _Channel, task_id: int, payload: bytes) -> None:
+def _run_one(chan: _Channel, task_id: int, payload: bytes | bytearray, oob: bool) -> None:
     """Run one task and send exactly one RESULT or ERROR frame for it."""
     try:
-        fn, args, kwargs = proto.loads(payload)
+        fn, args, kwargs = proto.loads_oob(payload) if oob else proto.loads(payload)
     except BaseException as exc:
         err = proto.pickling_error("arguments", "unpickling them in the worker failed", exc)
         chan.send(proto.ERROR, task_id, proto.dump_exception(err))
@@ -286,7 +288,8 @@ def _run_one(chan: _Channel, task_id: int, payload: bytes) -> None:
         chan.send(proto.ERROR, task_id, proto.dump_exception(err))
         return
     del result
-    chan.send(proto.RESULT, task_id, data)
+    kind = proto.RESULT_OOB if isinstance(data, proto.OOBPayload) else proto.RESULT
+    chan.send(kind, task_id, data)
 
 
 def run_chunk(fn: Any, chunk: list[tuple[Any, ...]]) -> list[tuple[bool, Any]]:

@@ -166,7 +166,7 @@ class ProcessGroupExecutor(Executor):
                 self._manager.start()
             fut: Future[Any] = Future()
             try:
-                payload = proto.dumps((fn, args, kwargs))
+                payload = proto.dumps_task((fn, args, kwargs))
             except BaseException as exc:
                 fut.set_running_or_notify_cancel()
                 fut.set_exception(
