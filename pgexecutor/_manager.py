@@ -641,31 +641,14 @@ class Manager:
 
     def _on_frame(self, w: _Worker, kind: int, ident: int, payload: bytes | bytearray) -> None:
         if kind == proto.RESULT or kind == proto.ERROR or kind == proto.RESULT_OOB:
-            if not w.inflight or w.inflight[0].task_id != ident:
-                return  # a late answer from a worker we already gave up on
-            item = w.inflight.popleft()
-            now = time.monotonic()
-            run = now - item.started
-            avg = self._avg_run
-            self._avg_run = run if avg is None else avg + _AVG_WEIGHT * (run - avg)
-            if w.inflight:
-                self._start_clock(w, w.inflight[0], now)
-            self._start_failures = 0
-            if kind != proto.ERROR:
-                try:
-                    if kind == proto.RESULT:
-                        value = proto.loads(payload)
-                    else:
-                        value = proto.loads_oob(payload)
-                except BaseException as exc:
-                    err = proto.pickling_error("result", "unpickling it in the parent failed", exc)
-                    self._fail(item, err, "error", now)
-                    return
-                _set_info(item, "ok", now)
-                self.stats.completed += 1
-                self._resolve(item, value)
-            else:
-                self._fail(item, proto.load_exception(payload), "error", now)
+            self._on_answer(w, kind, ident, payload)
+        elif kind == proto.RESULT_SHM:
+            # The channel carries one memfd per RESULT_SHM frame, in frame order: take
+            # it now, whatever becomes of this answer.
+            channel = w.proc.channel
+            shm = proto.ShmPayload(payload, -1 if channel is None else proto.take_fd(channel))
+            if not self._on_answer(w, kind, ident, shm):
+                shm.close()
         elif kind == proto.READY:
             if w.state == STARTING:
                 w.state = READY
@@ -679,6 +662,37 @@ class Manager:
             )
             self._fail_queue(init_err)
             self._target = 0  # do not restart workers to fail again; a new submit will
+
+    def _on_answer(self, w: _Worker, kind: int, ident: int, payload: Any) -> bool:
+        """A task's outcome arrived; False if nobody waits for it any more."""
+        if not w.inflight or w.inflight[0].task_id != ident:
+            return False  # a late answer from a worker we already gave up on
+        item = w.inflight.popleft()
+        now = time.monotonic()
+        run = now - item.started
+        avg = self._avg_run
+        self._avg_run = run if avg is None else avg + _AVG_WEIGHT * (run - avg)
+        if w.inflight:
+            self._start_clock(w, w.inflight[0], now)
+        self._start_failures = 0
+        if kind == proto.ERROR:
+            self._fail(item, proto.load_exception(payload), "error", now)
+            return True
+        try:
+            if kind == proto.RESULT:
+                value = proto.loads(payload)
+            elif kind == proto.RESULT_OOB:
+                value = proto.loads_oob(payload)
+            else:
+                value = payload.load()  # RESULT_SHM
+        except BaseException as exc:
+            err = proto.pickling_error("result", "unpickling it in the parent failed", exc)
+            self._fail(item, err, "error", now)
+            return True
+        _set_info(item, "ok", now)
+        self.stats.completed += 1
+        self._resolve(item, value)
+        return True
 
     # ------------------------------------------------------------ outcomes
 

@@ -33,7 +33,7 @@ from typing import Any
 
 # fds the child finds its pipes at (see _worker.main); defined beside the protocol,
 # which the worker imports first.
-from ._protocol import CHILD_DUMP_FD, CHILD_RESULT_FD, CHILD_TASK_FD
+from ._protocol import CHILD_DUMP_FD, CHILD_RESULT_FD, CHILD_SHM_FD, CHILD_TASK_FD
 
 _F_SETPIPE_SZ = 1031  # Linux: bigger pipes mean fewer syscalls for large payloads
 _PIPE_SIZE = 1 << 20
@@ -70,6 +70,7 @@ class WorkerProcess:
     from_worker: int  # parent reads results here (non-blocking)
     dump: int  # parent reads faulthandler stack dumps here (non-blocking)
     pidfd: int = -1  # readable once the process exits; -1 where unavailable
+    channel: Any = None  # unix socket: memfds of large results arrive here (or None)
     is_child: bool = True  # False for forkserver: only the forkserver can wait for it
     mp_process: Any = None
     create_time: float = 0.0
@@ -90,6 +91,9 @@ class WorkerProcess:
                     os.close(fd)
                 except OSError:
                     pass
+        if self.channel is not None:
+            unmark_parent_only(self.channel.fileno())
+            self.channel.close()  # memfds still in flight are freed with it
 
 
 def _pipe() -> tuple[int, int]:
@@ -161,21 +165,40 @@ def dump_is_complete(proc: WorkerProcess, dump: bytes | bytearray) -> bool:
     return proc.mp_process is None and dump.endswith(_BOTTOM_FRAME)
 
 
+def _shm_channel() -> tuple[Any, Any]:
+    """(parent end, child end) of a socket pair for passing memfds, or (None, None).
+
+    Only where memfds exist (Linux): elsewhere large results take the pipe.
+    """
+    if not hasattr(os, "memfd_create"):
+        return None, None
+    import socket
+
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    parent.setblocking(False)  # the manager never blocks on a worker
+    return parent, child
+
+
 def _spawn_fresh(python: str) -> WorkerProcess:
-    """Start ``python -c bootstrap`` as a group leader with pipes at fds 3, 4, 5."""
+    """Start ``python -c bootstrap`` as a group leader with pipes at fds 3, 4, 5, 6."""
     task_r, task_w = _pipe()
     res_r, res_w = _pipe()
     dump_r, dump_w = _pipe()
-    child_ends = (task_r, res_w, dump_w)
+    channel, channel_child = _shm_channel()
+    child_ends = [task_r, res_w, dump_w]
+    targets = [CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD]
+    if channel_child is not None:
+        child_ends.append(channel_child.fileno())
+        targets.append(CHILD_SHM_FD)
     # dup2 through scratch fds above every source, so that no source is overwritten
-    # before it was copied (a source may already sit at 3, 4 or 5).
-    scratch = max(max(child_ends) + 1, CHILD_DUMP_FD + 1)
+    # before it was copied (a source may already sit at 3, 4, 5 or 6).
+    scratch = max(max(child_ends) + 1, CHILD_SHM_FD + 1)
     actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
     for i, fd in enumerate(child_ends):
         actions.append((os.POSIX_SPAWN_DUP2, fd, scratch + i))
-    for i, target in enumerate((CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD)):
+    for i, target in enumerate(targets):
         actions.append((os.POSIX_SPAWN_DUP2, scratch + i, target))
-    for i in range(3):
+    for i in range(len(child_ends)):
         actions.append((os.POSIX_SPAWN_CLOSE, scratch + i))
     try:
         pid = os.posix_spawn(
@@ -190,10 +213,17 @@ def _spawn_fresh(python: str) -> WorkerProcess:
     except BaseException:
         for fd in (task_r, task_w, res_r, res_w, dump_r, dump_w):
             os.close(fd)
+        for sock in (channel, channel_child):
+            if sock is not None:
+                sock.close()
         raise
-    for fd in child_ends:
+    for fd in (task_r, res_w, dump_w):
         os.close(fd)
-    return WorkerProcess(pid=pid, to_worker=task_w, from_worker=res_r, dump=dump_r)
+    if channel_child is not None:
+        channel_child.close()
+    return WorkerProcess(
+        pid=pid, to_worker=task_w, from_worker=res_r, dump=dump_r, channel=channel
+    )
 
 
 def _spawn_mp(ctx: Any) -> WorkerProcess:
@@ -268,6 +298,8 @@ def spawn_worker(mp_context: Any = None, python: str | None = None) -> WorkerPro
             proc = _spawn_mp(mp_context)
         _record(proc.pid)
         mark_parent_only(proc.to_worker, proc.from_worker, proc.dump)
+        if proc.channel is not None:
+            mark_parent_only(proc.channel.fileno())
     for fd in (proc.to_worker, proc.from_worker, proc.dump):
         os.set_blocking(fd, False)
     proc.pidfd = _open_pidfd(proc.pid)

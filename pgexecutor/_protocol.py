@@ -37,8 +37,9 @@ if TYPE_CHECKING:
 
     from .errors import TaskPicklingError
 
-# fds a fresh worker finds its pipes at: tasks in, results out, stack dumps out.
-CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD = 3, 4, 5
+# fds a fresh worker finds its pipes at: tasks in, results out, stack dumps out,
+# and a unix socket that carries shared memory (memfds) for large results.
+CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD, CHILD_SHM_FD = 3, 4, 5, 6
 
 #: kind (1 byte), ident (task id, or pid for READY), payload size.
 HEADER = struct.Struct("<BQQ")
@@ -56,6 +57,7 @@ INIT_FAILED = 11  #: payload: pickled (summary, traceback text)
 RESULT = 12  #: payload: pickled result
 ERROR = 13  #: payload: an encoded exception (see dump_exception)
 RESULT_OOB = 14  #: RESULT whose pickle has out-of-band buffers (see OOBPayload)
+RESULT_SHM = 15  #: RESULT_OOB whose buffers are in a memfd sent on the fd channel
 
 PICKLE_PROTOCOL = 5
 
@@ -64,6 +66,10 @@ PICKLE_PROTOCOL = 5
 OOB_MIN = 1 << 16
 _OOB_ALIGN = 64  # out-of-band buffers start at multiples of this in the payload
 _OOB_PREFIX = struct.Struct("<IQ")  # buffer count, pickle length; then "<Q" per buffer
+
+#: Results whose out-of-band buffers are this big go through shared memory.
+SHM_MIN = 1 << 20
+_MAP_POPULATE = 0x8000  # Linux's MAP_POPULATE (the mmap module has it from 3.10 on)
 
 #: Frames at least this big are read straight into a buffer of their own size.
 _DIRECT_MIN = 1 << 16
@@ -89,12 +95,14 @@ class OOBPayload:
     buffers are views of the caller's own memory, not copies.
     """
 
-    __slots__ = ("parts", "size")
+    __slots__ = ("head", "buffers", "parts", "size")
 
     def __init__(self, data: bytes, buffers: list[memoryview]) -> None:
         head = bytearray(_OOB_PREFIX.pack(len(buffers), len(data)))
         head += struct.pack(f"<{len(buffers)}Q", *(b.nbytes for b in buffers))
         head += data
+        self.head = head
+        self.buffers = buffers
         parts: list[bytes | bytearray | memoryview] = [head]
         offset = len(head)
         for view in buffers:
@@ -107,21 +115,111 @@ class OOBPayload:
         self.size = offset
 
 
+def _split_head(view: memoryview) -> tuple[tuple[int, ...], memoryview, int]:
+    """(buffer lengths, the pickle, where the head ends) of an OOBPayload's head."""
+    count, size = _OOB_PREFIX.unpack_from(view, 0)
+    pos = _OOB_PREFIX.size
+    lengths: tuple[int, ...] = struct.unpack_from(f"<{count}Q", view, pos)
+    pos += 8 * count
+    return lengths, view[pos : pos + size], pos + size
+
+
 def loads_oob(payload: bytes | bytearray) -> Any:
     """Unpickle an :class:`OOBPayload`; its buffers are views of ``payload``, not copies."""
     view = memoryview(payload)
-    count, size = _OOB_PREFIX.unpack_from(view, 0)
-    pos = _OOB_PREFIX.size
-    lengths = struct.unpack_from(f"<{count}Q", view, pos)
-    pos += 8 * count
-    data = view[pos : pos + size]
-    pos += size
+    lengths, data, pos = _split_head(view)
     buffers = []
     for n in lengths:
         pos += -pos % _OOB_ALIGN
         buffers.append(view[pos : pos + n])
         pos += n
     return _plain_loads(data, buffers=buffers)
+
+
+def _shm_offsets(lengths: list[int] | tuple[int, ...]) -> tuple[list[int], int]:
+    """Where each buffer starts in the shared memory, and its total size."""
+    offsets = []
+    pos = 0
+    for n in lengths:
+        pos += -pos % _OOB_ALIGN
+        offsets.append(pos)
+        pos += n
+    return offsets, pos
+
+
+def put_in_shm(sock: Any, payload: OOBPayload) -> bytearray:
+    """Worker side of RESULT_SHM: the buffers go to a new memfd, sent over ``sock``.
+
+    Returns the frame payload, which is only the head (the buffers' lengths and the
+    pickle). Why: through a pipe, every byte is copied twice and the parent pays
+    for the second copy and for faulting in fresh memory to hold it, one manager
+    thread for all workers. Here the worker pays for one copy and the parent only
+    maps pages that already exist. The memfd travels before the frame, so it is
+    waiting when the parent reads the frame, even if the worker died since.
+    """
+    import mmap
+    from _socket import SCM_RIGHTS, SOL_SOCKET
+
+    offsets, total = _shm_offsets([b.nbytes for b in payload.buffers])
+    fd = os.memfd_create("pgexecutor-result", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, total)
+        with mmap.mmap(fd, total) as mem:
+            for offset, buf in zip(offsets, payload.buffers, strict=True):
+                mem[offset : offset + buf.nbytes] = buf
+        sock.sendmsg([b"F"], [(SOL_SOCKET, SCM_RIGHTS, struct.pack("i", fd))])
+    finally:
+        os.close(fd)
+    return payload.head
+
+
+def take_fd(sock: Any) -> int:
+    """Parent side: the next memfd on a worker's fd channel, or -1 if none is there."""
+    import socket
+
+    try:
+        _, ancillary, _, _ = sock.recvmsg(1, socket.CMSG_SPACE(struct.calcsize("i")))
+    except OSError:
+        return -1
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds.extend(struct.unpack(f"{usable // 4}i", data[:usable]))
+    for extra in fds[1:]:
+        os.close(extra)
+    return fds[0] if fds else -1
+
+
+class ShmPayload:
+    """A RESULT_SHM frame's head with the memfd that arrived for it."""
+
+    __slots__ = ("head", "fd")
+
+    def __init__(self, head: bytes | bytearray, fd: int) -> None:
+        self.head = head
+        self.fd = fd
+
+    def load(self) -> Any:
+        """Map the memory and unpickle; the arrays are views of the mapping."""
+        import mmap
+
+        if self.fd < 0:
+            raise OSError("the result's shared memory never arrived")
+        try:
+            lengths, data, _ = _split_head(memoryview(self.head))
+            offsets, total = _shm_offsets(lengths)
+            mem = mmap.mmap(self.fd, total, flags=mmap.MAP_SHARED | _MAP_POPULATE)
+        finally:
+            self.close()
+        view = memoryview(mem)
+        buffers = [view[o : o + n] for o, n in zip(offsets, lengths, strict=True)]
+        return _plain_loads(data, buffers=buffers)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _dumps_with_buffers(dump: Any, obj: Any) -> bytes | OOBPayload:

@@ -18,7 +18,7 @@ import os
 import sys
 
 from . import _protocol as proto
-from ._protocol import CHILD_DUMP_FD, CHILD_RESULT_FD, CHILD_TASK_FD
+from ._protocol import CHILD_DUMP_FD, CHILD_RESULT_FD, CHILD_SHM_FD, CHILD_TASK_FD
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # ``typing`` costs a worker start milliseconds; annotations only
@@ -32,7 +32,9 @@ DUMP_SIGNAL = _signal.SIGUSR2
 def main() -> None:
     """Entry point of a fresh-interpreter worker (pipes at fds 3, 4, 5)."""
     _complete_package_on_demand()
-    _serve(CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD)
+    # The parent passes a memfd channel exactly where memfds exist (_process._shm_channel).
+    shm_fd = CHILD_SHM_FD if hasattr(os, "memfd_create") else None
+    _serve(CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD, shm_fd)
 
 
 def _complete_package_on_demand() -> None:
@@ -191,9 +193,11 @@ class _SetAuthkeyAfter:
 class _Channel:
     """The worker's side of the pipes: blocking reads ahead, one write per result."""
 
-    def __init__(self, rfd: int, wfd: int) -> None:
+    def __init__(self, rfd: int, wfd: int, shm_fd: int | None = None) -> None:
         self.rfd = rfd
         self.wfd = wfd
+        self.shm_fd = shm_fd
+        self.shm_sock: Any = None
         self.reader = proto.FrameReader()
         self.frames: list[tuple[int, int, bytes | bytearray]] = []
         self.pos = 0
@@ -223,12 +227,32 @@ class _Channel:
             proto.write_parts(self.wfd, [header, body])
 
 
-def _serve(rfd: int, wfd: int, dump_fd: int) -> None:
+    def send_result(self, task_id: int, data: bytes | proto.OOBPayload) -> None:
+        """A RESULT; large buffers by shared memory if we can, else in the frame."""
+        if not isinstance(data, proto.OOBPayload):
+            self.send(proto.RESULT, task_id, data)
+            return
+        if self.shm_fd is not None and data.size >= proto.SHM_MIN:
+            try:
+                if self.shm_sock is None:
+                    import _socket
+
+                    self.shm_sock = _socket.socket(fileno=self.shm_fd)
+                head = proto.put_in_shm(self.shm_sock, data)
+            except OSError:
+                self.shm_fd = None  # no memfds here after all: the pipe from now on
+            else:
+                self.send(proto.RESULT_SHM, task_id, bytes(head))
+                return
+        self.send(proto.RESULT_OOB, task_id, data)
+
+
+def _serve(rfd: int, wfd: int, dump_fd: int, shm_fd: int | None = None) -> None:
     # Our pipes must not leak into programs a task execs (fork is another matter:
     # the manager never relies on EOF for that reason).
-    for fd in (rfd, wfd, dump_fd):
+    for fd in (rfd, wfd, dump_fd) if shm_fd is None else (rfd, wfd, dump_fd, shm_fd):
         os.set_inheritable(fd, False)
-    chan = _Channel(rfd, wfd)
+    chan = _Channel(rfd, wfd, shm_fd)
     # A stack dump on demand, written by C code in the signal handler: it works even
     # while a task is stuck in C holding the GIL.
     faulthandler.register(DUMP_SIGNAL, file=dump_fd, all_threads=True, chain=False)
@@ -288,8 +312,7 @@ def _run_one(chan: _Channel, task_id: int, payload: bytes | bytearray, oob: bool
         chan.send(proto.ERROR, task_id, proto.dump_exception(err))
         return
     del result
-    kind = proto.RESULT_OOB if isinstance(data, proto.OOBPayload) else proto.RESULT
-    chan.send(kind, task_id, data)
+    chan.send_result(task_id, data)
 
 
 def run_chunk(fn: Any, chunk: list[tuple[Any, ...]]) -> list[tuple[bool, Any]]:
