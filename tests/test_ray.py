@@ -50,9 +50,14 @@ pytestmark = pytest.mark.timeout(150)
 GONE_WITHIN = 20.0  # generous: two shared, noisy cores, and Ray's own kill delays
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def ray_session():
-    """One local Ray for the whole session (starting one takes 5-15 s here)."""
+    """One local Ray for all of Ray's tests (starting one takes 5-15 s here).
+
+    All of them are in this file, so module scope starts Ray once per session, and it
+    also stops Ray before any module that runs later: with Ray's threads alive in this
+    process, forking hangs (gRPC and fork), e.g. test_api's ``mp_context="fork"`` case.
+    """
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
