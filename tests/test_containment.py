@@ -506,8 +506,12 @@ def test_no_group_signalled_after_its_leader_was_reaped(tmp_path, monkeypatch):
         with pytest.raises(TaskTimeoutError):
             ex.options(task_timeout=0.5).submit(term_ignoring_child_then_hang, str(tmp_path / "b")).result(timeout=30)
         assert [f.result(timeout=30) for f in [ex.submit(add, i, 1) for i in range(10)]] == list(range(1, 11))
-        victim = ex.submit(pid_and_pgid).result(timeout=30)[0]
+        # An outside SIGKILL (to a busy worker: an idle one may be retiring already).
+        busy = ex.submit(child_then_hang, str(tmp_path / "d"))
+        victim = int(_read_when_there(str(tmp_path / "d")).split()[1])
         os.kill(victim, signal.SIGKILL)
+        with pytest.raises(WorkerCrashedError):
+            busy.result(timeout=30)
         assert ex.submit(add, 1, 1).result(timeout=30) == 2
     with ProcessGroupExecutor(2) as ex2:
         fut = ex2.submit(child_then_hang, str(tmp_path / "c"))

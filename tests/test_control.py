@@ -20,6 +20,7 @@ from concurrent.futures import Future
 
 import psutil
 import pytest
+from conftest import require_extra
 
 from pgexecutor import (
     MemoryLimitError,
@@ -627,7 +628,7 @@ def _postfix_counts(bar):
 
 
 def _quiet_bar(**kwargs):
-    tqdm = pytest.importorskip("tqdm", reason="tqdm (the [progress] extra) is not installed")
+    tqdm = require_extra("tqdm", "progress")
     return tqdm.tqdm(file=io.StringIO(), mininterval=0, **kwargs)
 
 
@@ -669,7 +670,7 @@ def test_progress_counts_items_of_chunks():
 
 
 def test_progress_true_draws_a_tqdm_bar_on_stderr(capsys):
-    pytest.importorskip("tqdm", reason="tqdm (the [progress] extra) is not installed")
+    require_extra("tqdm", "progress")
     with ProcessGroupExecutor(2) as ex:
         assert list(ex.map(add, range(6), range(6), progress=True)) == [0, 2, 4, 6, 8, 10]
         assert list(ex.map(add, range(3), range(3))) == [0, 2, 4]  # default: no bar
