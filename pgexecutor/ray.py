@@ -194,6 +194,10 @@ class RayExecutor(Executor):
     ``retries`` reruns a task whose process died or timed out, and one whose Ray worker
     died.
 
+    ``future.cancel()`` works while a task waits in this executor's queue (at most
+    ``max_workers`` are handed to Ray); ``terminate_workers()`` also stops the running
+    ones (WorkerCrashedError), killing their groups.
+
     The errors' ``pid`` is the task process's, except for the errors the driver
     raises itself (a lost Ray worker, the backstop below): there it is the Ray worker's.
 
@@ -415,9 +419,9 @@ class RayExecutor(Executor):
                 if ready and len(gens) > 1:
                     ready, _ = ray.wait(gens, num_returns=len(gens), timeout=0, fetch_local=True)
                 for gen in ready:
-                    item = self._running.get(id(gen))
-                    if item is not None:
-                        self._advance(item)
+                    found = self._running.get(id(gen))
+                    if found is not None:
+                        self._advance(found)
             else:
                 self._wake.wait(wait)
                 self._wake.clear()
@@ -542,12 +546,11 @@ class RayExecutor(Executor):
 
     # ------------------------------------------------------------ context manager
 
-    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool | None:
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
             self.terminate_workers()
-            return False
+            return
         self.shutdown(wait=True)
-        return False
 
 
 def _post(inbox: deque[Any], wake: threading.Event, msg: Any) -> None:
