@@ -204,3 +204,30 @@ def test_swap_in_shows_the_difference_and_leaves_nothing(tmp_path: Any) -> None:
         still = [p for p in run["processes_seen"] if alive(p["pid"], p["create_time"])]
         assert not still, still
     assert_worker_groups_empty(pge["worker_pgids"])
+
+
+@pytest.mark.parametrize(
+    "name,module,extra",
+    [("scaling_dask", "distributed", "dask"), ("scaling_ray", "ray", "ray")],
+)
+def test_scaling_out_example_runs_and_leaves_nothing(
+    tmp_path: Any, name: str, module: str, extra: str
+) -> None:
+    """The README's "Scaling out" examples: one hang and one crash fail alone, and no
+    process of either bad task (or anything it started) survives."""
+    require(module, extra)
+    s = run_example(tmp_path, name, limit=150)
+    assert s["_returncode"] == 0, s["_stdout"]
+    assert s["as_expected"] is True, s["outcomes"]
+    outcomes = sorted(o["outcome"] for o in s["outcomes"])
+    assert outcomes.count("timeout") == 1 and outcomes.count("crashed") == 1, outcomes
+    assert s["checked"], "the example checked no process of the bad tasks"
+    assert s["survivors"] == []
+    # Independently of the example's own check: every process it reported is gone.
+    for pid, started in (tuple(p)[:2] for p in s["checked"]):
+        try:
+            proc = psutil.Process(pid)
+            same = abs(proc.create_time() - started) < 0.05  # not a recycled pid
+            assert not (same and proc.status() != psutil.STATUS_ZOMBIE), f"pid {pid} survived"
+        except psutil.NoSuchProcess:
+            pass
