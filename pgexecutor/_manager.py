@@ -369,8 +369,8 @@ class Manager:
 
     def _drain_inbox(self) -> None:
         try:
-            while os.read(self._wake_r, 4096):
-                pass
+            # One read: post() writes one byte per wake-up, so a few at most wait here.
+            os.read(self._wake_r, 4096)
         except BlockingIOError:
             pass
         self._woken = False  # before draining: a later post() must write again
@@ -476,16 +476,25 @@ class Manager:
         logger.debug("started worker pid=%d pgid=%d", w.pid, w.pid)
 
     def _active(self) -> int:
-        return sum(1 for w in self.workers.values() if w.state in (STARTING, READY))
+        n = 0
+        for w in self.workers.values():
+            if w.state == STARTING or w.state == READY:
+                n += 1
+        return n
 
     def _adjust_workers(self) -> None:
         """Start workers up to the target: replace dead ones, grow for queued work."""
         if self.queue:
-            busy = sum(1 for w in self.workers.values() if w.state == READY and w.inflight)
-            self._target = max(self._target, min(self.cfg.max_workers, len(self.queue) + busy))
+            if self._target < self.cfg.max_workers:
+                busy = 0
+                for w in self.workers.values():
+                    if w.state == READY and w.inflight:
+                        busy += 1
+                self._target = max(self._target, min(self.cfg.max_workers, len(self.queue) + busy))
         elif self.shutting_down:
             return
-        while self._active() < self._target:
+        active = self._active()
+        while active < self._target:
             try:
                 self._spawn()
             except OSError as exc:
@@ -493,6 +502,7 @@ class Manager:
                 self._fail_queue(WorkerCrashedError(None, None, f"could not start a worker: {exc}"))
                 self._target = 0
                 return
+            active += 1
 
     def _pool_is_full(self) -> bool:
         """Every worker the pool may have is running and ready for work."""
