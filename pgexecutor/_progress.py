@@ -91,9 +91,11 @@ def _classify(fut: Future[Any], size: int, chunked: bool) -> dict[str, int]:
     if exc is None:
         if not chunked:
             return {"ok": 1}
-        # A chunk's result is [(ok, value_or_pickled_error), ...], one per item.
-        ok = sum(1 for good, _ in fut.result() if good)
-        return {"ok": ok, "failed": size - ok}
+        # A chunk's result is (values, errors): errors maps the index of each item
+        # that raised to its pickled exception, or is None (see _worker.run_chunk).
+        _, errors = fut.result()
+        failed = len(errors) if errors else 0
+        return {"ok": size - failed, "failed": failed}
     if isinstance(exc, MemoryLimitError):  # before WorkerCrashedError: a subclass
         return {"memory": size}
     if isinstance(exc, TaskTimeoutError):

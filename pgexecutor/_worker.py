@@ -315,16 +315,25 @@ def _run_one(chan: _Channel, task_id: int, payload: bytes | bytearray, oob: bool
     chan.send_result(task_id, data)
 
 
-def run_chunk(fn: Any, chunk: list[tuple[Any, ...]]) -> list[tuple[bool, Any]]:
+def run_chunk(
+    fn: Any, chunk: list[tuple[Any, ...]]
+) -> tuple[list[Any], dict[int, bytes] | None]:
     """Run ``fn`` over a chunk of argument tuples (``map`` with ``chunksize > 1``).
 
-    Each item's exception is captured on its own, so ``map`` can yield the results
-    before it and raise (or, with ``return_exceptions``, yield) the error in place.
+    Returns ``(values, errors)``: one value per item (None where it raised) and, only
+    if some item raised, ``{index: its encoded exception}``. Each item's exception is
+    captured on its own, so ``map`` can yield the results before it and raise (or,
+    with ``return_exceptions``, yield) the error in place; and a chunk without errors
+    is one plain list, the cheapest thing to pickle and to iterate.
     """
-    out: list[tuple[bool, Any]] = []
+    values: list[Any] = []
+    errors: dict[int, bytes] | None = None
     for args in chunk:
         try:
-            out.append((True, fn(*args)))
+            values.append(fn(*args))
         except Exception as exc:
-            out.append((False, proto.dump_exception(exc)))
-    return out
+            if errors is None:
+                errors = {}
+            errors[len(values)] = proto.dump_exception(exc)
+            values.append(None)
+    return values, errors

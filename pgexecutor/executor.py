@@ -434,19 +434,31 @@ def _yield_results(
                 continue
             assert sizes is not None
             size = sizes.pop()
-            ok, items = _pop_result(fs, end_time, return_exceptions)
+            ok, out = _pop_result(fs, end_time, return_exceptions)
             if not ok:
                 # The whole chunk failed (its worker hung or died): every item of it
                 # gets that error, so positions stay aligned with the inputs.
-                items = [(None, items)] * size
-            items.reverse()
-            while items:
-                if items[-1][0] is False:
-                    if return_exceptions:
-                        yield proto.load_exception(items.pop()[1])
-                        continue
-                    raise proto.load_exception(items.pop()[1])
-                yield items.pop()[1]
+                for _ in range(size):
+                    yield out
+                continue
+            values, errors = out  # see run_chunk
+            del out
+            values.reverse()
+            if errors is None:
+                while values:
+                    yield values.pop()
+                continue
+            count = len(values)
+            while values:
+                index = count - len(values)
+                if index not in errors:
+                    yield values.pop()
+                    continue
+                values.pop()
+                if return_exceptions:
+                    yield proto.load_exception(errors.pop(index))
+                    continue
+                raise proto.load_exception(errors.pop(index))
     finally:
         for fut in fs:
             fut.cancel()
