@@ -149,6 +149,10 @@ class WorkItem:
         self.sent = False  # handed to a worker at least once (the future is RUNNING)
 
 
+#: why a still-starting worker is stopped at shutdown (logged at DEBUG: the normal path)
+_NOT_NEEDED = "not needed: the executor is shutting down"
+
+
 class _Worker:
     __slots__ = (
         "proc",
@@ -967,7 +971,9 @@ class Manager:
             self._unregister(fd)
         w.proc.close_fds()
         del self.workers[w.pid]
-        if w.reason:
+        if w.reason == _NOT_NEEDED:
+            logger.debug("worker pid=%d pgid=%d stopped while starting: %s", w.pid, w.pid, w.reason)
+        elif w.reason:
             logger.info(
                 "worker pid=%d pgid=%d killed (%s) with %s; exit code %s",
                 w.pid, w.pid, w.reason, "SIGKILL" if escalated else "SIGTERM", code,
@@ -981,8 +987,14 @@ class Manager:
         """With nothing left to run, tell workers to exit; True once all are gone."""
         if self.queue:
             return False
-        for w in self.workers.values():
-            if w.state in (STARTING, READY) and not w.inflight:
+        now = time.monotonic()
+        for w in list(self.workers.values()):
+            if w.state == STARTING and not w.inflight:
+                # A replacement still starting (maybe inside a slow initializer) has
+                # nothing left to do: stop it rather than make shutdown wait for it.
+                self._kill(w, _NOT_NEEDED, hard=False, now=now)
+                self.stats.workers_killed -= 1  # housekeeping, not a kill to report
+            elif w.state == READY and not w.inflight:
                 self._queue_frame(w, proto.frame(proto.EXIT))
                 w.state = RETIRING
                 self._flush(w)

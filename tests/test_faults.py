@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import logging
 import multiprocessing
 import os
 import re
@@ -577,3 +578,34 @@ def test_many_crashes_in_a_row_never_break_the_pool():
                 assert isinstance(f.exception(timeout=60), WorkerCrashedError)
             else:
                 assert f.result(timeout=60) == i
+
+
+
+def slow_after_first(marker):
+    """Initializer: quick in the first worker, 60 s in every later one."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        time.sleep(60)
+    else:
+        os.close(fd)
+
+
+def test_shutdown_does_not_wait_for_a_replacement_still_starting(tmp_path, caplog):
+    # After the only task timed out, a replacement starts and sits in a 60 s
+    # initializer; nothing is queued, so shutdown stops it instead of waiting.
+    caplog.set_level(logging.DEBUG, logger="pgexecutor")
+    ex = ProcessGroupExecutor(1, initializer=slow_after_first, initargs=(str(tmp_path / "m"),))
+    with pytest.raises(TaskTimeoutError):
+        ex.options(task_timeout=0.5).submit(sleep_forever).result(timeout=30)
+    deadline = time.monotonic() + 30
+    while ex.stats()["workers_started"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    replacement = [p for p in ex.worker_pids()]
+    t0 = time.monotonic()
+    ex.shutdown(wait=True)
+    assert time.monotonic() - t0 < 20, "shutdown waited for the replacement's initializer"
+    for pid in replacement:
+        assert wait_gone(pid)
+    stopped = [r for r in caplog.records if "stopped while starting" in r.getMessage()]
+    assert stopped and all(r.levelno == logging.DEBUG for r in stopped)
