@@ -75,7 +75,7 @@ _POLL_EXIT_INTERVAL = 0.05  # without pidfds, how often to look for dead workers
 _MAX_START_FAILURES = 3  # workers that died before READY in a row: stop retrying
 # Tasks in flight per worker once the pool is full: the one running plus those waiting
 # in its pipe (see Manager._prefetch_depth).
-_PREFETCH_MIN = 2  # always one waiting, so a worker never idles between two tasks
+_PREFETCH_MIN = 2  # tiny tasks: at least one waiting, so a worker never idles between them
 _PREFETCH_MAX = 64  # tiny tasks: enough that a worker drains its pipe while we sleep
 _PREFETCH_BUDGET = 0.002  # seconds of (recent average) work a worker may have queued
 _AVG_WEIGHT = 0.25  # weight of the newest run time in the moving average
@@ -556,10 +556,13 @@ class Manager:
         worker works through them while the manager sleeps or reads results.
         """
         avg = self._avg_run
-        if avg is None:
-            return _PREFETCH_MIN
+        if avg is None or avg > _PREFETCH_BUDGET:
+            # Unknown or long tasks: nothing waits in a pipe. One round trip of idle
+            # time per task costs little next to the task, while a task stuck behind a
+            # hung one would wait for its whole timeout with another worker idle.
+            return 1
         if w.inflight and now - w.inflight[0].started > _PREFETCH_BUDGET:
-            return _PREFETCH_MIN
+            return 1  # the running one already looks long: queue nothing behind it
         return max(_PREFETCH_MIN, min(_PREFETCH_MAX, int(_PREFETCH_BUDGET / max(avg, 1e-6))))
 
     def _send_task(self, w: _Worker, item: WorkItem) -> None:

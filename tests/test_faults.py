@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import traceback
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, wait
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures.process import BrokenProcessPool
 
@@ -609,3 +609,23 @@ def test_shutdown_does_not_wait_for_a_replacement_still_starting(tmp_path, caplo
         assert wait_gone(pid)
     stopped = [r for r in caplog.records if "stopped while starting" in r.getMessage()]
     assert stopped and all(r.levelno == logging.DEBUG for r in stopped)
+
+
+def hang_if_one(i):
+    if i == 1:
+        time.sleep(1000)
+    time.sleep(0.3)
+    return i
+
+
+def test_no_task_waits_behind_a_hung_one_while_a_worker_is_idle():
+    # A task written into the hung worker's pipe would wait for its whole timeout
+    # (60 s here) while the other worker sits idle.
+    with ProcessGroupExecutor(2, kill_grace=0.2) as ex:
+        hung = ex.options(task_timeout=60).submit(hang_if_one, 1)
+        good = [ex.submit(hang_if_one, i) for i in (0, 2, 3, 4, 5)]
+        done, not_done = wait(good, timeout=30)
+        assert not not_done, "a task waited behind the hung one"
+        assert sorted(f.result() for f in done) == [0, 2, 3, 4, 5]
+        assert not hung.done()
+        ex.kill_workers()
