@@ -43,6 +43,24 @@ def require_extra(module: str, extra: str) -> Any:
         pytest.skip(f"{reason}: {exc}")
 
 
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie is dead, only unreaped)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_gone(pid: int, timeout: float = 15.0) -> bool:
+    """Poll until ``pid`` is gone (or a zombie); False if it outlived ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.02)
+    return False
+
+
 #: seconds to wait for a test's worker groups to empty before calling it a leak
 LEAK_GRACE = 10.0
 

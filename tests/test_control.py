@@ -18,9 +18,8 @@ import sys
 import time
 from concurrent.futures import Future
 
-import psutil
 import pytest
-from conftest import require_extra
+from conftest import require_extra, wait_gone
 
 from pgexecutor import (
     MemoryLimitError,
@@ -214,21 +213,6 @@ def fail_odd(x):
 
 # ----------------------------------------------------------------- helpers
 
-
-def alive(pid):
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def wait_gone(pid, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive(pid):
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def wait_for_file(path, timeout=T):

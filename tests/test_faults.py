@@ -25,6 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import psutil
 import pytest
+from conftest import alive, wait_gone
 
 from pgexecutor import (
     ProcessGroupExecutor,
@@ -177,21 +178,6 @@ def leave_background_child(path):
 def check_pgid():
     return os.getpid(), os.getpgid(0)
 
-
-def alive(pid):
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def wait_gone(pid, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive(pid):
-            return True
-        time.sleep(0.02)
-    return False
 
 
 # ----------------------------------------------------------------- 4. timeouts
