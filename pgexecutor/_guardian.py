@@ -76,7 +76,7 @@ def _start_locked() -> None:
 
 def _send_locked(line: str) -> bool:
     wfd = _state["wfd"]
-    if wfd is None:
+    if not isinstance(wfd, int):
         return False
     try:
         os.write(wfd, line.encode())  # < PIPE_BUF: atomic
