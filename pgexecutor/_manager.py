@@ -79,6 +79,11 @@ _PREFETCH_MIN = 2  # tiny tasks: at least one waiting, so a worker never idles b
 _PREFETCH_MAX = 64  # tiny tasks: enough that a worker drains its pipe while we sleep
 _PREFETCH_BUDGET = 0.002  # seconds of (recent average) work a worker may have queued
 _AVG_WEIGHT = 0.25  # weight of the newest run time in the moving average
+# After failing a future (timeout, crash), wait this long before starting the
+# replacement worker: posix_spawn and its bookkeeping hold the GIL for a few ms, and
+# the thread just woken to read that future would wait for them (up to the 5 ms
+# switch interval). A short poll hands it the GIL first.
+_SPAWN_PAUSE = 0.002
 
 _JOIN_BELOW = 1 << 16  # task payloads smaller than this are copied into their frame
 _IOV_MAX = 1024  # buffers per writev (Linux's IOV_MAX)
@@ -283,6 +288,7 @@ class Manager:
         self._use_pidfd = True
         self._next_exit_poll = 0.0
         self._avg_run: float | None = None  # moving average of task run times (seconds)
+        self._spawn_after = 0.0  # no worker starts before this (see _SPAWN_PAUSE)
         self.thread = threading.Thread(target=self._run, name="pgexecutor-manager", daemon=True)
         self.finished = threading.Event()
 
@@ -455,9 +461,15 @@ class Manager:
                 best = t
         if not self._use_pidfd and self.workers:
             best = self._next_exit_poll if best is None else min(best, self._next_exit_poll)
+        now = time.monotonic()
+        if self._spawn_after:
+            if self._spawn_after > now:
+                best = self._spawn_after if best is None else min(best, self._spawn_after)
+            else:
+                self._spawn_after = 0.0
         if best is None:
             return None
-        return max(0.0, best - time.monotonic())
+        return max(0.0, best - now)
 
     # ------------------------------------------------------------ workers
 
@@ -498,6 +510,8 @@ class Manager:
         elif self.shutting_down:
             return
         active = self._active()
+        if active < self._target and self._spawn_after > time.monotonic():
+            return  # a caller was just woken: let it run first (see _SPAWN_PAUSE)
         while active < self._target:
             try:
                 self._spawn()
@@ -807,6 +821,7 @@ class Manager:
         assert item.timeout is not None
         err = TaskTimeoutError(item.timeout, w.pid, stack, item.attempts)
         self._fail_or_retry(item, err, "timeout", time.monotonic())
+        self._spawn_after = time.monotonic() + _SPAWN_PAUSE
 
     def _collect_stack(self, w: _Worker) -> str | None:
         """Ask the worker for a faulthandler dump of its threads; wait briefly."""
@@ -930,6 +945,7 @@ class Manager:
                 err = WorkerCrashedError(w.pid, code)
                 self._fail_or_retry(item, err, "crashed", now)
                 self._requeue(w.inflight)
+                self._spawn_after = time.monotonic() + _SPAWN_PAUSE
             elif was == STARTING and not w.init_failed:
                 self._start_failures += 1
                 logger.warning("worker pid=%d exited (code %s) before it was ready", w.pid, code)
