@@ -176,7 +176,9 @@ class ProcessGroupExecutor(Executor):
                 self._manager.stats.failed += 1
                 return fut
             self._manager.stats.submitted += 1
-            self._manager.post(WorkItem(fut, payload, timeout, max_memory, retries))
+            item = WorkItem(fut, payload, timeout, max_memory, retries)
+            if not self._manager.try_dispatch(item):
+                self._manager.post(item)
             return fut
 
     # ------------------------------------------------------------------ map
