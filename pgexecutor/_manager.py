@@ -10,9 +10,12 @@ Data flow (one way, like CPython's ``concurrent/futures/process.py``)::
       |  future only, at once
       v
     inbox (deque) --wake pipe-->  poll() on: wake pipe,           TASK  +----------+
-                                  every worker's result pipe,   ------> | worker 1 | -> children,
-                                  every worker's pidfd          <------ |  (pgid)  |    grandchildren
-                                  timeout = nearest deadline    RESULT  +----------+
+      :                           every worker's result pipe,   ------> | worker 1 | -> children,
+      :                           every worker's pidfd          <------ |  (pgid)  |    grandchildren
+      :                           timeout = nearest deadline    RESULT  +----------+
+      :                               |                           ^      (a large result's
+      :.. idle worker, manager asleep, no deadline: the caller ...:       buffers come in a
+          writes the TASK itself (try_dispatch, under _lock)              memfd, over a socket)
                                       |
                                       +-- results/errors ---> future.set_result / set_exception
                                       +-- deadline passed --> stack dump, SIGTERM+SIGCONT group,
@@ -20,9 +23,16 @@ Data flow (one way, like CPython's ``concurrent/futures/process.py``)::
                                       +-- pidfd readable ---> fail the running task, requeue the
                                                               rest, kill the group, THEN reap
 
-Only this thread touches worker and task state; other threads append to the inbox and
-write one byte to the wake pipe. The loop never blocks on a worker: pipes are
-non-blocking and partially written frames wait in a per-worker buffer.
+Worker and task state belong to whoever holds ``_lock``: this thread, which lets go
+only while it sleeps in poll(). Other threads append to the inbox and write one byte
+to the wake pipe, or, for a task that needs nothing more from the manager, take the
+lock without waiting and write it to an idle worker themselves (``try_dispatch``). The
+loop never blocks on a worker: pipes are non-blocking and partially written frames
+wait in a per-worker buffer.
+
+Tiny tasks go deep into each worker's pipe (``_prefetch_depth``), so one write carries
+many and a worker works through them while the manager sleeps; a result is still
+written the moment its task ends, which is how the manager knows the next one began.
 
 Lifecycle of a worker: STARTING (spawned, INIT sent) -> READY (initializer ran) ->
 RETIRING (EXIT sent: max_tasks_per_child or shutdown) or KILLING (signalled) -> DEAD

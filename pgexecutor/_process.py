@@ -16,9 +16,10 @@ Everything POSIX lives here so that the manager reads as policy. The hazards:
 * **Pipe EOF is not death.** A task that forks copies the worker's pipe ends into its
   children, so EOF never comes while they live. Death is watched through a pidfd
   (Linux >= 5.3), which becomes readable when the process exits, whoever holds its pipes.
-* **fd inheritance.** Python creates fds close-on-exec; the child's three pipe ends are
-  ``dup2``-ed onto 3, 4 and 5 by the spawn's file actions, which clears close-on-exec
-  on those copies only. So no worker inherits another worker's pipes, or the guardian's.
+* **fd inheritance.** Python creates fds close-on-exec; the child's three pipe ends
+  (and, on Linux, its end of the socket that carries memfds of large results) are
+  ``dup2``-ed onto 3, 4, 5 (and 6) by the spawn's file actions, which clears
+  close-on-exec on those copies only. So no worker inherits another worker's pipes, or the guardian's.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ def _shm_channel() -> tuple[Any, Any]:
 
 
 def _spawn_fresh(python: str) -> WorkerProcess:
-    """Start ``python -c bootstrap`` as a group leader with pipes at fds 3, 4, 5, 6."""
+    """Start ``python -c bootstrap`` as a group leader with its pipes at fds 3-6."""
     task_r, task_w = _pipe()
     res_r, res_w = _pipe()
     dump_r, dump_w = _pipe()

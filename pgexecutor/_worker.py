@@ -30,7 +30,7 @@ DUMP_SIGNAL = _signal.SIGUSR2
 
 
 def main() -> None:
-    """Entry point of a fresh-interpreter worker (pipes at fds 3, 4, 5)."""
+    """Entry point of a fresh-interpreter worker (pipes at fds 3, 4, 5; socket at 6)."""
     _complete_package_on_demand()
     # The parent passes a memfd channel exactly where memfds exist (_process._shm_channel).
     shm_fd = CHILD_SHM_FD if hasattr(os, "memfd_create") else None
