@@ -227,8 +227,9 @@ class Stats:
     attempts started again after such an event. Workers: ``workers_started`` (the
     first ones and every replacement) and ``workers_killed`` (groups this executor
     signalled: timeout, memory limit, cancel, terminate; not workers that crashed
-    or retired). Written by the manager thread only, except ``submitted`` and the
-    ``failed`` of an argument that does not pickle (the caller's thread).
+    or retired). Written by whoever holds the manager's lock, except ``submitted``
+    (the caller's thread, under the executor's submit lock); the executor adds the
+    futures it failed itself (arguments that do not pickle) to ``failed``.
     """
 
     submitted: int
@@ -435,18 +436,18 @@ class Manager:
                 owner = self._fd_owner.get(fd)
                 if owner is None:
                     continue
-                kind, w = owner
+                kind, wk = owner
                 if kind == self._WAKE:
                     self._drain_inbox()
                 elif kind == self._RESULT:
-                    assert w is not None
-                    self._read_results(w)
+                    assert wk is not None
+                    self._read_results(wk)
                 elif kind == self._PIDFD:
-                    assert w is not None
-                    self._on_exit(w)
+                    assert wk is not None
+                    self._on_exit(wk)
                 elif kind == self._WRITE:
-                    assert w is not None
-                    self._flush(w)
+                    assert wk is not None
+                    self._flush(wk)
 
     def _drain_inbox(self) -> None:
         try:

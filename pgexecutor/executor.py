@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
-from typing import Any
+from typing import Any, Literal
 
 from . import _manager, _progress
 from . import _protocol as proto
@@ -135,6 +135,7 @@ class ProcessGroupExecutor(Executor):
             )
         )
         self._shutdown_lock = threading.Lock()
+        self._failed_in_caller = 0  # futures failed in submit() (arguments would not pickle)
         self._shutdown = False
         self._started = False
         _manager.track(self._manager)
@@ -173,7 +174,9 @@ class ProcessGroupExecutor(Executor):
                     proto.pickling_error("arguments", "pickling them in the caller failed", exc)
                 )
                 self._manager.stats.submitted += 1
-                self._manager.stats.failed += 1
+                # Counted apart from the manager's ``failed``: two threads doing += on
+                # one attribute could lose an increment.
+                self._failed_in_caller += 1
                 return fut
             self._manager.stats.submitted += 1
             item = WorkItem(fut, payload, timeout, max_memory, retries)
@@ -319,7 +322,7 @@ class ProcessGroupExecutor(Executor):
         """SIGKILL every worker group at once and shut down (see terminate_workers)."""
         self._terminate(True, "killed by kill_workers()")
 
-    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool | None:
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> Literal[False]:
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
             self._terminate(False, "the with block was interrupted (KeyboardInterrupt)")
             return False
@@ -331,7 +334,9 @@ class ProcessGroupExecutor(Executor):
     def stats(self) -> dict[str, int]:
         """Counters: submitted, completed, failed, cancelled, timed_out, crashed,
         memory_killed, retried, workers_started, workers_killed."""
-        return self._manager.stats.snapshot()
+        counters = self._manager.stats.snapshot()
+        counters["failed"] += self._failed_in_caller
+        return counters
 
     def worker_pids(self) -> list[int]:
         """Pids (each equal to its group id) of the workers alive right now."""
@@ -382,14 +387,19 @@ class ExecutorOptions:
             self.task_timeout, self.max_memory, self.retries, progress,
         )
 
-    def options(self, **kwargs: Any) -> ExecutorOptions:
-        merged = {
-            "task_timeout": self.task_timeout,
-            "max_memory": self.max_memory,
-            "retries": self.retries,
-        }
-        merged.update(kwargs)
-        return self._executor.options(**merged)
+    def options(
+        self,
+        *,
+        task_timeout: float | None = _UNSET,
+        retries: int = _UNSET,
+        max_memory: int | None = _UNSET,
+    ) -> ExecutorOptions:
+        """A view on this view: unset settings keep this view's values."""
+        return self._executor.options(
+            task_timeout=self.task_timeout if task_timeout is _UNSET else task_timeout,
+            retries=self.retries if retries is _UNSET else retries,
+            max_memory=self.max_memory if max_memory is _UNSET else max_memory,
+        )
 
 
 def _result_or_exception(fut: Future[Any], timeout: float | None) -> tuple[bool, Any]:
