@@ -399,7 +399,7 @@ def sc_payload(peer, cfg):
     try:
         import numpy as np
     except ImportError:
-        raise Skip("numpy not installed")
+        raise Skip("numpy not installed") from None
     elems = cfg["array_mib"] * (1 << 20) // 8
     arrays = [np.full(elems, i, dtype=np.float64) for i in range(cfg["arrays"])]
 
@@ -546,7 +546,7 @@ def _timeout_scenario(peer, cfg, kind, fn):
     import psutil  # noqa: F401  (required)
     late, wgone, ggone, notes = [], [], [], []
     tmpdir = tempfile.mkdtemp(prefix="pgx-bench-")
-    for rep in range(cfg["timeout_reps"]):
+    for _rep in range(cfg["timeout_reps"]):
         info_path = os.path.join(tmpdir, "info-%s.json" % uuid.uuid4().hex)
         peer.start(N_WORKERS)
         mon = None

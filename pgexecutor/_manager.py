@@ -1137,6 +1137,19 @@ _global_shutdown = False
 _exit_lock = threading.Lock()
 
 
+def _after_fork_in_child() -> None:
+    """The parent's managers are not the child's: their threads do not exist in a
+    forked child, and its exit must not post to (or wait for) them. The exit lock may
+    have been copied held."""
+    global _exit_lock
+    _live.clear()
+    _exit_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def track(manager: Manager) -> None:
     _live.add(manager)
 

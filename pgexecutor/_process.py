@@ -48,6 +48,19 @@ _spawn_lock = threading.Lock()
 _parent_only_fds: set[int] = set()
 
 
+def _after_fork_in_child() -> None:
+    """A fork copies ``_spawn_lock`` in whatever state it was: if one of the parent's
+    manager threads was starting a worker at that moment, the child's copy is held by
+    a thread that does not exist there, and the child's first executor would wait on
+    it forever. The child gets a fresh lock."""
+    global _spawn_lock
+    _spawn_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def spawned_pgids() -> frozenset[int]:
     """Every worker process group this process has created (for leak checks)."""
     return frozenset(_spawned)

@@ -7,17 +7,31 @@ the manager never sees it.
 
 from __future__ import annotations
 
+# The "noqa: F401" modules are what the parent's threads use later (the worker imports
+# them lazily, for a cheap start). They are imported here, at ``import pgexecutor``,
+# and not lazily by the manager thread: if any thread of the user's forks while another
+# thread is inside an import, that module's import lock stays held forever in the
+# child, and the child's first executor would hang on it.
+import fcntl  # noqa: F401
 import itertools
+import mmap  # noqa: F401
 import multiprocessing
+import multiprocessing.connection  # noqa: F401
 import os
+import socket  # noqa: F401
 import sys
 import threading
 import time
+import traceback  # noqa: F401
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from typing import Any, Literal
+
+import cloudpickle  # noqa: F401
+import psutil  # noqa: F401
+from tblib import pickling_support  # noqa: F401
 
 from . import _manager, _progress
 from . import _protocol as proto

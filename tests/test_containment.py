@@ -680,17 +680,17 @@ def test_timeout_error_names_the_task_thread_not_a_helper_thread():
 # ----------------------------------------------------------------- 7. nesting, daemons
 
 
-@pytest.mark.parametrize(
-    "ctx",
-    [None, "fork", "spawn"],
-    ids=["default", "fork", "spawn"],
-)
-def test_executor_inside_daemonic_process(ctx):
+def _executor_in_forked_daemon(ctx):
+    """Fork a daemonic child that runs _daemon_body; return its (process, reader)."""
     mp = multiprocessing.get_context("fork")
     r, w = mp.Pipe(duplex=False)
     p = mp.Process(target=_daemon_body, args=(w, ctx), daemon=True)
     p.start()
     w.close()
+    return p, r
+
+
+def _check_daemon_result(p, r):
     try:
         assert r.poll(90), "the daemonic process sent nothing"
         msg = r.recv()
@@ -705,6 +705,39 @@ def test_executor_inside_daemonic_process(ctx):
     assert ids and all(pid == pgid != os.getpgrp() for pid, pgid in ids)
     assert p.exitcode == 0
     assert survivors_of({pgid for _, pgid in ids}, 10.0) == []
+
+
+@pytest.mark.parametrize(
+    "ctx",
+    [None, "fork", "spawn"],
+    ids=["default", "fork", "spawn"],
+)
+def test_executor_inside_daemonic_process(ctx):
+    _check_daemon_result(*_executor_in_forked_daemon(ctx))
+
+
+def test_fork_while_a_worker_is_being_started_leaves_the_child_usable():
+    """A fork copies locks as they are. If a manager thread of the parent is starting a
+    worker at that instant, the child's copy of the spawn lock is held by a thread the
+    child does not have: its first executor must not wait on it forever."""
+    with proc_mod._spawn_lock:  # what a manager thread holds while it starts a worker
+        p, r = _executor_in_forked_daemon(None)
+    _check_daemon_result(p, r)
+
+
+def test_parent_imports_up_front_what_its_threads_use_later():
+    """A fork by one thread while another is inside an import leaves that module's
+    import lock held in the child forever; so nothing the manager thread needs may be
+    imported lazily in the parent."""
+    needed = ["cloudpickle", "psutil", "tblib.pickling_support", "fcntl", "mmap", "socket",
+              "traceback", "multiprocessing.connection"]
+    code = (
+        "import sys, pgexecutor; "
+        f"print([m for m in {needed!r} if m not in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.strip() == "[]", out
 
 
 def test_task_that_uses_its_own_executor():
