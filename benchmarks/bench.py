@@ -681,20 +681,23 @@ def _set_subreaper():
         return False
 
 
-def _reap_strays():
-    """Kill and reap processes that our finished child left behind (we are a subreaper)."""
-    n = 0
+def _reap_strays(linger):
+    """Processes our finished child left behind (we are a subreaper): give them
+    ``linger`` seconds to exit on their own (a helper that notices its parent is gone,
+    such as pgexecutor's guardian or multiprocessing's resource tracker, needs a few
+    ms), then kill and reap the rest. Returns a description of each one killed."""
+    killed = []
     try:
         import psutil
         procs = psutil.Process().children(recursive=True)
-        for p in procs:
+        _, alive = psutil.wait_procs(procs, timeout=linger)
+        for p in alive:
             try:
-                if p.status() != psutil.STATUS_ZOMBIE:
-                    n += 1
+                killed.append("pid %d %s" % (p.pid, " ".join(p.cmdline())[:120]))
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(procs, timeout=5)
+        psutil.wait_procs(alive, timeout=5)
     except ImportError:
         pass
     while True:
@@ -704,7 +707,7 @@ def _reap_strays():
             break
         if pid == 0:
             break
-    return n
+    return killed
 
 
 METRICS = [
@@ -848,10 +851,11 @@ def driver_main(args):
                 rc = subprocess.run(cmd, timeout=backstop).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
-            strays = _reap_strays()
+            strays = _reap_strays(cfg["linger"])
             if strays:
-                notes.append("%s: driver killed %d stray process(es) left after its child exited"
-                             % (name, strays))
+                notes.append("%s: driver killed %d process(es) still running %.1f s after its "
+                             "child exited: %s" % (name, len(strays), cfg["linger"],
+                                                   "; ".join(strays)))
             with open(out) as f:
                 lines = [json.loads(line) for line in f if line.strip()]
             with open(dump) as f:
