@@ -179,20 +179,16 @@ class ProcessGroupExecutor(Executor):
             if not self._started:
                 self._started = True
                 self._manager.start()
-            fut: Future[Any] = Future()
             try:
                 payload = proto.dumps_task((fn, args, kwargs))
             except BaseException as exc:
-                fut.set_running_or_notify_cancel()
-                fut.set_exception(
-                    proto.pickling_error("arguments", "pickling them in the caller failed", exc)
-                )
                 self._manager.stats.submitted += 1
                 # Counted apart from the manager's ``failed``: two threads doing += on
                 # one attribute could lose an increment.
                 self._failed_in_caller += 1
-                return fut
+                return _unpicklable_arguments(exc)
             self._manager.stats.submitted += 1
+            fut: Future[Any] = Future()
             item = WorkItem(fut, payload, timeout, max_memory, retries)
             if not self._manager.try_dispatch(item):
                 self._manager.post(item)
@@ -238,35 +234,10 @@ class ProcessGroupExecutor(Executor):
         retries: int,
         progress: Any = False,
     ) -> Iterator[Any]:
-        if chunksize < 1:
-            raise ValueError("chunksize must be >= 1.")
-        make_bar = _progress.resolve(progress)  # a missing tqdm fails before any submit
-        end_time = None if timeout is None else timeout + time.monotonic()
-        args_iter = zip(*iterables, strict=False)
-        if chunksize == 1:
-            fs = [
-                self._submit(fn, args, {}, task_timeout, max_memory, retries) for args in args_iter
-            ]
-            if make_bar is not None:
-                return _progress.watch(
-                    make_bar, fs, None,
-                    _yield_results(fs, end_time, return_exceptions, chunked=False),
-                )
-            return _yield_results(fs, end_time, return_exceptions, chunked=False)
-        fs = []
-        sizes = []
-        while True:
-            chunk = list(itertools.islice(args_iter, chunksize))
-            if not chunk:
-                break
-            sizes.append(len(chunk))
-            fs.append(self._submit(run_chunk, (fn, chunk), {}, task_timeout, max_memory, retries))
-        if make_bar is not None:
-            return _progress.watch(
-                make_bar, fs, sizes,
-                _yield_results(fs, end_time, return_exceptions, chunked=True, sizes=sizes),
-            )
-        return _yield_results(fs, end_time, return_exceptions, chunked=True, sizes=sizes)
+        def submit(f: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
+            return self._submit(f, args, {}, task_timeout, max_memory, retries)
+
+        return _map_via(submit, fn, iterables, timeout, chunksize, return_exceptions, progress)
 
     # ------------------------------------------------------------------ options
 
@@ -284,11 +255,9 @@ class ProcessGroupExecutor(Executor):
             slow = ex.options(task_timeout=600, retries=2)
             fut = slow.submit(mesh, geometry)
         """
-        return ExecutorOptions(
-            self,
-            self._task_timeout if task_timeout is _UNSET else _check_timeout(task_timeout, "task_timeout"),
-            self._max_memory if max_memory is _UNSET else _check_memory(max_memory),
-            self._retries if retries is _UNSET else _check_retries(retries),
+        return _options_view(
+            self, (self._task_timeout, self._max_memory, self._retries),
+            task_timeout, max_memory, retries,
         )
 
     # ------------------------------------------------------------------ shutdown
@@ -409,11 +378,68 @@ class ExecutorOptions:
         max_memory: int | None = _UNSET,
     ) -> ExecutorOptions:
         """A view on this view: unset settings keep this view's values."""
-        return self._executor.options(
-            task_timeout=self.task_timeout if task_timeout is _UNSET else task_timeout,
-            retries=self.retries if retries is _UNSET else retries,
-            max_memory=self.max_memory if max_memory is _UNSET else max_memory,
+        return _options_view(
+            self._executor, (self.task_timeout, self.max_memory, self.retries),
+            task_timeout, max_memory, retries,
         )
+
+
+def _options_view(
+    executor: Any,
+    base: tuple[float | None, int | None, int],
+    task_timeout: Any,
+    max_memory: Any,
+    retries: Any,
+) -> ExecutorOptions:
+    """``options()`` of every executor and view: each setting left ``_UNSET`` keeps its
+    ``base`` value (task_timeout, max_memory, retries); each one given is checked."""
+    base_timeout, base_memory, base_retries = base
+    return ExecutorOptions(
+        executor,
+        base_timeout if task_timeout is _UNSET else _check_timeout(task_timeout, "task_timeout"),
+        base_memory if max_memory is _UNSET else _check_memory(max_memory),
+        base_retries if retries is _UNSET else _check_retries(retries),
+    )
+
+
+def _unpicklable_arguments(exc: BaseException) -> Future[Any]:
+    """The future ``submit()`` returns when a task's arguments do not pickle: already
+    failed, so the caller learns it at once and nothing reaches a worker."""
+    fut: Future[Any] = Future()
+    fut.set_running_or_notify_cancel()
+    fut.set_exception(proto.pickling_error("arguments", "pickling them in the caller failed", exc))
+    return fut
+
+
+def _map_via(
+    submit: Callable[[Callable[..., Any], tuple[Any, ...]], Future[Any]],
+    fn: Callable[..., Any],
+    iterables: tuple[Iterable[Any], ...],
+    timeout: float | None,
+    chunksize: int,
+    return_exceptions: bool,
+    progress: Any,
+) -> Iterator[Any]:
+    """``map`` of every executor, on top of its ``submit(fn, args)``: one task per item
+    or, with ``chunksize > 1``, one ``run_chunk`` task per chunk. Everything is
+    submitted before the first result is awaited, as ``Executor.map`` does."""
+    if chunksize < 1:
+        raise ValueError("chunksize must be >= 1.")
+    make_bar = _progress.resolve(progress)  # a missing tqdm fails before any submit
+    end_time = None if timeout is None else timeout + time.monotonic()
+    args_iter = zip(*iterables, strict=False)
+    sizes: list[int] | None = None
+    if chunksize == 1:
+        fs = [submit(fn, args) for args in args_iter]
+    else:
+        fs, sizes = [], []
+        while chunk := list(itertools.islice(args_iter, chunksize)):
+            sizes.append(len(chunk))
+            fs.append(submit(run_chunk, (fn, chunk)))
+    results = _yield_results(fs, end_time, return_exceptions, chunked=sizes is not None, sizes=sizes)
+    if make_bar is None:
+        return results
+    return _progress.watch(make_bar, fs, sizes, results)
 
 
 def _result_or_exception(fut: Future[Any], timeout: float | None) -> tuple[bool, Any]:

@@ -54,7 +54,6 @@ on the nodes (Ray's ``runtime_env`` ``py_modules``/``working_dir``).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import threading
@@ -69,22 +68,23 @@ import ray
 
 from . import _protocol as proto
 from ._ray_host import host_call
-from ._worker import run_chunk
 from .errors import TaskTimeoutError, WorkerCrashedError
 from .executor import (
+    _UNSET,
     ExecutorOptions,
     ProcessGroupExecutor,
     _check_memory,
     _check_retries,
     _check_timeout,
-    _yield_results,
+    _map_via,
+    _options_view,
+    _unpicklable_arguments,
 )
 
 __all__ = ["RayExecutor"]
 
 logger = logging.getLogger("pgexecutor")
 
-_UNSET: Any = object()
 _POLL = 0.05  # seconds: how soon the manager sees a new submit while tasks run
 _GIVE_UP_AFTER_CANCEL = 60.0  # a force-cancelled task that never answers: fail it anyway
 
@@ -297,15 +297,11 @@ class RayExecutor(Executor):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            fut: Future[Any] = Future()
             try:
                 payload = proto.dumps((fn, args, kwargs))
             except BaseException as exc:
-                fut.set_running_or_notify_cancel()
-                fut.set_exception(
-                    proto.pickling_error("arguments", "pickling them in the caller failed", exc)
-                )
-                return fut
+                return _unpicklable_arguments(exc)
+            fut: Future[Any] = Future()
             _post(self._inbox, self._wake, _Item(fut, payload, timeout, max_memory, retries))
             return fut
 
@@ -316,11 +312,13 @@ class RayExecutor(Executor):
         timeout: float | None = None,
         chunksize: int = 1,
         return_exceptions: bool = False,
+        progress: Any = False,
     ) -> Iterator[Any]:
-        """Like ``ProcessGroupExecutor.map`` (``chunksize``, ``return_exceptions``)."""
+        """Like ``ProcessGroupExecutor.map`` (``chunksize``, ``return_exceptions``,
+        ``progress``)."""
         return self._map(
             fn, iterables, timeout, chunksize, return_exceptions,
-            self._task_timeout, self._max_memory, self._retries,
+            self._task_timeout, self._max_memory, self._retries, progress,
         )
 
     def _map(
@@ -333,24 +331,12 @@ class RayExecutor(Executor):
         task_timeout: float | None,
         max_memory: int | None,
         retries: int,
+        progress: Any = False,
     ) -> Iterator[Any]:
-        if chunksize < 1:
-            raise ValueError("chunksize must be >= 1.")
-        end_time = None if timeout is None else timeout + time.monotonic()
-        args_iter = zip(*iterables, strict=False)
-        if chunksize == 1:
-            fs = [
-                self._submit(fn, args, {}, task_timeout, max_memory, retries) for args in args_iter
-            ]
-            return _yield_results(fs, end_time, return_exceptions, chunked=False)
-        fs, sizes = [], []
-        while True:
-            chunk = list(itertools.islice(args_iter, chunksize))
-            if not chunk:
-                break
-            sizes.append(len(chunk))
-            fs.append(self._submit(run_chunk, (fn, chunk), {}, task_timeout, max_memory, retries))
-        return _yield_results(fs, end_time, return_exceptions, chunked=True, sizes=sizes)
+        def submit(f: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
+            return self._submit(f, args, {}, task_timeout, max_memory, retries)
+
+        return _map_via(submit, fn, iterables, timeout, chunksize, return_exceptions, progress)
 
     def options(
         self,
@@ -360,11 +346,9 @@ class RayExecutor(Executor):
         max_memory: int | None = _UNSET,
     ) -> ExecutorOptions:
         """A view whose ``submit``/``map`` use these settings (see ProcessGroupExecutor)."""
-        return ExecutorOptions(
-            self,  # type: ignore[arg-type]
-            self._task_timeout if task_timeout is _UNSET else _check_timeout(task_timeout, "task_timeout"),
-            self._max_memory if max_memory is _UNSET else _check_memory(max_memory),
-            self._retries if retries is _UNSET else _check_retries(retries),
+        return _options_view(
+            self, (self._task_timeout, self._max_memory, self._retries),
+            task_timeout, max_memory, retries,
         )
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

@@ -162,6 +162,10 @@ def test_results_map_and_errors(ex):
     assert lock_arg.done()
     with pytest.raises(TaskPicklingError):
         lock_arg.result()
+    # An options() view maps too, and a view of a view keeps the settings it does not set.
+    view = ex.options(task_timeout=30).options(retries=1)
+    assert (view.task_timeout, view.retries) == (30.0, 1)
+    assert list(view.map(tasks.add, range(4), range(4), chunksize=2)) == [0, 2, 4, 6]
 
 
 def test_queued_future_can_be_cancelled_and_terminate_kills_running(tmp_path):
