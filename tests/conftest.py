@@ -9,9 +9,12 @@ test is failed; survivors are then SIGKILLed so one leak does not cascade.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import sys
+import textwrap
 import time
 from typing import Any
 
@@ -41,6 +44,49 @@ def require_extra(module: str, extra: str) -> Any:
         if os.environ.get("PGEXECUTOR_REQUIRE_EXTRAS"):
             pytest.fail(f"{reason} (PGEXECUTOR_REQUIRE_EXTRAS is set): {exc}")
         pytest.skip(f"{reason}: {exc}")
+
+
+#: Functions a driver script defines in its own ``__main__``, so that they travel by
+#: value: a plain function, a closure, and a task that starts a child and hangs (its
+#: report lists both processes as ``[pid, create_time]``, like _cluster_tasks).
+MAIN_SCRIPT_FUNCTIONS = """
+import json, os, subprocess, sys, time
+import psutil
+
+def square(x):
+    return x * x
+
+def make_adder(n):
+    def adder(x):
+        return x + n
+    return adder
+
+def hang_with_child(path):
+    child = subprocess.Popen(["sleep", "300"])
+    procs = [[p, psutil.Process(p).create_time()] for p in (os.getpid(), child.pid)]
+    with open(path + ".tmp", "w") as f:
+        json.dump({"procs": procs}, f)
+    os.replace(path + ".tmp", path)
+    time.sleep(300)
+"""
+
+
+def run_main_script(tmp_path, imports: str, main: str, argv: list[str], timeout: float) -> dict:
+    """Run ``imports`` + MAIN_SCRIPT_FUNCTIONS + ``main`` as a script of its own; return
+    the JSON it printed on its last ``RESULT `` line (the test fails with its output
+    if it printed none or exited non-zero)."""
+    script = tmp_path / "driver_script.py"
+    script.write_text(textwrap.dedent(imports) + MAIN_SCRIPT_FUNCTIONS + textwrap.dedent(main))
+    proc = subprocess.run(
+        [sys.executable, str(script), *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(tmp_path),
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout + proc.stderr
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def alive(pid: int) -> bool:

@@ -15,14 +15,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 
 import psutil
 import pytest
-from conftest import require_extra
+from conftest import require_extra, run_main_script
 
 
 def _module_extra(module: str, extra: str):
@@ -255,58 +252,28 @@ def test_cancel_kills_the_running_group_and_frees_the_slot(client, tmp_path):
 
 def test_main_functions_and_closures_from_a_client_script(client, tmp_path):
     path = str(tmp_path / "tree.json")
-    script = tmp_path / "client_script.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import json, os, subprocess, sys, time
-            import dask, psutil
-            from dask.distributed import Client
-            from pgexecutor import TaskTimeoutError
-
-            def square(x):
-                return x * x
-
-            def make_adder(n):
-                def adder(x):
-                    return x + n
-                return adder
-
-            def hang_with_child(path):
-                child = subprocess.Popen(["sleep", "300"])
-                procs = [[p, psutil.Process(p).create_time()] for p in (os.getpid(), child.pid)]
-                with open(path + ".tmp", "w") as f:
-                    json.dump({"procs": procs}, f)
-                os.replace(path + ".tmp", path)
-                time.sleep(300)
-
-            if __name__ == "__main__":
-                out = {}
-                with Client(sys.argv[1]) as client:
-                    out["square"] = client.submit(square, 7).result(timeout=60)
-                    out["closure"] = client.submit(make_adder(10), 5).result(timeout=60)
-                    out["lambda"] = client.submit(lambda x: x - 1, 3).result(timeout=60)
-                    with dask.annotate(task_timeout=1.5):
-                        fut = client.submit(hang_with_child, sys.argv[2], pure=False)
-                    try:
-                        fut.result(timeout=90)
-                        out["hang"] = "returned"
-                    except TaskTimeoutError:
-                        out["hang"] = "TaskTimeoutError"
-                print("RESULT " + json.dumps(out), flush=True)
-            """
-        )
-    )
-    proc = subprocess.run(
-        [sys.executable, str(script), client.scheduler.address, path],
-        capture_output=True,
-        text=True,
-        timeout=110,
-        cwd=str(tmp_path),
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout + proc.stderr
-    out = json.loads(lines[-1][len("RESULT ") :])
+    imports = """
+        import dask
+        from dask.distributed import Client
+        from pgexecutor import TaskTimeoutError
+        """
+    main = """
+        if __name__ == "__main__":
+            out = {}
+            with Client(sys.argv[1]) as client:
+                out["square"] = client.submit(square, 7).result(timeout=60)
+                out["closure"] = client.submit(make_adder(10), 5).result(timeout=60)
+                out["lambda"] = client.submit(lambda x: x - 1, 3).result(timeout=60)
+                with dask.annotate(task_timeout=1.5):
+                    fut = client.submit(hang_with_child, sys.argv[2], pure=False)
+                try:
+                    fut.result(timeout=90)
+                    out["hang"] = "returned"
+                except TaskTimeoutError:
+                    out["hang"] = "TaskTimeoutError"
+            print("RESULT " + json.dumps(out), flush=True)
+        """
+    out = run_main_script(tmp_path, imports, main, [client.scheduler.address, path], timeout=110)
     assert out == {"square": 49, "closure": 15, "lambda": 2, "hang": "TaskTimeoutError"}
     assert_tree_gone(read_report(path))
 

@@ -20,7 +20,7 @@ import time
 
 import psutil
 import pytest
-from conftest import require_extra
+from conftest import require_extra, run_main_script
 
 
 def _module_extra(module: str, extra: str):
@@ -303,58 +303,28 @@ def test_driver_death_leaves_no_task_tree(tmp_path):
 
 def test_main_functions_and_closures_from_a_driver_script(tmp_path):
     path = str(tmp_path / "tree.json")
-    script = tmp_path / "driver.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import json, os, subprocess, sys, time
-            import psutil, ray
-            from pgexecutor import TaskTimeoutError
-            from pgexecutor.ray import RayExecutor
-
-            def square(x):
-                return x * x
-
-            def make_adder(n):
-                def adder(x):
-                    return x + n
-                return adder
-
-            def hang_with_child(path):
-                child = subprocess.Popen(["sleep", "300"])
-                procs = [[p, psutil.Process(p).create_time()] for p in (os.getpid(), child.pid)]
-                with open(path + ".tmp", "w") as f:
-                    json.dump({"procs": procs}, f)
-                os.replace(path + ".tmp", path)
-                time.sleep(300)
-
-            if __name__ == "__main__":
-                ray.init(address=sys.argv[1], log_to_driver=False)
-                out = {}
-                with RayExecutor(max_workers=2, kill_grace=0.5) as ex:
-                    out["square"] = ex.submit(square, 7).result(timeout=60)
-                    out["closure"] = ex.submit(make_adder(10), 5).result(timeout=60)
-                    out["lambda"] = list(ex.map(lambda x: x - 1, [3, 4]))
-                    fut = ex.options(task_timeout=1.5).submit(hang_with_child, sys.argv[2])
-                    try:
-                        fut.result(timeout=90)
-                        out["hang"] = "returned"
-                    except TaskTimeoutError:
-                        out["hang"] = "TaskTimeoutError"
-                print("RESULT " + json.dumps(out), flush=True)
-            """
-        )
-    )
+    imports = """
+        import ray
+        from pgexecutor import TaskTimeoutError
+        from pgexecutor.ray import RayExecutor
+        """
+    main = """
+        if __name__ == "__main__":
+            ray.init(address=sys.argv[1], log_to_driver=False)
+            out = {}
+            with RayExecutor(max_workers=2, kill_grace=0.5) as ex:
+                out["square"] = ex.submit(square, 7).result(timeout=60)
+                out["closure"] = ex.submit(make_adder(10), 5).result(timeout=60)
+                out["lambda"] = list(ex.map(lambda x: x - 1, [3, 4]))
+                fut = ex.options(task_timeout=1.5).submit(hang_with_child, sys.argv[2])
+                try:
+                    fut.result(timeout=90)
+                    out["hang"] = "returned"
+                except TaskTimeoutError:
+                    out["hang"] = "TaskTimeoutError"
+            print("RESULT " + json.dumps(out), flush=True)
+        """
     address = ray.get_runtime_context().gcs_address
-    proc = subprocess.run(
-        [sys.executable, str(script), address, path],
-        capture_output=True,
-        text=True,
-        timeout=140,
-        cwd=str(tmp_path),
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout + proc.stderr
-    out = json.loads(lines[-1][len("RESULT ") :])
+    out = run_main_script(tmp_path, imports, main, [address, path], timeout=140)
     assert out == {"square": 49, "closure": 15, "lambda": [2, 3], "hang": "TaskTimeoutError"}
     assert_tree_gone(read_report(path))
