@@ -89,6 +89,61 @@ def run_main_script(tmp_path, imports: str, main: str, argv: list[str], timeout:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+def read_report(path, timeout: float = 60.0) -> dict:
+    """The JSON report a tree-spawning task wrote (its processes as [pid, create_time])."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            time.sleep(0.05)
+    raise AssertionError(f"the task never reported its processes in {path}")
+
+
+def procs_alive(procs) -> list[int]:
+    """Pids of ``[pid, create_time]`` pairs whose process still runs (zombies are dead;
+    the start time tells a recycled pid from the process that was reported)."""
+    left = []
+    for pid, ctime in procs:
+        try:
+            p = psutil.Process(pid)
+            if abs(p.create_time() - ctime) < 0.05 and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return left
+
+
+def wait_procs_gone(procs, timeout: float) -> list[int]:
+    """Wait up to ``timeout`` s for every ``[pid, create_time]`` pair to be gone; return
+    the pids still alive then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = procs_alive(procs)
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.1)
+
+
+def assert_tree_gone(report: dict, timeout: float) -> float:
+    """Assert every process a task reported is gone within ``timeout`` s; return how
+    long that took. After a failed check, SIGKILL exactly those processes."""
+    procs = report["procs"]
+    t0 = time.monotonic()
+    left = wait_procs_gone(procs, timeout)
+    if left:
+        for pid, ctime in procs:
+            try:
+                p = psutil.Process(pid)
+                if abs(p.create_time() - ctime) < 0.05:
+                    p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    assert not left, f"task processes survived {timeout:g}s: {left} of {procs}"
+    return time.monotonic() - t0
+
+
 def alive(pid: int) -> bool:
     """The process exists and is not a zombie (a zombie is dead, only unreaped)."""
     try:

@@ -12,14 +12,15 @@ worker runs last and waits for the nanny to bring the worker back.
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import signal
 import time
 
+import conftest
 import psutil
 import pytest
-from conftest import require_extra, run_main_script
+from conftest import procs_alive, read_report, require_extra, run_main_script, wait_procs_gone
 
 
 def _module_extra(module: str, extra: str):
@@ -49,56 +50,8 @@ GONE_WITHIN = 15.0  # generous: two shared, noisy cores
 # ---------------------------------------------------------------- helpers
 
 
-def read_report(path, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
-            time.sleep(0.05)
-    raise AssertionError(f"the task never reported its processes in {path}")
-
-
-def alive(procs) -> list[int]:
-    """Pids of ``[pid, create_time]`` pairs whose process still runs (zombies are dead)."""
-    left = []
-    for pid, ctime in procs:
-        try:
-            p = psutil.Process(pid)
-            if abs(p.create_time() - ctime) < 0.05 and p.status() != psutil.STATUS_ZOMBIE:
-                left.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return left
-
-
-def wait_gone(procs, timeout: float = GONE_WITHIN) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while True:
-        left = alive(procs)
-        if not left or time.monotonic() >= deadline:
-            return left
-        time.sleep(0.1)
-
-
-def kill_leftovers(procs) -> None:
-    """After a failed check: SIGKILL the exact processes the task reported."""
-    for pid, ctime in procs:
-        try:
-            p = psutil.Process(pid)
-            if abs(p.create_time() - ctime) < 0.05:
-                p.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
-def assert_tree_gone(report: dict) -> None:
-    procs = report["procs"]
-    left = wait_gone(procs)
-    if left:
-        kill_leftovers(procs)
-    assert not left, f"task processes survived {GONE_WITHIN:g}s: {left} of {procs}"
+# Each test here checks against this module's bound (keyword ``timeout`` overrides it).
+assert_tree_gone = functools.partial(conftest.assert_tree_gone, timeout=GONE_WITHIN)
 
 
 # ---------------------------------------------------------------- the cluster
@@ -245,7 +198,7 @@ def test_cancel_kills_the_running_group_and_frees_the_slot(client, tmp_path):
     assert freed < 15, f"the slot took {freed:.1f} s to free"
     assert_tree_gone(reports[0])
     # Only the cancelled task's group was killed.
-    assert len(alive(reports[1]["procs"])) == 3
+    assert len(procs_alive(reports[1]["procs"])) == 3
     client.cancel(futs[1])
     assert_tree_gone(reports[1])
 
@@ -328,7 +281,7 @@ def test_sigkilled_dask_worker_leaves_no_task_tree(client, tmp_path):
     os.kill(dask_worker, signal.SIGKILL)  # a process of the cluster this module started
     assert_tree_gone(report)
     print(f"\ntask tree gone {time.monotonic() - t0:.2f} s after SIGKILL of the Dask worker")
-    assert not wait_gone(guardians), "the guardian outlived its Dask worker"
+    assert not wait_procs_gone(guardians, GONE_WITHIN), "the guardian outlived its Dask worker"
     # The scheduler reruns the task elsewhere; that run returns at once (once=True).
     assert fut.result(timeout=90) == "second run"
     client.wait_for_workers(2, timeout=90)

@@ -9,7 +9,7 @@ not import anything from tests/.
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import signal
 import subprocess
@@ -18,9 +18,9 @@ import textwrap
 import threading
 import time
 
-import psutil
+import conftest
 import pytest
-from conftest import require_extra, run_main_script
+from conftest import read_report, require_extra, run_main_script
 
 
 def _module_extra(module: str, extra: str):
@@ -78,48 +78,8 @@ def ex():
 # ---------------------------------------------------------------- helpers
 
 
-def read_report(path, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
-            time.sleep(0.05)
-    raise AssertionError(f"the task never reported its processes in {path}")
-
-
-def alive(procs) -> list[int]:
-    """Pids of ``[pid, create_time]`` pairs whose process still runs (zombies are dead)."""
-    left = []
-    for pid, ctime in procs:
-        try:
-            p = psutil.Process(pid)
-            if abs(p.create_time() - ctime) < 0.05 and p.status() != psutil.STATUS_ZOMBIE:
-                left.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return left
-
-
-def assert_tree_gone(report: dict, timeout: float = GONE_WITHIN) -> float:
-    procs = report["procs"]
-    t0 = time.monotonic()
-    while True:
-        left = alive(procs)
-        if not left or time.monotonic() - t0 >= timeout:
-            break
-        time.sleep(0.1)
-    if left:
-        for pid, ctime in procs:  # exactly the processes the task reported
-            try:
-                p = psutil.Process(pid)
-                if abs(p.create_time() - ctime) < 0.05:
-                    p.kill()
-            except psutil.NoSuchProcess:
-                pass
-    assert not left, f"task processes survived {timeout:g}s: {left} of {procs}"
-    return time.monotonic() - t0
+# Each test here checks against this module's bound (keyword ``timeout`` overrides it).
+assert_tree_gone = functools.partial(conftest.assert_tree_gone, timeout=GONE_WITHIN)
 
 
 # ---------------------------------------------------------------- start-up check
