@@ -15,7 +15,7 @@ from .errors import (
     WorkerCrashedError,
     WorkerInitializerError,
 )
-from .executor import ExecutorOptions, ProcessGroupExecutor, task_info
+from .executor import ExecutorOptions, ProcessGroupExecutor, spawned_groups, task_info
 
 __all__ = [
     "ProcessGroupExecutor",
@@ -28,6 +28,7 @@ __all__ = [
     "TaskPicklingError",
     "TaskInfo",
     "task_info",
+    "spawned_groups",
 ]
 __version__ = "0.1.0"
 

@@ -61,6 +61,7 @@ from typing import Any
 from . import _guardian
 from . import _process as proc_mod
 from . import _protocol as proto
+from ._future import end_cancelled
 from ._worker import DUMP_SIGNAL
 from .errors import (
     MemoryLimitError,
@@ -72,7 +73,6 @@ from .errors import (
 logger = logging.getLogger("pgexecutor")
 
 STARTING, READY, RETIRING, KILLING, DEAD = range(5)
-_STATE_NAMES = ("starting", "ready", "retiring", "killing", "dead")
 
 _STACK_WAIT = 0.1  # at most this long to collect a timed-out worker's stack dump
 # The dump is complete once it ends a line and the pipe stays quiet this long. The
@@ -88,6 +88,13 @@ _MAX_START_FAILURES = 3  # workers that died before READY in a row: stop retryin
 _PREFETCH_MIN = 2  # tiny tasks: at least one waiting, so a worker never idles between them
 _PREFETCH_MAX = 64  # tiny tasks: enough that a worker drains its pipe while we sleep
 _PREFETCH_BUDGET = 0.002  # seconds of (recent average) work a worker may have queued
+# A task that runs this long has tasks waiting behind it in its worker's pipe taken
+# back (their permits, see _process.permit_pipe) and run elsewhere.
+_REVOKE_AFTER = 0.005
+# The longest single sleep in poll(). Deadlines can be huge (a task_timeout of 1e9 s,
+# float('inf') grace periods are refused): poll() takes an int of milliseconds and
+# overflows past ~24 days, so the loop wakes at least this often and sleeps again.
+_MAX_SLEEP = 3600.0
 _AVG_WEIGHT = 0.25  # weight of the newest run time in the moving average
 # After failing a future (timeout, crash), wait this long before starting the
 # replacement worker: posix_spawn and its bookkeeping hold the GIL for a few ms, and
@@ -138,7 +145,6 @@ class WorkItem:
         "started",
         "pid",
         "peak_memory",
-        "on_event",
         "sent",
     )
 
@@ -149,7 +155,6 @@ class WorkItem:
         timeout: float | None,
         max_memory: int | None,
         retries: int,
-        on_event: Any = None,
     ) -> None:
         self.future = future
         self.payload = payload
@@ -161,8 +166,9 @@ class WorkItem:
         self.started = 0.0
         self.pid = 0
         self.peak_memory: int | None = None
-        self.on_event = on_event
-        self.sent = False  # handed to a worker at least once (the future is RUNNING)
+        # Handed to a worker at least once: set_running_or_notify_cancel() was called
+        # (it must be called once only) and the future is RUNNING.
+        self.sent = False
 
 
 #: why a still-starting worker is stopped at shutdown (logged at DEBUG: the normal path)
@@ -187,6 +193,8 @@ class _Worker:
         "init_failed",
         "reason",
         "reading",
+        "ready_seen",
+        "permits",
     )
 
     def __init__(self, proc: proc_mod.WorkerProcess) -> None:
@@ -206,6 +214,8 @@ class _Worker:
         self.init_failed = False
         self.reason = ""
         self.reading = True
+        self.ready_seen = False  # READY arrived: the initializer ran, tasks may start
+        self.permits = bytearray()  # permits of tasks queued in ``out``, written first
 
 
 @dataclass
@@ -303,13 +313,37 @@ class Manager:
         self._spawn_after = 0.0  # no worker starts before this (see _SPAWN_PAUSE)
         self._lock = threading.Lock()  # held by the manager except in poll (try_dispatch)
         self._serving = False  # the loop runs: try_dispatch may act for it
+        # A queued future was cancelled: sweep the queue (set by any thread, see
+        # note_cancel; cleared by the manager before each sweep).
+        self._sweep_due = False
+        # Pids of the workers serving the executor, republished by the manager on
+        # every change; other threads read this tuple and nothing else of ``workers``.
+        self.pids: tuple[int, ...] = ()
         self.thread = threading.Thread(target=self._run, name="pgexecutor-manager", daemon=True)
         self.finished = threading.Event()
 
     # ------------------------------------------------------------ other threads' API
 
     def start(self) -> None:
+        track(self)  # only started managers: interpreter exit joins their threads
         self.thread.start()
+
+    def on_manager_thread(self) -> bool:
+        """True in the manager's own thread: done-callbacks run there, and anything
+        that waits for the manager would wait for itself."""
+        return threading.current_thread() is self.thread
+
+    def note_cancel(self) -> None:
+        """A queued future was cancelled (any thread; TaskFuture.cancel calls this).
+
+        Its waiters learn of it only when the manager calls
+        ``set_running_or_notify_cancel()``, and a shutdown waits for the queue to
+        drain: so wake the manager to sweep the queue now, rather than when some
+        worker next becomes free. Many cancels in a row cost one sweep.
+        """
+        self._sweep_due = True
+        if not self._woken:
+            self._wake()
 
     def post(self, msg: Any) -> None:
         """Hand the manager a work item or a command; thread-safe and cheap.
@@ -362,7 +396,8 @@ class Manager:
                     break
             else:
                 return False
-            self._send_task(w, item)
+            if not self._send_task(w, item):
+                return True  # cancelled meanwhile: it was dropped and its waiters told
             self._flush(w)
             if w.out:  # the pipe took only part after all: the manager must watch it
                 self._wake()
@@ -421,12 +456,14 @@ class Manager:
                 for w in list(self.workers.values()):
                     if w.state != DEAD:
                         self._on_exit(w)
+            if self._sweep_due:
+                self._sweep_cancelled()
             self._check_timers(now)
             self._dispatch()
             if self.shutting_down and self._finish_shutdown():
                 return
             timeout = self._next_wakeup()
-            ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
+            ms = -1 if timeout is None else int(min(timeout, _MAX_SLEEP) * 1000 + 0.999)
             lock.release()
             try:
                 events = self._poller.poll(ms)
@@ -462,6 +499,12 @@ class Manager:
             if type(msg) is WorkItem:
                 self.queue.append(msg)
             else:
+                # Tasks submitted before the command are handed out first (workers
+                # started for them, still starting, included): a shutdown with
+                # cancel_futures right after a burst of submits cancels only what no
+                # worker took, as with the standard library's call queue.
+                if self.queue and not self.shutting_down:
+                    self._dispatch()
                 self._command(*msg)
 
     def _command(self, name: str, *args: Any) -> None:
@@ -469,15 +512,15 @@ class Manager:
             (cancel_futures,) = args
             self.shutting_down = True
             if cancel_futures:
-                self._cancel_queue()
+                self._cancel_queue(running_too=False)
         elif name == "terminate":
             (hard, reason) = args
             self.shutting_down = True
-            self._cancel_queue()
+            self._cancel_queue(running_too=True)
             now = time.monotonic()
             for w in list(self.workers.values()):
                 if w.state in (STARTING, READY, RETIRING):
-                    if w.inflight:
+                    if w.inflight and w.inflight[0].started:
                         item = w.inflight.popleft()
                         self._fail(item, WorkerCrashedError(w.pid, None, reason), "crashed", now)
                     # Tasks waiting in its pipe never started: cancelled, not crashed.
@@ -489,25 +532,53 @@ class Manager:
         elif name == "cancel":
             (future,) = args
             self._cancel_running(future)
+        else:
+            logger.error("pgexecutor: unknown manager command %r ignored", name)
 
-    def _cancel_queue(self) -> None:
-        while self.queue:
-            item = self.queue.popleft()
-            if not item.future.cancel():
-                # Already running (a retry waiting for a new worker): fail it instead.
-                self._fail(item, CancelledError(), "cancelled", time.monotonic())
+    def _cancel_queue(self, running_too: bool) -> None:
+        """Cancel the queued tasks no worker has been handed yet, as the standard
+        library's ``shutdown(cancel_futures=True)`` does. A task that was handed to a
+        worker and is queued again (its worker died, a retry follows; or it was taken
+        back from a busy worker) is RUNNING: it runs to completion, unless
+        ``running_too`` (terminate/kill: nothing more runs)."""
+        now = time.monotonic()
+        keep: deque[WorkItem] = deque()
+        for item in self.queue:
+            if item.sent and not running_too:
+                keep.append(item)
             else:
-                self.stats.cancelled += 1
+                self._fail(item, CancelledError(), "cancelled", now)
+        self.queue = keep
+
+    def _sweep_cancelled(self) -> None:
+        """Drop the queued futures their users cancelled and tell their waiters."""
+        self._sweep_due = False  # before the sweep: a cancel during it sweeps again
+        keep: deque[WorkItem] = deque()
+        now = time.monotonic()
+        for item in self.queue:
+            if not item.sent and item.future.cancelled():
+                self._fail(item, CancelledError(), "cancelled", now)
+            else:
+                keep.append(item)
+        self.queue = keep
 
     def _cancel_running(self, future: Future[Any]) -> None:
-        """Kill the worker running ``future`` (used by integrations such as Dask)."""
+        """Stop ``future``'s task for good (integrations such as Dask): kill the
+        worker running it, or drop it from the queue or from a worker's pipe."""
         now = time.monotonic()
         for w in list(self.workers.values()):
-            if w.state in (READY, RETIRING) and w.inflight and w.inflight[0].future is future:
+            if w.state not in (STARTING, READY, RETIRING):
+                continue
+            if not any(i.future is future for i in w.inflight):
+                continue
+            self._read_results(w)  # answers in the pipe move the head on
+            if w.inflight and w.inflight[0].future is future and w.inflight[0].started:
                 item = w.inflight.popleft()
                 self._kill(w, "its task was cancelled", hard=False, now=now)
                 self._fail(item, CancelledError(), "cancelled", now)
                 return
+            self._revoke(w, everything=True)  # waiting in the pipe: take it back
+            break
         for item in list(self.queue):
             if item.future is future:
                 self.queue.remove(item)
@@ -519,12 +590,15 @@ class Manager:
         best: float | None = None
         for w in self.workers.values():
             t: float | None = None
-            if w.state in (READY, RETIRING) and w.inflight:
+            if w.state in (READY, RETIRING) and w.inflight and w.inflight[0].started:
                 head = w.inflight[0]
                 if head.timeout is not None:
                     t = head.started + head.timeout
                 if head.max_memory is not None:
                     t = w.next_memory if t is None else min(t, w.next_memory)
+                if len(w.inflight) > 1:
+                    revoke = head.started + _REVOKE_AFTER
+                    t = revoke if t is None else min(t, revoke)
             elif w.state == KILLING and not w.kill_sent:
                 t = w.kill_at
             elif w.state == DEAD:
@@ -549,6 +623,7 @@ class Manager:
         proc = proc_mod.spawn_worker(self.cfg.mp_context)
         w = _Worker(proc)
         self.workers[w.pid] = w
+        self._publish_pids()
         self.stats.workers_started += 1
         _guardian.register(w.pid, proc.create_time, self.cfg.kill_grace)
         if proc.pidfd >= 0:
@@ -563,6 +638,14 @@ class Manager:
         self._flush(w)
         logger.debug("started worker pid=%d pgid=%d", w.pid, w.pid)
 
+    def _publish_pids(self) -> None:
+        """Republish ``pids``: the workers that serve the executor, i.e. not those
+        being killed (signalled, in their kill grace) or dead and not yet reaped.
+        One tuple assignment: readers in other threads see the old or the new."""
+        self.pids = tuple(
+            w.pid for w in self.workers.values() if w.state in (STARTING, READY, RETIRING)
+        )
+
     def _active(self) -> int:
         n = 0
         for w in self.workers.values():
@@ -570,8 +653,9 @@ class Manager:
                 n += 1
         return n
 
-    def _adjust_workers(self) -> None:
-        """Start workers up to the target: replace dead ones, grow for queued work."""
+    def _adjust_workers(self) -> bool:
+        """Start workers up to the target: replace dead ones, grow for queued work.
+        True if it started any."""
         if self.queue:
             if self._target < self.cfg.max_workers:
                 busy = 0
@@ -580,10 +664,11 @@ class Manager:
                         busy += 1
                 self._target = max(self._target, min(self.cfg.max_workers, len(self.queue) + busy))
         elif self.shutting_down:
-            return
+            return False
         active = self._active()
         if active < self._target and self._spawn_after > time.monotonic():
-            return  # a caller was just woken: let it run first (see _SPAWN_PAUSE)
+            return False  # a caller was just woken: let it run first (see _SPAWN_PAUSE)
+        started = False
         while active < self._target:
             try:
                 self._spawn()
@@ -591,8 +676,10 @@ class Manager:
                 logger.error("could not start a worker: %s", exc)
                 self._fail_queue(WorkerCrashedError(None, None, f"could not start a worker: {exc}"))
                 self._target = 0
-                return
+                return started
             active += 1
+            started = True
+        return started
 
     def _pool_is_full(self) -> bool:
         """Every worker the pool may have is running and ready for work."""
@@ -605,13 +692,28 @@ class Manager:
         return ready >= self.cfg.max_workers
 
     def _dispatch(self) -> None:
+        """Hand queued tasks to workers; start workers the queue needs, and hand
+        them their first task at once (so it counts as handed over: a shutdown with
+        cancel_futures right after still lets it run, as the standard library's
+        call queue does)."""
+        self._hand_out()
+        if self._adjust_workers() and self.queue:
+            self._hand_out()
+
+    def _hand_out(self) -> None:
         if self.queue:
+            # Ready workers first, then those still starting: a task handed to a
+            # starting worker is written after its INIT and begins (its clock too)
+            # once the initializer ran. Handed over is handed over: like the standard
+            # library's call queue, shutdown(cancel_futures=True) no longer cancels it.
             ready = [w for w in self.workers.values() if w.state == READY]
+            ready += [w for w in self.workers.values() if w.state == STARTING]
             # Idle workers first, then one level deeper on each, round robin. A
             # prefetched task waits behind the one running, so prefetch only when the
             # pool cannot grow: while a worker is still starting (or more may start)
             # the next task must go to it, or two tasks that need to run side by side
-            # would run one after the other.
+            # would run one after the other. What waits in a pipe behind a task that
+            # turns out long is taken back (_revoke).
             if self._pool_is_full():
                 now = time.monotonic()
                 limits = [self._prefetch_depth(w, now) for w in ready]
@@ -620,16 +722,17 @@ class Manager:
             queue = self.queue
             for depth in range(max(limits, default=0)):
                 for w, limit in zip(ready, limits, strict=True):
-                    if depth < limit and len(w.inflight) == depth and w.state == READY:
-                        self._send_task(w, queue.popleft())
+                    if depth < limit and len(w.inflight) == depth and w.state in (READY, STARTING):
+                        # Pop until one is sent: cancelled futures are dropped here.
+                        while queue and not self._send_task(w, queue.popleft()):
+                            pass
                         if not queue:
                             break
                 if not queue:
                     break
             for w in ready:
-                if w.out:
+                if w.out or w.permits:
                     self._flush(w)
-        self._adjust_workers()
 
     def _prefetch_depth(self, w: _Worker, now: float) -> int:
         """How many tasks ``w`` may hold: the one running plus those in its pipe.
@@ -651,16 +754,20 @@ class Manager:
             return 1  # the running one already looks long: queue nothing behind it
         return max(_PREFETCH_MIN, min(_PREFETCH_MAX, int(_PREFETCH_BUDGET / max(avg, 1e-6))))
 
-    def _send_task(self, w: _Worker, item: WorkItem) -> None:
+    def _send_task(self, w: _Worker, item: WorkItem) -> bool:
+        """Queue ``item`` for ``w`` (``_flush`` writes it); False if it was cancelled
+        while queued (then it is dropped, and its waiters are told)."""
         if not item.sent:
             if not item.future.set_running_or_notify_cancel():
                 self.stats.cancelled += 1
-                return  # cancelled while queued
+                _set_info(item, "cancelled", time.monotonic())
+                return False
             item.sent = True
         item.pid = w.pid
         w.inflight.append(item)
-        if len(w.inflight) == 1:
+        if len(w.inflight) == 1 and w.ready_seen:
             self._start_clock(w, item, time.monotonic())
+        w.permits += item.task_id.to_bytes(8, "little")
         payload = item.payload
         if type(payload) is bytes:
             if len(payload) < _JOIN_BELOW:
@@ -678,6 +785,7 @@ class Manager:
         if limit is not None and w.tasks_sent >= limit:
             self._queue_frame(w, proto.frame(proto.EXIT))
             w.state = RETIRING
+        return True
 
     def _start_clock(self, w: _Worker, item: WorkItem, now: float) -> None:
         """The task at the head of a worker's pipe starts now (deadlines count from here).
@@ -695,7 +803,23 @@ class Manager:
             w.out.append(memoryview(data))
 
     def _flush(self, w: _Worker) -> None:
-        """Write what the pipe takes now; the rest waits for POLLOUT."""
+        """Write what the pipe takes now; the rest waits for POLLOUT.
+
+        Permits go first: the worker must find a task's permit by the time it
+        reads the task (see _process.permit_pipe).
+        """
+        if w.permits:
+            try:
+                n = os.write(w.proc.permits_w, w.permits)
+                del w.permits[:n]
+            except BlockingIOError:
+                pass
+            except OSError:
+                w.permits.clear()  # the worker is gone; its pidfd will tell us
+            if w.permits:
+                # Cannot happen in practice: at most _PREFETCH_MAX permits per worker
+                # are unclaimed and a pipe holds 8192. No task may pass its permit.
+                return
         fd = w.proc.to_worker
         out = w.out
         try:
@@ -755,7 +879,11 @@ class Manager:
         elif kind == proto.READY:
             if w.state == STARTING:
                 w.state = READY
+            w.ready_seen = True
             self._start_failures = 0
+            if w.inflight and not w.inflight[0].started:
+                # Handed over while the worker started: it begins now.
+                self._start_clock(w, w.inflight[0], time.monotonic())
         elif kind == proto.INIT_FAILED:
             summary, text = proto.loads(payload)
             w.init_failed = True
@@ -763,6 +891,7 @@ class Manager:
             init_err = WorkerInitializerError(
                 f"the executor's initializer failed in a new worker: {summary}", text
             )
+            self._requeue(w.inflight)  # handed to it while it started: they fail too
             self._fail_queue(init_err)
             self._target = 0  # do not restart workers to fail again; a new submit will
 
@@ -813,15 +942,17 @@ class Manager:
             self.stats.failed += 1
         else:
             self.stats.cancelled += 1
+        if isinstance(exc, CancelledError):
+            end_cancelled(fut, running=item.sent)
+            return
         if fut.done():
             return
-        if isinstance(exc, CancelledError):
-            # A running future cannot be cancelled through the Future API; mark it so.
-            with fut._condition:  # type: ignore[attr-defined]
-                fut._state = "CANCELLED_AND_NOTIFIED"  # type: ignore[attr-defined]
-                fut._condition.notify_all()  # type: ignore[attr-defined]
-            fut._invoke_callbacks()  # type: ignore[attr-defined]
-            return
+        if not item.sent:
+            # Never handed over (a queue failed as a whole): PENDING to RUNNING first,
+            # which is also where a concurrent cancel() of its user wins.
+            item.sent = True
+            if not fut.set_running_or_notify_cancel():
+                return
         fut.set_exception(exc)
 
     def _fail_or_retry(self, item: WorkItem, exc: BaseException, outcome: str, now: float) -> None:
@@ -851,8 +982,11 @@ class Manager:
         now = time.monotonic()
         while self.queue:
             item = self.queue.popleft()
-            if not item.sent and not item.future.set_running_or_notify_cancel():
-                continue
+            if not item.sent:
+                if not item.future.set_running_or_notify_cancel():
+                    self.stats.cancelled += 1  # cancelled while queued; waiters told now
+                    continue
+                item.sent = True
             self._fail(item, exc, "crashed", now)
 
     def _requeue(self, items: deque[WorkItem]) -> None:
@@ -867,16 +1001,52 @@ class Manager:
     def _check_timers(self, now: float) -> None:
         for w in list(self.workers.values()):
             st = w.state
-            if st in (READY, RETIRING) and w.inflight:
+            if st in (READY, RETIRING) and w.inflight and w.inflight[0].started:
                 head = w.inflight[0]
                 if head.timeout is not None and now >= head.started + head.timeout:
                     self._on_timeout(w, head, now)
-                elif head.max_memory is not None and now >= w.next_memory:
+                    continue
+                if len(w.inflight) > 1 and now >= head.started + _REVOKE_AFTER:
+                    self._revoke(w)
+                if head.max_memory is not None and now >= w.next_memory:
                     self._sample_memory(w, head, now)
             elif st == KILLING and not w.kill_sent and w.kill_at is not None and now >= w.kill_at:
                 self._escalate(w)
             elif st == DEAD and now >= w.next_check:
                 self._check_dead(w, now)
+
+    def _revoke(self, w: _Worker, everything: bool = False) -> None:
+        """Take back the tasks waiting in ``w``'s pipe behind a long one; queue them
+        first, to run on whichever worker is free (see _process.permit_pipe).
+
+        Only tasks whose permit is still in the pipe come back: the worker has not
+        begun them and never will. ``everything``: the head too, if the worker has
+        not claimed it yet (integrations cancelling a task that waits).
+        """
+        self._read_results(w)  # finished ones are not waiting any more
+        if len(w.inflight) < (1 if everything else 2):
+            return
+        # Permits not written yet belong to the newest tasks; then the pipe's.
+        taken = len(w.permits) // 8
+        w.permits.clear()
+        try:
+            taken += len(os.read(w.proc.permits_r, 8 * len(w.inflight))) // 8
+        except OSError:  # BlockingIOError: every permit in the pipe was claimed
+            pass
+        taken = min(taken, len(w.inflight))
+        if not taken:
+            return
+        back: list[WorkItem] = [w.inflight.pop() for _ in range(taken)]
+        for item in back:
+            if item.started:
+                # The head, not claimed yet (the worker was slow to reach it): its
+                # clock had started, but that was no attempt.
+                item.started = 0.0
+                item.attempts -= 1
+        self.queue.extendleft(back)  # popped last-first: extendleft restores the order
+        if w.state == READY:
+            w.tasks_sent -= taken
+        logger.debug("took %d waiting task(s) back from worker pid=%d", taken, w.pid)
 
     def _on_timeout(self, w: _Worker, item: WorkItem, now: float) -> None:
         self._read_results(w)  # the answer may be sitting in the pipe
@@ -970,6 +1140,7 @@ class Manager:
         if w.state in (KILLING, DEAD):
             return
         w.state = KILLING
+        self._publish_pids()
         w.reason = reason
         self.stats.workers_killed += 1
         self._requeue(w.inflight)
@@ -1007,7 +1178,7 @@ class Manager:
         now = time.monotonic()
         was = w.state
         if was in (STARTING, READY, RETIRING):
-            if w.inflight:
+            if w.inflight and w.inflight[0].started:
                 item = w.inflight.popleft()
                 self.stats.crashed += 1
                 logger.warning(
@@ -1018,7 +1189,9 @@ class Manager:
                 self._fail_or_retry(item, err, "crashed", now)
                 self._requeue(w.inflight)
                 self._spawn_after = time.monotonic() + _SPAWN_PAUSE
-            elif was == STARTING and not w.init_failed:
+            elif not w.ready_seen and not w.init_failed:
+                # Died while starting; what it was handed never began.
+                self._requeue(w.inflight)
                 self._start_failures += 1
                 logger.warning("worker pid=%d exited (code %s) before it was ready", w.pid, code)
                 if self._start_failures >= _MAX_START_FAILURES:
@@ -1029,9 +1202,12 @@ class Manager:
                         )
                     )
                     self._target = 0
-            elif was == READY and not self.shutting_down:
-                logger.warning("idle worker pid=%d died (exit code %s); replacing it", w.pid, code)
+            else:
+                self._requeue(w.inflight)
+                if was == READY and not self.shutting_down:
+                    logger.warning("idle worker pid=%d died (exit code %s); replacing it", w.pid, code)
         w.state = DEAD
+        self._publish_pids()
         if not w.term_sent:
             # Whatever the task left in the group hears SIGTERM first, SIGKILL later.
             proc_mod.signal_group(w.pid, signal.SIGTERM)
@@ -1062,6 +1238,7 @@ class Manager:
             self._unregister(fd)
         w.proc.close_fds()
         del self.workers[w.pid]
+        self._publish_pids()
         if w.reason == _NOT_NEEDED:
             logger.debug("worker pid=%d pgid=%d stopped while starting: %s", w.pid, w.pid, w.reason)
         elif w.reason:
@@ -1118,6 +1295,25 @@ class Manager:
                 item.future.set_exception(err)
         self.queue.clear()
 
+    def close_unstarted(self) -> None:
+        """Shut down a manager whose thread never started: nothing ran, so only
+        its wake-up pipe is to be closed."""
+        self._close()
+        self.finished.set()
+
+    def abandon_after_fork(self) -> None:
+        """In a forked child: this manager is the parent's. Its thread does not exist
+        here and its workers are the parent's to use, so nothing may reach them from
+        here: no wake byte (post() becomes a no-op), no task written. The locks may
+        have been copied held by threads that do not exist in the child. The fds
+        themselves are closed by _process's own at-fork hook."""
+        self._wake_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._closed = True
+        self._serving = False
+        self.finished = threading.Event()  # the old one's lock may be held, too
+        self.finished.set()
+
     def _close(self) -> None:
         with self._wake_lock:
             if self._closed:
@@ -1133,6 +1329,7 @@ class Manager:
 # ---------------------------------------------------------------- interpreter exit
 
 _live: weakref.WeakSet[Manager] = weakref.WeakSet()
+_EXIT_NOTICE_AFTER = 10.0  # seconds of waiting at exit before saying why
 _global_shutdown = False
 _exit_lock = threading.Lock()
 
@@ -1142,6 +1339,8 @@ def _after_fork_in_child() -> None:
     forked child, and its exit must not post to (or wait for) them. The exit lock may
     have been copied held."""
     global _exit_lock
+    for m in list(_live):
+        m.abandon_after_fork()
     _live.clear()
     _exit_lock = threading.Lock()
 
@@ -1165,7 +1364,7 @@ def _python_exit() -> None:
     global _global_shutdown
     with _exit_lock:
         _global_shutdown = True
-    managers = list(_live)
+    managers = list(_live)  # started ones only (see Manager.start)
     hard = _exiting_on_interrupt()
     for m in managers:
         if hard:
@@ -1174,7 +1373,17 @@ def _python_exit() -> None:
             m.post(("shutdown", False))
     try:
         for m in managers:
-            m.thread.join()
+            # Finishing submitted work can take as long as that work; a task that
+            # never ends (no task_timeout) keeps the program from exiting, as with
+            # ProcessPoolExecutor. Say so once, and how to get out: Ctrl-C below.
+            m.thread.join(_EXIT_NOTICE_AFTER)
+            if m.thread.is_alive():
+                logger.warning(
+                    "interpreter exit waits for the tasks submitted to an executor; "
+                    "a task with no task_timeout may never end: Ctrl-C kills every "
+                    "worker group at once"
+                )
+                m.thread.join()
     except KeyboardInterrupt:
         _kill_everything(managers)
         raise

@@ -38,8 +38,9 @@ if TYPE_CHECKING:
     from .errors import TaskPicklingError
 
 # fds a fresh worker finds its pipes at: tasks in, results out, stack dumps out,
-# and a unix socket that carries shared memory (memfds) for large results.
-CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD, CHILD_SHM_FD = 3, 4, 5, 6
+# a unix socket that carries shared memory (memfds) for large results, and the
+# permits it must take before it runs a task (see _process.permit_pipe).
+CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD, CHILD_SHM_FD, CHILD_PERMIT_FD = 3, 4, 5, 6, 7
 
 #: kind (1 byte), ident (task id, or pid for READY), payload size.
 HEADER = struct.Struct("<BQQ")

@@ -52,7 +52,13 @@ from typing import Any
 import dask.utils
 from distributed import Reschedule, WorkerPlugin
 
-from .executor import ProcessGroupExecutor, _check_memory, _check_retries, _check_timeout
+from .executor import (
+    ProcessGroupExecutor,
+    _check_grace,
+    _check_memory,
+    _check_retries,
+    _check_timeout,
+)
 
 try:
     from dask._task_spec import GraphNode, Task
@@ -120,9 +126,7 @@ class ProcessGroupPlugin(WorkerPlugin):
     ) -> None:
         self.task_timeout = _timeout(task_timeout)
         self.max_memory = _memory(max_memory)
-        self.kill_grace = float(kill_grace)
-        if self.kill_grace < 0:
-            raise ValueError("kill_grace must be >= 0")
+        self.kill_grace = _check_grace(kill_grace)
         self.retries = _check_retries(retries)
         self.max_tasks_per_child = max_tasks_per_child
         self.threads_executor = threads_executor

@@ -14,9 +14,11 @@ from __future__ import annotations
 # child, and the child's first executor would hang on it.
 import fcntl  # noqa: F401
 import itertools
+import math
 import mmap  # noqa: F401
 import multiprocessing
 import multiprocessing.connection  # noqa: F401
+import operator
 import os
 import socket  # noqa: F401
 import sys
@@ -33,8 +35,9 @@ import cloudpickle  # noqa: F401
 import psutil  # noqa: F401
 from tblib import pickling_support  # noqa: F401
 
-from . import _manager, _progress
+from . import _manager, _process, _progress
 from . import _protocol as proto
+from ._future import TaskFuture
 from ._manager import Manager, ManagerConfig, TaskInfo, WorkItem
 from ._worker import run_chunk
 
@@ -48,29 +51,78 @@ def _default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def _real(value: Any, name: str, what: str) -> float:
+    """``value`` as a float if it is a real number, else an error naming ``name``.
+
+    bool, str and None are refused although float() would take some of them: a
+    ``True`` or ``"10"`` passed as a number of seconds is a mistake, not a setting.
+    """
+    if value is None or isinstance(value, (bool, str, bytes)):
+        raise TypeError(f"{name} must be {what}, not {type(value).__name__} {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be {what}, not {type(value).__name__} {value!r}") from None
+    if math.isnan(number):
+        raise ValueError(f"{name} must be {what}, not nan")
+    return number
+
+
+def _integer(value: Any, name: str, what: str) -> int:
+    """``value`` as an int: an int, or a float without fraction (``2e9`` bytes).
+    ``1.5`` is refused rather than truncated: silently 1 is never what was meant."""
+    if isinstance(value, bool) or value is None:
+        raise TypeError(f"{name} must be {what}, not {type(value).__name__} {value!r}")
+    if isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            raise ValueError(f"{name} must be {what}, not {value!r}")
+        return int(value)
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {what}, not {type(value).__name__} {value!r}") from None
+
+
 def _check_timeout(value: float | None, name: str) -> float | None:
+    """A time limit: a positive number of seconds; None or ``inf`` for none."""
     if value is None:
         return None
-    value = float(value)
-    if not value > 0:
-        raise ValueError(f"{name} must be a positive number of seconds or None")
-    return value
+    number = _real(value, name, "a positive number of seconds or None")
+    if not number > 0:
+        raise ValueError(f"{name} must be a positive number of seconds or None, not {value!r}")
+    return None if math.isinf(number) else number
+
+
+def _check_grace(value: float) -> float:
+    """kill_grace: finite and >= 0, or a SIGTERM-proof task would never be killed."""
+    number = _real(value, "kill_grace", "a finite number of seconds >= 0")
+    if not (number >= 0 and math.isfinite(number)):
+        raise ValueError(f"kill_grace must be a finite number of seconds >= 0, not {value!r}")
+    return number
 
 
 def _check_memory(value: int | None) -> int | None:
     if value is None:
         return None
-    value = int(value)
-    if value <= 0:
-        raise ValueError("max_memory must be a positive number of bytes or None")
-    return value
+    number = _integer(value, "max_memory", "a positive whole number of bytes or None")
+    if number <= 0:
+        raise ValueError(f"max_memory must be a positive whole number of bytes or None, not {value!r}")
+    return number
 
 
 def _check_retries(value: int) -> int:
-    value = int(value)
-    if value < 0:
-        raise ValueError("retries must be >= 0")
-    return value
+    number = _integer(value, "retries", "a whole number >= 0")
+    if number < 0:
+        raise ValueError(f"retries must be a whole number >= 0, not {value!r}")
+    return number
+
+
+def spawned_groups() -> frozenset[int]:
+    """Every worker process group this process has created, by id (a worker's pid is
+    its group's id), for proving that nothing leaked: once the executors that made
+    them have shut down, no process may still belong to any of these groups (check
+    with ``os.getpgid`` or psutil). Holds the last 100,000."""
+    return _process.spawned_pgids()
 
 
 def task_info(future: Future[Any]) -> TaskInfo | None:
@@ -110,10 +162,12 @@ class ProcessGroupExecutor(Executor):
             raise OSError("ProcessGroupExecutor needs POSIX process groups (Linux, macOS)")
         if max_workers is None:
             max_workers = _default_workers()
-        elif max_workers <= 0:
-            raise ValueError("max_workers must be greater than 0")
+        else:
+            max_workers = _integer(max_workers, "max_workers", "a whole number > 0 or None")
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
         if max_tasks_per_child is not None:
-            if not isinstance(max_tasks_per_child, int):
+            if isinstance(max_tasks_per_child, bool) or not isinstance(max_tasks_per_child, int):
                 raise TypeError("max_tasks_per_child must be an integer")
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
@@ -121,9 +175,7 @@ class ProcessGroupExecutor(Executor):
             raise TypeError("initializer must be a callable")
         if isinstance(mp_context, str):
             mp_context = multiprocessing.get_context(mp_context)
-        kill_grace = float(kill_grace)
-        if kill_grace < 0:
-            raise ValueError("kill_grace must be >= 0")
+        kill_grace = _check_grace(kill_grace)
         self._max_workers = max_workers
         self._mp_context = mp_context
         self._task_timeout = _check_timeout(task_timeout, "task_timeout")
@@ -152,7 +204,9 @@ class ProcessGroupExecutor(Executor):
         self._failed_in_caller = 0  # futures failed in submit() (arguments would not pickle)
         self._shutdown = False
         self._started = False
-        _manager.track(self._manager)
+        # The process whose executor this is: a forked child inherits the object, but
+        # not the manager thread, and the workers are the parent's (see _forked).
+        self._owner_pid = os.getpid()
         # If the executor is dropped without shutdown, finish its work and clean up,
         # as shutdown(wait=False) would. The finalizer must not reference self.
         weakref.finalize(self, self._manager.post, ("shutdown", False))
@@ -171,28 +225,53 @@ class ProcessGroupExecutor(Executor):
         max_memory: int | None,
         retries: int,
     ) -> Future[Any]:
+        self._refuse_if_forked("submit to")
+        self._refuse_if_shut_down()  # before pickling: a closed pool says so first
+        # Pickled outside the lock: submitting threads do not wait on each other's
+        # pickling (a large argument can take a while).
+        try:
+            payload: bytes | proto.OOBPayload | None = proto.dumps_task((fn, args, kwargs))
+            error: BaseException | None = None
+        except BaseException as exc:
+            payload, error = None, exc
         with self._shutdown_lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            if _manager._global_shutdown:
-                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            self._refuse_if_shut_down()
             if not self._started:
                 self._started = True
                 self._manager.start()
-            try:
-                payload = proto.dumps_task((fn, args, kwargs))
-            except BaseException as exc:
-                self._manager.stats.submitted += 1
+            self._manager.stats.submitted += 1
+            if payload is None:
                 # Counted apart from the manager's ``failed``: two threads doing += on
                 # one attribute could lose an increment.
                 self._failed_in_caller += 1
-                return _unpicklable_arguments(exc)
-            self._manager.stats.submitted += 1
-            fut: Future[Any] = Future()
+                assert error is not None
+                return _unpicklable_arguments(error)
+            fut = TaskFuture(self._manager.note_cancel)
             item = WorkItem(fut, payload, timeout, max_memory, retries)
             if not self._manager.try_dispatch(item):
                 self._manager.post(item)
             return fut
+
+    def _refuse_if_shut_down(self) -> None:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if _manager._global_shutdown:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    def _forked(self) -> bool:
+        """True in a child forked from the process that made this executor."""
+        return os.getpid() != self._owner_pid
+
+    def _refuse_if_forked(self, action: str) -> None:
+        """A forked child must not use its parent's executor: the workers, their
+        pipes and the manager thread are the parent's (a task written from here
+        would run in the parent's worker, an answer would never come back here)."""
+        if self._forked():
+            raise RuntimeError(
+                f"cannot {action} a ProcessGroupExecutor from a forked child (pid "
+                f"{os.getpid()}): it belongs to process {self._owner_pid}; create a new "
+                "executor in the child"
+            )
 
     # ------------------------------------------------------------------ map
 
@@ -263,15 +342,29 @@ class ProcessGroupExecutor(Executor):
     # ------------------------------------------------------------------ shutdown
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """As ``Executor.shutdown``. In a forked child it does nothing: the executor
+        is the parent's (so a ``with`` block that spans a fork ends quietly there).
+
+        From a done-callback (which runs on the manager's thread) ``wait=True``
+        cannot wait for that thread: the shutdown begins, then RuntimeError, as
+        ProcessPoolExecutor does (its join of its own thread raises).
+        """
+        if self._forked():
+            return
         with self._shutdown_lock:
             self._shutdown = True
             if not self._started:
                 # No task was ever submitted: no thread, no worker; release the fds.
-                self._manager._close()
-                self._manager.finished.set()
+                self._manager.close_unstarted()
                 return
             self._manager.post(("shutdown", cancel_futures))
         if wait:
+            if self._manager.on_manager_thread():
+                raise RuntimeError(
+                    "shutdown(wait=True) called from a done-callback, which runs on the "
+                    "executor's manager thread: it cannot wait for itself. The shutdown "
+                    "has begun; call shutdown(wait=False) there"
+                )
             self._join()
 
     def _join(self) -> None:
@@ -280,24 +373,28 @@ class ProcessGroupExecutor(Executor):
         except KeyboardInterrupt:
             # Ctrl-C while waiting for tasks: stop them all rather than wait more.
             self._manager.post(("terminate", True, "interrupted while shutting down"))
-            self._manager.finished.wait(timeout=self._kill_grace + 5.0)
+            self._manager.finished.wait(timeout=min(self._kill_grace + 5.0, threading.TIMEOUT_MAX))
             raise
 
     def _terminate(self, hard: bool, reason: str) -> None:
+        self._refuse_if_forked("kill or terminate the workers of")
         with self._shutdown_lock:
-            if not self._started:
-                self._shutdown = True
-                self._manager._close()
-                self._manager.finished.set()
-                return
             self._shutdown = True
+            if not self._started:
+                self._manager.close_unstarted()
+                return
             self._manager.post(("terminate", hard, reason))
-        self._join()
+        if not self._manager.on_manager_thread():
+            self._join()
+        # From a done-callback: the kill is under way; the manager carries it out as
+        # soon as the callback returns (it cannot wait for itself).
 
     def terminate_workers(self) -> None:
         """SIGTERM every worker group (SIGKILL after ``kill_grace``) and shut down.
 
         Running futures fail with WorkerCrashedError, queued ones are cancelled.
+        Returns once every group is gone; from a done-callback (the manager's own
+        thread) it returns at once and the groups are signalled right after.
         """
         self._terminate(False, "terminated by terminate_workers()")
 
@@ -306,6 +403,8 @@ class ProcessGroupExecutor(Executor):
         self._terminate(True, "killed by kill_workers()")
 
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> Literal[False]:
+        if self._forked():
+            return False  # the parent's executor: nothing of it is ours to stop
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
             self._terminate(False, "the with block was interrupted (KeyboardInterrupt)")
             return False
@@ -322,13 +421,21 @@ class ProcessGroupExecutor(Executor):
         return counters
 
     def worker_pids(self) -> list[int]:
-        """Pids (each equal to its group id) of the workers alive right now."""
-        return [w.pid for w in list(self._manager.workers.values())]
+        """Pids (each equal to its group id) of the workers serving this executor:
+        starting, ready or busy, or retiring after ``max_tasks_per_child``.
+
+        A worker being killed (timeout, memory limit, cancel, terminate) leaves this
+        list the moment its group is signalled, before its future fails, although
+        its processes may live on for up to ``kill_grace`` seconds.
+        """
+        return list(self._manager.pids)
 
     def _kill_task(self, future: Future[Any]) -> None:
         """Stop ``future``'s task for good: if it runs, its worker's whole group is
         killed (SIGTERM, SIGKILL after ``kill_grace``) and replaced; if it waits, it is
         dropped. The future ends cancelled. For integrations (Dask's cancel, Ray)."""
+        if self._forked():
+            return
         with self._shutdown_lock:
             if not self._started:
                 return
@@ -426,6 +533,8 @@ def _map_via(
     if chunksize < 1:
         raise ValueError("chunksize must be >= 1.")
     make_bar = _progress.resolve(progress)  # a missing tqdm fails before any submit
+    if timeout is not None and math.isinf(timeout) and timeout > 0:
+        timeout = None  # waits take no inf; no limit is what it means
     end_time = None if timeout is None else timeout + time.monotonic()
     args_iter = zip(*iterables, strict=False)
     sizes: list[int] | None = None

@@ -73,6 +73,7 @@ from .executor import (
     _UNSET,
     ExecutorOptions,
     ProcessGroupExecutor,
+    _check_grace,
     _check_memory,
     _check_retries,
     _check_timeout,
@@ -221,9 +222,7 @@ class RayExecutor(Executor):
         require_process_groups: bool = False,
         backstop_margin: float = 30.0,
     ) -> None:
-        kill_grace = float(kill_grace)
-        if kill_grace < 0:
-            raise ValueError("kill_grace must be >= 0")
+        kill_grace = _check_grace(kill_grace)
         self._task_timeout = _check_timeout(task_timeout, "task_timeout")
         self._max_memory = _check_memory(max_memory)
         self._retries = _check_retries(retries)
