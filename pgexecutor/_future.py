@@ -31,6 +31,8 @@ class TaskFuture(Future[Any]):
     def __init__(self, on_cancel: Callable[[], None] | None = None) -> None:
         super().__init__()
         self._on_cancel = on_cancel
+        #: the task's TaskInfo once it ended (pgexecutor.task_info reads it)
+        self.info: Any = None
 
     def cancel(self) -> bool:
         """``Future.cancel()``; if it took effect, tell the pool (it may be asleep)."""

@@ -34,6 +34,7 @@ from typing import Any
 
 # fds the child finds its pipes at (see _worker.main); defined beside the protocol,
 # which the worker imports first.
+from . import _platform
 from ._protocol import (
     CHILD_DUMP_FD,
     CHILD_PERMIT_FD,
@@ -134,7 +135,7 @@ class WorkerProcess:
 
 def _pipe() -> tuple[int, int]:
     r, w = os.pipe()  # close-on-exec: never inherited by accident
-    if sys.platform.startswith("linux"):
+    if _platform.CAN_RESIZE_PIPES:
         try:
             import fcntl
 
@@ -165,7 +166,7 @@ def permit_pipe() -> tuple[int, int]:
 
 
 def _open_pidfd(pid: int) -> int:
-    if not hasattr(os, "pidfd_open"):
+    if not _platform.USE_PIDFD:
         return -1
     try:
         return os.pidfd_open(pid)
@@ -226,7 +227,7 @@ def _shm_channel() -> tuple[Any, Any]:
 
     Only where memfds exist (Linux): elsewhere large results take the pipe.
     """
-    if not hasattr(os, "memfd_create"):
+    if not _platform.HAS_MEMFD:
         return None, None
     import socket
 
@@ -403,7 +404,7 @@ def observe_exit(proc: WorkerProcess) -> tuple[bool, int | None]:
     """
     if proc.reaped:
         return True, proc.exitcode
-    if proc.is_child and hasattr(os, "waitid"):
+    if proc.is_child and _platform.HAS_WAITID:
         try:
             res = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:  # somebody else reaped it: treat as dead
@@ -494,10 +495,6 @@ def reap(proc: WorkerProcess) -> int | None:
     return proc.exitcode
 
 
-#: Linux >= 4.14: one file with a process's PSS summed over all its mappings
-_HAS_SMAPS_ROLLUP = sys.platform.startswith("linux") and os.path.exists(
-    f"/proc/{os.getpid()}/smaps_rollup"
-)
 
 
 def _parse_smaps_rollup(data: bytes) -> int:
@@ -515,7 +512,7 @@ def process_memory(pid: int) -> int:
     Raises ``psutil.NoSuchProcess`` (or ``OSError``) for a process that is gone. A
     zombie counts 0: it holds no memory any more. See :func:`group_memory` for why.
     """
-    if _HAS_SMAPS_ROLLUP:
+    if _platform.HAS_SMAPS_ROLLUP:
         # Read the file ourselves: psutil's memory_full_info() reads it too, plus
         # statm and the process's start time, ~20 % more for nothing we need here.
         try:
@@ -526,7 +523,7 @@ def process_memory(pid: int) -> int:
     import psutil
 
     p = psutil.Process(pid)
-    if sys.platform.startswith("linux"):
+    if _platform.HAS_PSS:
         try:
             full = p.memory_full_info()  # /proc/<pid>/smaps on kernels before 4.14
             return int(full.pss) + int(getattr(full, "swap", 0))

@@ -19,6 +19,7 @@ import faulthandler
 import os
 import sys
 
+from . import _platform
 from . import _protocol as proto
 from ._protocol import (
     CHILD_DUMP_FD,
@@ -41,7 +42,7 @@ def main() -> None:
     """Entry point of a fresh-interpreter worker (pipes at fds 3, 4, 5 and 7; socket at 6)."""
     _complete_package_on_demand()
     # The parent passes a memfd channel exactly where memfds exist (_process._shm_channel).
-    shm_fd = CHILD_SHM_FD if hasattr(os, "memfd_create") else None
+    shm_fd = CHILD_SHM_FD if _platform.HAS_MEMFD else None
     _serve(CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD, CHILD_PERMIT_FD, shm_fd)
 
 

@@ -294,8 +294,8 @@ class DaskProcessGroupExecutor(Executor):
     # ------------------------------------------------------------ per task
 
     def _settings(self, key: Any) -> tuple[float | None, int | None]:
-        timeout = self.pool._task_timeout
-        max_memory = self.pool._max_memory
+        timeout = self.pool.task_settings.timeout
+        max_memory = self.pool.task_settings.max_memory
         ts = self._worker.state.tasks.get(key)
         annotations = (getattr(ts, "annotations", None) or {}) if ts is not None else {}
         if "task_timeout" in annotations:
@@ -319,7 +319,7 @@ class DaskProcessGroupExecutor(Executor):
             cancelled = key in self._cancelled
         try:
             if cancelled:
-                self.pool._kill_task(fut)
+                self.pool.kill_task(fut)
             try:
                 return fut.result()
             except CancelledError:
@@ -342,7 +342,7 @@ class DaskProcessGroupExecutor(Executor):
                 self._cancelled.add(key)
                 return
         logger.info("pgexecutor: Dask released running task %r; killing its group", key)
-        self.pool._kill_task(fut)
+        self.pool.kill_task(fut)
 
     def warm_up(self) -> None:
         """Start the task processes now rather than with the first tasks."""

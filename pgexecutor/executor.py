@@ -18,7 +18,6 @@ import math
 import mmap  # noqa: F401
 import multiprocessing
 import multiprocessing.connection  # noqa: F401
-import operator
 import os
 import socket  # noqa: F401
 import sys
@@ -35,13 +34,15 @@ import cloudpickle  # noqa: F401
 import psutil  # noqa: F401
 from tblib import pickling_support  # noqa: F401
 
-from . import _manager, _process, _progress
+from . import _manager, _process, _progress, _settings
 from . import _protocol as proto
 from ._future import TaskFuture
+from ._mailbox import KillTask, Shutdown, Terminate
 from ._manager import Manager, ManagerConfig, TaskInfo, WorkItem
+from ._settings import TaskSettings
 from ._worker import run_chunk
 
-_UNSET: Any = object()
+_UNSET: Any = _settings.UNSET
 
 
 def _default_workers() -> int:
@@ -51,70 +52,11 @@ def _default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _real(value: Any, name: str, what: str) -> float:
-    """``value`` as a float if it is a real number, else an error naming ``name``.
-
-    bool, str and None are refused although float() would take some of them: a
-    ``True`` or ``"10"`` passed as a number of seconds is a mistake, not a setting.
-    """
-    if value is None or isinstance(value, (bool, str, bytes)):
-        raise TypeError(f"{name} must be {what}, not {type(value).__name__} {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be {what}, not {type(value).__name__} {value!r}") from None
-    if math.isnan(number):
-        raise ValueError(f"{name} must be {what}, not nan")
-    return number
-
-
-def _integer(value: Any, name: str, what: str) -> int:
-    """``value`` as an int: an int, or a float without fraction (``2e9`` bytes).
-    ``1.5`` is refused rather than truncated: silently 1 is never what was meant."""
-    if isinstance(value, bool) or value is None:
-        raise TypeError(f"{name} must be {what}, not {type(value).__name__} {value!r}")
-    if isinstance(value, float):
-        if not (math.isfinite(value) and value.is_integer()):
-            raise ValueError(f"{name} must be {what}, not {value!r}")
-        return int(value)
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be {what}, not {type(value).__name__} {value!r}") from None
-
-
-def _check_timeout(value: float | None, name: str) -> float | None:
-    """A time limit: a positive number of seconds; None or ``inf`` for none."""
-    if value is None:
-        return None
-    number = _real(value, name, "a positive number of seconds or None")
-    if not number > 0:
-        raise ValueError(f"{name} must be a positive number of seconds or None, not {value!r}")
-    return None if math.isinf(number) else number
-
-
-def _check_grace(value: float) -> float:
-    """kill_grace: finite and >= 0, or a SIGTERM-proof task would never be killed."""
-    number = _real(value, "kill_grace", "a finite number of seconds >= 0")
-    if not (number >= 0 and math.isfinite(number)):
-        raise ValueError(f"kill_grace must be a finite number of seconds >= 0, not {value!r}")
-    return number
-
-
-def _check_memory(value: int | None) -> int | None:
-    if value is None:
-        return None
-    number = _integer(value, "max_memory", "a positive whole number of bytes or None")
-    if number <= 0:
-        raise ValueError(f"max_memory must be a positive whole number of bytes or None, not {value!r}")
-    return number
-
-
-def _check_retries(value: int) -> int:
-    number = _integer(value, "retries", "a whole number >= 0")
-    if number < 0:
-        raise ValueError(f"retries must be a whole number >= 0, not {value!r}")
-    return number
+# The checks live in _settings; these names are what the integrations import.
+_check_timeout = _settings.check_timeout
+_check_grace = _settings.check_grace
+_check_memory = _settings.check_memory
+_check_retries = _settings.check_retries
 
 
 def spawned_groups() -> frozenset[int]:
@@ -131,7 +73,8 @@ def task_info(future: Future[Any]) -> TaskInfo | None:
     Returns None for a future that did not come from a ProcessGroupExecutor or has
     not finished yet.
     """
-    return getattr(future, "_pgexecutor_info", None)
+    info = getattr(future, "info", None) if isinstance(future, TaskFuture) else None
+    return info if isinstance(info, TaskInfo) else getattr(future, "_pgexecutor_info", None)
 
 
 class ProcessGroupExecutor(Executor):
@@ -163,7 +106,7 @@ class ProcessGroupExecutor(Executor):
         if max_workers is None:
             max_workers = _default_workers()
         else:
-            max_workers = _integer(max_workers, "max_workers", "a whole number > 0 or None")
+            max_workers = _settings.integer(max_workers, "max_workers", "a whole number > 0 or None")
             if max_workers <= 0:
                 raise ValueError("max_workers must be greater than 0")
         if max_tasks_per_child is not None:
@@ -178,9 +121,7 @@ class ProcessGroupExecutor(Executor):
         kill_grace = _check_grace(kill_grace)
         self._max_workers = max_workers
         self._mp_context = mp_context
-        self._task_timeout = _check_timeout(task_timeout, "task_timeout")
-        self._max_memory = _check_memory(max_memory)
-        self._retries = _check_retries(retries)
+        self._settings = TaskSettings.checked(task_timeout, max_memory, retries)
         self._kill_grace = kill_grace
         init_payload = proto.dumps(
             {
@@ -201,6 +142,7 @@ class ProcessGroupExecutor(Executor):
             )
         )
         self._shutdown_lock = threading.Lock()
+        self._submitted = 0  # under _shutdown_lock
         self._failed_in_caller = 0  # futures failed in submit() (arguments would not pickle)
         self._shutdown = False
         self._started = False
@@ -209,21 +151,25 @@ class ProcessGroupExecutor(Executor):
         self._owner_pid = os.getpid()
         # If the executor is dropped without shutdown, finish its work and clean up,
         # as shutdown(wait=False) would. The finalizer must not reference self.
-        weakref.finalize(self, self._manager.post, ("shutdown", False))
+        weakref.finalize(self, self._manager.post, Shutdown(False))
 
     # ------------------------------------------------------------------ submit
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._submit(fn, args, kwargs, self._task_timeout, self._max_memory, self._retries)
+        return self._submit(fn, args, kwargs, self._settings)
+
+    @property
+    def task_settings(self) -> TaskSettings:
+        """The per-task settings of this executor (``options()`` views have theirs):
+        ``timeout``, ``max_memory``, ``retries``; frozen and validated."""
+        return self._settings
 
     def _submit(
         self,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        timeout: float | None,
-        max_memory: int | None,
-        retries: int,
+        settings: TaskSettings,
     ) -> Future[Any]:
         self._refuse_if_forked("submit to")
         self._refuse_if_shut_down()  # before pickling: a closed pool says so first
@@ -239,15 +185,15 @@ class ProcessGroupExecutor(Executor):
             if not self._started:
                 self._started = True
                 self._manager.start()
-            self._manager.stats.submitted += 1
+            self._submitted += 1
             if payload is None:
                 # Counted apart from the manager's ``failed``: two threads doing += on
                 # one attribute could lose an increment.
                 self._failed_in_caller += 1
                 assert error is not None
                 return _unpicklable_arguments(error)
-            fut = TaskFuture(self._manager.note_cancel)
-            item = WorkItem(fut, payload, timeout, max_memory, retries)
+            fut = TaskFuture(self._manager.mailbox.note_cancel)
+            item = WorkItem(fut, payload, settings)
             if not self._manager.try_dispatch(item):
                 self._manager.post(item)
             return fut
@@ -255,7 +201,7 @@ class ProcessGroupExecutor(Executor):
     def _refuse_if_shut_down(self) -> None:
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        if _manager._global_shutdown:
+        if _manager.interpreter_exiting():
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
     def _forked(self) -> bool:
@@ -296,10 +242,7 @@ class ProcessGroupExecutor(Executor):
         and ``set_postfix(mapping, refresh=...)``) to choose where and how it draws;
         that bar is yours to close.
         """
-        return self._map(
-            fn, iterables, timeout, chunksize, return_exceptions,
-            self._task_timeout, self._max_memory, self._retries, progress,
-        )
+        return self._map(fn, iterables, timeout, chunksize, return_exceptions, self._settings, progress)
 
     def _map(
         self,
@@ -308,13 +251,11 @@ class ProcessGroupExecutor(Executor):
         timeout: float | None,
         chunksize: int,
         return_exceptions: bool,
-        task_timeout: float | None,
-        max_memory: int | None,
-        retries: int,
+        settings: TaskSettings,
         progress: Any = False,
     ) -> Iterator[Any]:
         def submit(f: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
-            return self._submit(f, args, {}, task_timeout, max_memory, retries)
+            return self._submit(f, args, {}, settings)
 
         return _map_via(submit, fn, iterables, timeout, chunksize, return_exceptions, progress)
 
@@ -334,10 +275,7 @@ class ProcessGroupExecutor(Executor):
             slow = ex.options(task_timeout=600, retries=2)
             fut = slow.submit(mesh, geometry)
         """
-        return _options_view(
-            self, (self._task_timeout, self._max_memory, self._retries),
-            task_timeout, max_memory, retries,
-        )
+        return ExecutorOptions(self, self._settings.updated(task_timeout, max_memory, retries))
 
     # ------------------------------------------------------------------ shutdown
 
@@ -357,7 +295,7 @@ class ProcessGroupExecutor(Executor):
                 # No task was ever submitted: no thread, no worker; release the fds.
                 self._manager.close_unstarted()
                 return
-            self._manager.post(("shutdown", cancel_futures))
+            self._manager.post(Shutdown(cancel_futures))
         if wait:
             if self._manager.on_manager_thread():
                 raise RuntimeError(
@@ -372,7 +310,7 @@ class ProcessGroupExecutor(Executor):
             self._manager.finished.wait()
         except KeyboardInterrupt:
             # Ctrl-C while waiting for tasks: stop them all rather than wait more.
-            self._manager.post(("terminate", True, "interrupted while shutting down"))
+            self._manager.post(Terminate(True, "interrupted while shutting down"))
             self._manager.finished.wait(timeout=min(self._kill_grace + 5.0, threading.TIMEOUT_MAX))
             raise
 
@@ -383,7 +321,7 @@ class ProcessGroupExecutor(Executor):
             if not self._started:
                 self._manager.close_unstarted()
                 return
-            self._manager.post(("terminate", hard, reason))
+            self._manager.post(Terminate(hard, reason))
         if not self._manager.on_manager_thread():
             self._join()
         # From a done-callback: the kill is under way; the manager carries it out as
@@ -417,7 +355,9 @@ class ProcessGroupExecutor(Executor):
         """Counters: submitted, completed, failed, cancelled, timed_out, crashed,
         memory_killed, retried, workers_started, workers_killed."""
         counters = self._manager.stats.snapshot()
-        counters["failed"] += self._failed_in_caller
+        with self._shutdown_lock:
+            counters["submitted"] = self._submitted
+            counters["failed"] += self._failed_in_caller
         return counters
 
     def worker_pids(self) -> list[int]:
@@ -430,37 +370,42 @@ class ProcessGroupExecutor(Executor):
         """
         return list(self._manager.pids)
 
-    def _kill_task(self, future: Future[Any]) -> None:
-        """Stop ``future``'s task for good: if it runs, its worker's whole group is
-        killed (SIGTERM, SIGKILL after ``kill_grace``) and replaced; if it waits, it is
-        dropped. The future ends cancelled. For integrations (Dask's cancel, Ray)."""
+    def kill_task(self, future: Future[Any]) -> None:
+        """Stop ``future``'s task for good, unlike ``future.cancel()``, which (as the
+        standard library says) cannot stop a task that runs: if it runs, its worker's
+        whole group is killed (SIGTERM, SIGKILL after ``kill_grace``) and replaced; if
+        it waits (queued, or in a worker's pipe), it is dropped. The future ends
+        cancelled. Returns at once; a future of another executor, or one that already
+        ended, is left alone. (Dask's cancel and Ray use this.)"""
         if self._forked():
             return
         with self._shutdown_lock:
             if not self._started:
                 return
-        self._manager.post(("cancel", future))
+        self._manager.post(KillTask(future))
 
 
 class ExecutorOptions:
     """What :meth:`ProcessGroupExecutor.options` returns: per-task settings."""
 
-    def __init__(
-        self,
-        executor: ProcessGroupExecutor,
-        task_timeout: float | None,
-        max_memory: int | None,
-        retries: int,
-    ) -> None:
+    def __init__(self, executor: Any, settings: TaskSettings) -> None:
         self._executor = executor
-        self.task_timeout = task_timeout
-        self.max_memory = max_memory
-        self.retries = retries
+        self.task_settings = settings
+
+    @property
+    def task_timeout(self) -> float | None:
+        return self.task_settings.timeout
+
+    @property
+    def max_memory(self) -> int | None:
+        return self.task_settings.max_memory
+
+    @property
+    def retries(self) -> int:
+        return self.task_settings.retries
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._executor._submit(
-            fn, args, kwargs, self.task_timeout, self.max_memory, self.retries
-        )
+        return self._executor._submit(fn, args, kwargs, self.task_settings)
 
     def map(
         self,
@@ -473,8 +418,7 @@ class ExecutorOptions:
     ) -> Iterator[Any]:
         """``ProcessGroupExecutor.map`` with this view's settings (``progress`` too)."""
         return self._executor._map(
-            fn, iterables, timeout, chunksize, return_exceptions,
-            self.task_timeout, self.max_memory, self.retries, progress,
+            fn, iterables, timeout, chunksize, return_exceptions, self.task_settings, progress
         )
 
     def options(
@@ -485,28 +429,9 @@ class ExecutorOptions:
         max_memory: int | None = _UNSET,
     ) -> ExecutorOptions:
         """A view on this view: unset settings keep this view's values."""
-        return _options_view(
-            self._executor, (self.task_timeout, self.max_memory, self.retries),
-            task_timeout, max_memory, retries,
+        return ExecutorOptions(
+            self._executor, self.task_settings.updated(task_timeout, max_memory, retries)
         )
-
-
-def _options_view(
-    executor: Any,
-    base: tuple[float | None, int | None, int],
-    task_timeout: Any,
-    max_memory: Any,
-    retries: Any,
-) -> ExecutorOptions:
-    """``options()`` of every executor and view: each setting left ``_UNSET`` keeps its
-    ``base`` value (task_timeout, max_memory, retries); each one given is checked."""
-    base_timeout, base_memory, base_retries = base
-    return ExecutorOptions(
-        executor,
-        base_timeout if task_timeout is _UNSET else _check_timeout(task_timeout, "task_timeout"),
-        base_memory if max_memory is _UNSET else _check_memory(max_memory),
-        base_retries if retries is _UNSET else _check_retries(retries),
-    )
 
 
 def _unpicklable_arguments(exc: BaseException) -> Future[Any]:

@@ -68,17 +68,14 @@ import ray
 
 from . import _protocol as proto
 from ._ray_host import host_call
+from ._settings import TaskSettings
 from .errors import TaskTimeoutError, WorkerCrashedError
 from .executor import (
     _UNSET,
     ExecutorOptions,
     ProcessGroupExecutor,
     _check_grace,
-    _check_memory,
-    _check_retries,
-    _check_timeout,
     _map_via,
-    _options_view,
     _unpicklable_arguments,
 )
 
@@ -122,9 +119,7 @@ def _run_task(
 ) -> Iterator[tuple[Any, ...]]:
     """The Ray task: hand the call to the host; stream its start, then its outcome."""
     host = _host_for(kill_grace)
-    fut = host._submit(
-        host_call, (payload, timeout, max_memory, retries, kill_grace), {}, None, None, 0
-    )
+    fut = host.submit(host_call, payload, timeout, max_memory, retries, kill_grace)
     try:
         # RUNNING once the host has the call; the task process gets it right after
         # (first use: once it has started) and task_timeout counts from then.
@@ -140,7 +135,7 @@ def _run_task(
     except BaseException:
         # ray.cancel() without force raises KeyboardInterrupt here: killing the host's
         # group makes the host's guardian kill the task's group too.
-        host._kill_task(fut)
+        host.kill_task(fut)
         raise
     yield ("ok", value)
 
@@ -223,9 +218,7 @@ class RayExecutor(Executor):
         backstop_margin: float = 30.0,
     ) -> None:
         kill_grace = _check_grace(kill_grace)
-        self._task_timeout = _check_timeout(task_timeout, "task_timeout")
-        self._max_memory = _check_memory(max_memory)
-        self._retries = _check_retries(retries)
+        self._settings = TaskSettings.checked(task_timeout, max_memory, retries)
         self._kill_grace = kill_grace
         self._backstop_margin = float(backstop_margin)
         self._owns_ray = False
@@ -282,16 +275,14 @@ class RayExecutor(Executor):
     # ------------------------------------------------------------ Executor API
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._submit(fn, args, kwargs, self._task_timeout, self._max_memory, self._retries)
+        return self._submit(fn, args, kwargs, self._settings)
 
     def _submit(
         self,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        timeout: float | None,
-        max_memory: int | None,
-        retries: int,
+        settings: TaskSettings,
     ) -> Future[Any]:
         with self._lock:
             if self._shutdown:
@@ -301,7 +292,10 @@ class RayExecutor(Executor):
             except BaseException as exc:
                 return _unpicklable_arguments(exc)
             fut: Future[Any] = Future()
-            _post(self._inbox, self._wake, _Item(fut, payload, timeout, max_memory, retries))
+            _post(
+                self._inbox, self._wake,
+                _Item(fut, payload, settings.timeout, settings.max_memory, settings.retries),
+            )
             return fut
 
     def map(  # type: ignore[override]
@@ -315,10 +309,7 @@ class RayExecutor(Executor):
     ) -> Iterator[Any]:
         """Like ``ProcessGroupExecutor.map`` (``chunksize``, ``return_exceptions``,
         ``progress``)."""
-        return self._map(
-            fn, iterables, timeout, chunksize, return_exceptions,
-            self._task_timeout, self._max_memory, self._retries, progress,
-        )
+        return self._map(fn, iterables, timeout, chunksize, return_exceptions, self._settings, progress)
 
     def _map(
         self,
@@ -327,13 +318,11 @@ class RayExecutor(Executor):
         timeout: float | None,
         chunksize: int,
         return_exceptions: bool,
-        task_timeout: float | None,
-        max_memory: int | None,
-        retries: int,
+        settings: TaskSettings,
         progress: Any = False,
     ) -> Iterator[Any]:
         def submit(f: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
-            return self._submit(f, args, {}, task_timeout, max_memory, retries)
+            return self._submit(f, args, {}, settings)
 
         return _map_via(submit, fn, iterables, timeout, chunksize, return_exceptions, progress)
 
@@ -345,10 +334,7 @@ class RayExecutor(Executor):
         max_memory: int | None = _UNSET,
     ) -> ExecutorOptions:
         """A view whose ``submit``/``map`` use these settings (see ProcessGroupExecutor)."""
-        return _options_view(
-            self, (self._task_timeout, self._max_memory, self._retries),
-            task_timeout, max_memory, retries,
-        )
+        return ExecutorOptions(self, self._settings.updated(task_timeout, max_memory, retries))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:

@@ -281,7 +281,10 @@ def die_on_term_child_then_hang(path):
 
 
 def term_ignoring_child_then_hang(path):
-    p = subprocess.Popen(["bash", "-c", 'trap "" TERM; sleep 1000; exit 0'])
+    # The child says when its trap is set: a SIGTERM before that would simply kill it.
+    p = subprocess.Popen(["bash", "-c", 'trap "" TERM; : > "$0.trap"; sleep 1000; exit 0', path])
+    while not os.path.exists(path + ".trap"):
+        time.sleep(0.01)
     _write(path, f"{p.pid} {os.getpgid(0)}")
     time.sleep(1000)
 
@@ -535,21 +538,24 @@ def test_guardian_spares_a_group_that_reuses_a_dead_workers_pgid():
 
 def test_shut_down_executor_never_writes_to_a_recycled_fd(tmp_path):
     """The fd analogue of a recycled pgid: once closed, a number belongs to someone else."""
+    before = set(os.listdir("/proc/self/fd"))
     ex = ProcessGroupExecutor(1)
-    old_wake_w = ex._manager._wake_w
+    ours = {int(fd) for fd in set(os.listdir("/proc/self/fd")) - before}  # its wake-up pipe
+    assert ours, "an executor opens its wake-up pipe when it is made"
     _shutdown_bounded(ex)  # closes the wake-up pipe
     files = []
     try:
-        while len(files) < 100:  # an unrelated file takes the freed number
+        while len(files) < 100:  # unrelated files take the freed numbers
             files.append(open(tmp_path / f"f{len(files)}", "w+b"))
-            if files[-1].fileno() == old_wake_w:
+            if ours <= {f.fileno() for f in files}:
                 break
-        if files[-1].fileno() != old_wake_w:
-            pytest.skip("could not get the freed fd number back")
+        if not ours <= {f.fileno() for f in files}:
+            pytest.skip("could not get the freed fd numbers back")
         del ex
         gc.collect()  # the finalizer of a dropped executor posts ("shutdown", ...)
-        files[-1].seek(0)
-        assert files[-1].read() == b"", "a shut-down executor wrote into an unrelated file"
+        for f in files:
+            f.seek(0)
+            assert f.read() == b"", "a shut-down executor wrote into an unrelated file"
     finally:
         for f in files:
             f.close()
@@ -803,10 +809,11 @@ def test_script_that_never_shuts_down_exits_and_leaves_nothing(mode, tmp_path):
 
 @pytest.mark.parametrize("busy", [False, True], ids=["idle", "task-running"])
 def test_dropped_executor_workers_go_away(busy):
+    before = set(threading.enumerate())
     ex = ProcessGroupExecutor(2)
     pgids = {f.result(timeout=30)[1] for f in [ex.submit(pid_and_pgid) for _ in range(4)]}
     pending = ex.submit(time.sleep, 1.0) if busy else None
-    thread = ex._manager.thread
+    (thread,) = [t for t in set(threading.enumerate()) - before if t.name == "pgexecutor-manager"]
     del ex
     gc.collect()
     if pending is not None:

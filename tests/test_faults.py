@@ -214,7 +214,7 @@ def test_timeout_per_task_via_options_and_clock_starts_at_start():
         hung = ex.options(task_timeout=0.3).submit(sleep_forever)
         with pytest.raises(TaskTimeoutError):
             hung.result(timeout=30)
-        assert ex._task_timeout is None  # the executor's own default is untouched
+        assert ex.task_settings.timeout is None  # the executor's own default is untouched
         assert ex.submit(add, 2, 2).result(timeout=30) == 4
 
 

@@ -346,7 +346,12 @@ def test_stopping_the_pool_from_a_done_callback_finishes(tmp_path, call):
                 ex.{call}
             except RuntimeError as e:
                 errors.append(str(e))
-        other = ex.submit(time.sleep, 60)
+        def started_then_sleep(path):
+            open(path, "w").close()
+            time.sleep(60)
+        other = ex.submit(started_then_sleep, "started")
+        while not os.path.exists("started"):
+            time.sleep(0.01)
         fut = ex.submit(pow, 2, 5)
         fut.add_done_callback(stop)
         value = fut.result()
