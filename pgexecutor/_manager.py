@@ -65,13 +65,10 @@ manager knows the next one began.
 from __future__ import annotations
 
 import logging
-import os
 import select
 import signal
-import sys
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import CancelledError, Future
@@ -79,7 +76,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
-from . import _guardian, _platform
+from . import _exit, _guardian, _platform
 from . import _process as proc_mod
 from . import _protocol as proto
 from ._ledger import Ledger, Stats, TaskInfo, WorkItem
@@ -149,7 +146,7 @@ class Manager:
     # ------------------------------------------------------------ other threads' API
 
     def start(self) -> None:
-        track(self)  # only started managers: interpreter exit joins their threads
+        _exit.track(self)  # only started managers: interpreter exit joins their threads
         self.thread.start()
 
     def post(self, msg: WorkItem | Command) -> None:
@@ -793,89 +790,3 @@ class Manager:
             if type(msg) is WorkItem:
                 self.queue.append(msg)
         self._fail_queue(err)
-
-
-# ---------------------------------------------------------------- interpreter exit
-
-_live: weakref.WeakSet[Manager] = weakref.WeakSet()
-_EXIT_NOTICE_AFTER = 10.0  # seconds of waiting at exit before saying why
-_global_shutdown = False
-_exit_lock = threading.Lock()
-
-
-def interpreter_exiting() -> bool:
-    """True once interpreter exit began: no new work is taken."""
-    with _exit_lock:
-        return _global_shutdown
-
-
-def _after_fork_in_child() -> None:
-    """The parent's managers are not the child's: their threads do not exist in a
-    forked child, and its exit must not post to (or wait for) them. The exit lock may
-    have been copied held."""
-    global _exit_lock
-    for m in list(_live):
-        m.abandon_after_fork()
-    _live.clear()
-    _exit_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def track(manager: Manager) -> None:
-    _live.add(manager)
-
-
-def _exiting_on_interrupt() -> bool:
-    last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
-    return isinstance(last, KeyboardInterrupt)
-
-
-def _python_exit() -> None:
-    """At interpreter exit: finish submitted work (as ProcessPoolExecutor does) unless
-    the program is dying of Ctrl-C, in which case kill every worker group at once."""
-    global _global_shutdown
-    with _exit_lock:
-        _global_shutdown = True
-    managers = list(_live)  # started ones only (see Manager.start)
-    hard = _exiting_on_interrupt()
-    for m in managers:
-        m.post(Terminate(True, "the program was interrupted") if hard else Shutdown(False))
-    try:
-        for m in managers:
-            # Finishing submitted work can take as long as that work; a task that
-            # never ends (no task_timeout) keeps the program from exiting, as with
-            # ProcessPoolExecutor. Say so once, and how to get out: Ctrl-C below.
-            m.thread.join(_EXIT_NOTICE_AFTER)
-            if m.thread.is_alive():
-                logger.warning(
-                    "interpreter exit waits for the tasks submitted to an executor; "
-                    "a task with no task_timeout may never end: Ctrl-C kills every "
-                    "worker group at once"
-                )
-                m.thread.join()
-    except KeyboardInterrupt:
-        _kill_everything(managers)
-        raise
-
-
-def _kill_everything(managers: list[Manager]) -> None:
-    for m in managers:
-        m.post(Terminate(True, "the program was interrupted"))
-    for m in managers:
-        m.thread.join(timeout=5.0)
-
-
-def _atexit_last_resort() -> None:
-    """Runs after threads were joined; anything still alive here is killed."""
-    managers = [m for m in list(_live) if m.thread.is_alive()]
-    if managers:
-        _kill_everything(managers)
-
-
-threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
-import atexit  # noqa: E402
-
-atexit.register(_atexit_last_resort)

@@ -142,7 +142,8 @@ def _exit_cleanly(code: int = 0) -> None:
 
 
 def _apply_config(config: dict[str, Any]) -> None:
-    """Make this interpreter see what the parent sees: sys.path, cwd, authkey."""
+    """Make this interpreter see what the parent sees: its sys.path and its
+    multiprocessing authkey (the working directory is inherited at spawn)."""
     parent_path = config.get("sys_path")
     if parent_path is not None:
         sys.path[:] = list(parent_path) + [p for p in sys.path if p not in parent_path]

@@ -73,9 +73,6 @@ __all__ = ["ProcessGroupPlugin", "DaskProcessGroupExecutor"]
 
 logger = logging.getLogger("pgexecutor")
 
-_UNSET: Any = object()
-#: annotations the plugin reads per task (everything else is Dask's business)
-ANNOTATIONS = ("task_timeout", "max_memory")
 
 
 def _timeout(value: Any, name: str = "task_timeout") -> float | None:

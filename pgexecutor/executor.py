@@ -34,7 +34,7 @@ import cloudpickle  # noqa: F401
 import psutil  # noqa: F401
 from tblib import pickling_support  # noqa: F401
 
-from . import _manager, _process, _progress, _settings
+from . import _exit, _process, _progress, _settings
 from . import _protocol as proto
 from ._future import TaskFuture
 from ._mailbox import KillTask, Shutdown, Terminate
@@ -201,7 +201,7 @@ class ProcessGroupExecutor(Executor):
     def _refuse_if_shut_down(self) -> None:
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        if _manager.interpreter_exiting():
+        if _exit.interpreter_exiting():
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
     def _forked(self) -> bool:

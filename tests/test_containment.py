@@ -276,17 +276,22 @@ def _daemon_body(conn, ctx_name):
         conn.close()
 
 
-def die_on_term_child_then_hang(path):
-    child_then_hang(path)
-
-
 def term_ignoring_child_then_hang(path):
-    # The child says when its trap is set: a SIGTERM before that would simply kill it.
-    p = subprocess.Popen(["bash", "-c", 'trap "" TERM; : > "$0.trap"; sleep 1000; exit 0', path])
-    while not os.path.exists(path + ".trap"):
-        time.sleep(0.01)
+    p = subprocess.Popen(["bash", "-c", 'trap "" TERM; sleep 1000; exit 0'])
     _write(path, f"{p.pid} {os.getpgid(0)}")
     time.sleep(1000)
+
+
+def leave_term_ignoring_child(path):
+    """Leave a child in the worker's group that ignores SIGTERM, once its trap is set
+    (a SIGTERM before that would simply kill it)."""
+    subprocess.Popen(["bash", "-c", 'trap "" TERM; : > "$0.trap"; sleep 1000; exit 0', path])
+    while not os.path.exists(path + ".trap"):
+        time.sleep(0.01)
+
+
+def leave_child(path):
+    subprocess.Popen(["sleep", "1000"])
 
 
 # ----------------------------------------------------------------- 0. preconditions
@@ -861,14 +866,17 @@ def test_crash_logs_warning(caplog):
 
 
 @pytest.mark.parametrize(
-    "fn,expected", [(die_on_term_child_then_hang, "SIGTERM"), (term_ignoring_child_then_hang, "SIGKILL")],
+    "setup,expected", [(leave_child, "SIGTERM"), (leave_term_ignoring_child, "SIGKILL")],
     ids=["term-works", "needs-kill"],
 )
-def test_kill_logs_which_signal_worked(fn, expected, caplog, tmp_path):
+def test_kill_logs_which_signal_worked(setup, expected, caplog, tmp_path):
     caplog.set_level(logging.DEBUG, logger="pgexecutor")
-    with ProcessGroupExecutor(1, task_timeout=0.5, kill_grace=0.5) as ex:
+    with ProcessGroupExecutor(1, kill_grace=0.5) as ex:
+        # A first task leaves the child in the worker's group, fully set up, however
+        # slow the machine; the second one times out on the same worker.
+        ex.submit(setup, str(tmp_path / "c")).result(timeout=60)
         with pytest.raises(TaskTimeoutError) as ei:
-            ex.submit(fn, str(tmp_path / "c")).result(timeout=30)
+            ex.options(task_timeout=0.5).submit(time.sleep, 1000).result(timeout=30)
     pid = ei.value.pid
     killed = [r.getMessage() for r in _records(caplog) if f"pid={pid}" in r.getMessage() and "killed" in r.getMessage()]
     assert len(killed) == 1, [r.getMessage() for r in caplog.records]
