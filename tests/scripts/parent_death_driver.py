@@ -18,9 +18,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import report, wait_reports  # noqa: E402
-
 import psutil  # noqa: E402
+from _common import report, wait_reports  # noqa: E402
 
 from pgexecutor import ProcessGroupExecutor  # noqa: E402
 
