@@ -19,6 +19,7 @@ pool needs and the base class cannot give through its public protocol:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
@@ -28,11 +29,36 @@ from typing import Any
 class TaskFuture(Future[Any]):
     """A ``Future`` whose cancellation reaches the pool (see the module docstring)."""
 
-    def __init__(self, on_cancel: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_cancel: Callable[[], None] | None = None,
+        resolver: threading.Thread | None = None,
+    ) -> None:
         super().__init__()
         self._on_cancel = on_cancel
+        # The thread that resolves it (the manager's): done-callbacks run there, and a
+        # wait for an unfinished future from there could never end.
+        self._resolver = resolver
         #: the task's TaskInfo once it ended (pgexecutor.task_info reads it)
         self.info: Any = None
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._refuse_self_wait("result")
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._refuse_self_wait("exception")
+        return super().exception(timeout)
+
+    def _refuse_self_wait(self, what: str) -> None:
+        """A done-callback (it runs in the manager's thread) that waits for a future
+        the same manager has yet to resolve would wait forever: say so instead."""
+        if self._resolver is not None and threading.current_thread() is self._resolver and not self.done():
+            raise RuntimeError(
+                f"{what}() of an unfinished future called from a done-callback: callbacks "
+                "run in the executor's manager thread, which would wait for itself. Wait "
+                "in another thread, or chain with add_done_callback"
+            )
 
     def cancel(self) -> bool:
         """``Future.cancel()``; if it took effect, tell the pool (it may be asleep)."""

@@ -192,7 +192,7 @@ class ProcessGroupExecutor(Executor):
                 self._failed_in_caller += 1
                 assert error is not None
                 return _unpicklable_arguments(error)
-            fut = TaskFuture(self._manager.mailbox.note_cancel)
+            fut = TaskFuture(self._manager.mailbox.note_cancel, self._manager.thread)
             item = WorkItem(fut, payload, settings)
             if not self._manager.try_dispatch(item):
                 self._manager.post(item)

@@ -379,6 +379,35 @@ def test_stopping_the_pool_from_a_done_callback_finishes(tmp_path, call):
         assert "WorkerCrashedError" in data["other"]
 
 
+def test_waiting_for_another_future_in_a_done_callback_raises_instead_of_hanging(tmp_path):
+    """Callbacks run in the manager's thread; result() there of a future that thread
+    has yet to resolve would wait forever (as with ProcessPoolExecutor). It raises."""
+    data = run_program(tmp_path, """
+        ex = ProcessGroupExecutor(max_workers=2)
+        slow = ex.submit(time.sleep, 5)
+        seen = []
+        def cb(f):
+            try:
+                seen.append(slow.result())
+            except RuntimeError as e:
+                seen.append("refused: " + str(e))
+            seen.append(f.result())  # its own future is done: fine
+        def gated(path):
+            while not os.path.exists(path):
+                time.sleep(0.01)
+            return 8
+        fast = ex.submit(gated, "go")
+        fast.add_done_callback(cb)  # before it can finish: the callback runs in the manager
+        open("go", "w").close()
+        fast.result()
+        slow.result()
+        ex.shutdown()
+        report(seen=seen)
+    """)
+    assert data["seen"][0].startswith("refused: result() of an unfinished future")
+    assert data["seen"][1] == 8
+
+
 def test_worker_pids_can_be_read_from_any_thread_while_workers_come_and_go():
     errors: list[BaseException] = []
     stop = threading.Event()
