@@ -61,12 +61,13 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import CancelledError, Executor, Future
+from concurrent.futures import Executor, Future
 from typing import Any
 
 import ray
 
 from . import _protocol as proto
+from ._future import TaskFuture, end_cancelled
 from ._ray_host import host_call
 from ._settings import TaskSettings
 from .errors import TaskTimeoutError, WorkerCrashedError
@@ -242,6 +243,7 @@ class RayExecutor(Executor):
         self._lock = threading.Lock()
         self._inbox: deque[Any] = deque()
         self._wake = threading.Event()
+        self._sweep_due = False  # set by _note_cancel (any thread), cleared by the manager
         self._queue: deque[_Item] = deque()
         self._running: dict[int, _Item] = {}  # id(generator) -> item
         self._stopping = False
@@ -291,7 +293,8 @@ class RayExecutor(Executor):
                 payload = proto.dumps((fn, args, kwargs))
             except BaseException as exc:
                 return _unpicklable_arguments(exc)
-            fut: Future[Any] = Future()
+            # A cancel() wakes the manager, which tells the waiters (see _launch).
+            fut: Future[Any] = TaskFuture(self._note_cancel, self._thread)
             _post(
                 self._inbox, self._wake,
                 _Item(fut, payload, settings.timeout, settings.max_memory, settings.retries),
@@ -374,6 +377,7 @@ class RayExecutor(Executor):
     def _loop(self) -> None:
         while True:
             self._drain_inbox()
+            self._sweep_cancelled()
             self._launch()
             if self._stopping and not self._queue and not self._running:
                 return
@@ -405,10 +409,10 @@ class RayExecutor(Executor):
             elif msg[0] == "shutdown":
                 self._stopping = True
                 if msg[1]:
-                    self._cancel_queue()
+                    self._cancel_queue(running_too=False)
             elif msg[0] == "terminate":
                 self._stopping = True
-                self._cancel_queue()
+                self._cancel_queue(running_too=True)
                 now = time.monotonic()
                 for item in self._running.values():
                     if item.cancelled_at is None:
@@ -416,12 +420,35 @@ class RayExecutor(Executor):
                         item.cancelled_at = now
                         ray.cancel(item.gen, force=True)
 
-    def _cancel_queue(self) -> None:
-        while self._queue:
-            item = self._queue.popleft()
-            if not item.future.cancel() and not item.future.done():
-                # A retry waiting to be relaunched is already RUNNING.
-                item.future.set_exception(CancelledError())
+    def _cancel_queue(self, running_too: bool) -> None:
+        """Cancel what no Ray task was started for, as the standard library's
+        shutdown(cancel_futures=True) does, and tell the waiters. A retry waiting to be
+        relaunched is RUNNING: it runs, unless ``running_too`` (terminate)."""
+        keep: deque[_Item] = deque()
+        for item in self._queue:
+            if item.gen is not None and not running_too:
+                keep.append(item)
+            else:
+                end_cancelled(item.future, running=item.gen is not None)
+        self._queue = keep
+
+    def _note_cancel(self) -> None:
+        """A queued future was cancelled (any thread): sweep the queue soon."""
+        self._sweep_due = True
+        self._wake.set()
+
+    def _sweep_cancelled(self) -> None:
+        """Queued futures their users cancelled: drop them and tell their waiters now."""
+        if not self._sweep_due:
+            return
+        self._sweep_due = False
+        keep: deque[_Item] = deque()
+        for item in self._queue:
+            if item.gen is None and item.future.cancelled():
+                item.future.set_running_or_notify_cancel()  # False: waiters are told
+            else:
+                keep.append(item)
+        self._queue = keep
 
     def _launch(self) -> None:
         while self._queue and len(self._running) < self._max_workers:

@@ -144,6 +144,36 @@ def test_queued_future_can_be_cancelled_and_terminate_kills_running(tmp_path):
 # ---------------------------------------------------------------- the guarantees
 
 
+@pytest.mark.parametrize("how", ["cancel", "shutdown-cancel-futures-thread", "terminate"])
+def test_cancelled_futures_reach_wait_at_once(tmp_path, how):
+    """As with ProcessGroupExecutor: every way a queued future ends cancelled tells
+    wait() and as_completed() at once, not when a worker frees up."""
+    from concurrent.futures import as_completed, wait
+
+    ex = RayExecutor(max_workers=1, kill_grace=0.5)
+    try:
+        path = str(tmp_path / "tree.json")
+        hung = ex.submit(tasks.spawn_tree_and_hang, path)
+        queued = [ex.submit(tasks.add, i, 1) for i in range(3)]
+        report = read_report(path)
+        if how == "cancel":
+            assert all(f.cancel() for f in queued)
+        elif how == "shutdown-cancel-futures-thread":
+            t = threading.Thread(target=ex.shutdown, kwargs=dict(wait=False, cancel_futures=True))
+            t.start()
+            t.join()
+        else:
+            threading.Thread(target=ex.terminate_workers).start()
+        done, not_done = wait(queued, timeout=30)
+        assert not not_done and all(f.cancelled() for f in queued)
+        assert len(list(as_completed(queued, timeout=30))) == 3
+    finally:
+        ex.terminate_workers()
+    with pytest.raises(WorkerCrashedError):
+        hung.result(timeout=60)
+    assert_tree_gone(report)
+
+
 def test_hung_task_times_out_and_its_tree_is_gone(ex, tmp_path):
     path = str(tmp_path / "tree.json")
     t0 = time.monotonic()
