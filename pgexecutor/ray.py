@@ -311,14 +311,15 @@ class RayExecutor(Executor):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
+        buffersize: int | None = None,
         return_exceptions: bool = False,
         progress: Any = False,
     ) -> Iterator[Any]:
-        """Like ``ProcessGroupExecutor.map`` (``chunksize``, ``return_exceptions``,
-        ``progress``)."""
+        """Like ``ProcessGroupExecutor.map`` (``chunksize``, ``buffersize``,
+        ``return_exceptions``, ``progress``)."""
         return self._map(
             fn, iterables, timeout, chunksize, return_exceptions,
-            self._task_timeout, self._max_memory, self._retries, progress,
+            self._task_timeout, self._max_memory, self._retries, progress, buffersize,
         )
 
     def _map(
@@ -332,11 +333,14 @@ class RayExecutor(Executor):
         max_memory: int | None,
         retries: int,
         progress: Any = False,
+        buffersize: int | None = None,
     ) -> Iterator[Any]:
         def submit(f: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
             return self._submit(f, args, {}, task_timeout, max_memory, retries)
 
-        return _map_via(submit, fn, iterables, timeout, chunksize, return_exceptions, progress)
+        return _map_via(
+            submit, fn, iterables, timeout, chunksize, return_exceptions, progress, buffersize
+        )
 
     def options(
         self,
