@@ -309,6 +309,7 @@ class Manager:
     # ------------------------------------------------------------ other threads' API
 
     def start(self) -> None:
+        _guardian.hold()
         self.thread.start()
 
     def post(self, msg: Any) -> None:
@@ -396,6 +397,7 @@ class Manager:
             self._emergency_stop()
         finally:
             self._close()
+            _guardian.release()
             self.finished.set()
 
     def _loop(self) -> None:
