@@ -16,6 +16,13 @@ parent forks.
 Over the pipe the parent tells the guardian which groups are live, ``+ pid
 create_time grace`` and ``- pid``. At EOF the guardian SIGTERMs (and SIGCONTs) each
 group, waits up to the grace period (at most one second), then SIGKILLs what is left.
+Its lifetime: it starts with the first worker group registered and lives while any
+manager thread of this process runs (``hold()``/``release()``). When the last one
+finishes with no group left registered, the pipe is closed: the guardian reads EOF
+with nothing to kill, exits at once and is reaped, so a process whose executors are
+all shut down has no child and no fd of ours. The next executor's first worker starts
+a fresh guardian.
+
 It never signals a group blindly: a pgid is reused once its leader is reaped and its
 members are gone, so it checks the leader is still the process it was told about (same
 create time), and otherwise signals, one by one, only members that started after the
