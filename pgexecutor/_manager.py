@@ -147,6 +147,7 @@ class Manager:
 
     def start(self) -> None:
         _exit.track(self)  # only started managers: interpreter exit joins their threads
+        _guardian.hold()  # released when the thread ends: the last release ends it
         self.thread.start()
 
     def post(self, msg: WorkItem | Command) -> None:
@@ -227,6 +228,7 @@ class Manager:
         finally:
             self._unregister(self.mailbox.wake_r)
             self.mailbox.close()
+            _guardian.release()
             self.finished.set()
 
     def _loop(self) -> None:

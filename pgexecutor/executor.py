@@ -12,6 +12,7 @@ from __future__ import annotations
 # and not lazily by the manager thread: if any thread of the user's forks while another
 # thread is inside an import, that module's import lock stays held forever in the
 # child, and the child's first executor would hang on it.
+import copy
 import fcntl  # noqa: F401
 import itertools
 import math
@@ -25,6 +26,7 @@ import threading
 import time
 import traceback  # noqa: F401
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
@@ -227,6 +229,7 @@ class ProcessGroupExecutor(Executor):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
+        buffersize: int | None = None,
         return_exceptions: bool = False,
         progress: Any = False,
     ) -> Iterator[Any]:
@@ -235,6 +238,12 @@ class ProcessGroupExecutor(Executor):
         With ``chunksize > 1`` each chunk is one task (its ``task_timeout`` covers the
         whole chunk), yet an item's exception still lands at that item's position.
 
+        ``buffersize=N`` (as in Python 3.14) keeps at most N tasks (chunks, with
+        ``chunksize > 1``) submitted ahead of the results the caller has taken: the
+        inputs are read as the results are consumed, so an endless iterable works in
+        bounded memory. ``None`` (the default) reads every input and submits
+        everything at once.
+
         ``progress=True`` shows a tqdm bar (``pip install 'pgexecutor[progress]'``)
         that advances as tasks finish, in any order, and counts ``ok``, ``failed``,
         ``timeout``, ``crashed`` and ``memory`` as they happen; it closes when the
@@ -242,7 +251,9 @@ class ProcessGroupExecutor(Executor):
         and ``set_postfix(mapping, refresh=...)``) to choose where and how it draws;
         that bar is yours to close.
         """
-        return self._map(fn, iterables, timeout, chunksize, return_exceptions, self._settings, progress)
+        return self._map(
+            fn, iterables, timeout, chunksize, return_exceptions, self._settings, progress, buffersize
+        )
 
     def _map(
         self,
@@ -253,11 +264,14 @@ class ProcessGroupExecutor(Executor):
         return_exceptions: bool,
         settings: TaskSettings,
         progress: Any = False,
+        buffersize: int | None = None,
     ) -> Iterator[Any]:
         def submit(f: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
             return self._submit(f, args, {}, settings)
 
-        return _map_via(submit, fn, iterables, timeout, chunksize, return_exceptions, progress)
+        return _map_via(
+            submit, fn, iterables, timeout, chunksize, return_exceptions, progress, buffersize
+        )
 
     # ------------------------------------------------------------------ options
 
@@ -413,12 +427,15 @@ class ExecutorOptions:
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
+        buffersize: int | None = None,
         return_exceptions: bool = False,
         progress: Any = False,
     ) -> Iterator[Any]:
-        """``ProcessGroupExecutor.map`` with this view's settings (``progress`` too)."""
+        """``ProcessGroupExecutor.map`` with this view's settings (``buffersize`` and
+        ``progress`` too)."""
         return self._executor._map(
-            fn, iterables, timeout, chunksize, return_exceptions, self.task_settings, progress
+            fn, iterables, timeout, chunksize, return_exceptions, self.task_settings, progress,
+            buffersize,
         )
 
     def options(
@@ -443,6 +460,16 @@ def _unpicklable_arguments(exc: BaseException) -> Future[Any]:
     return fut
 
 
+def _check_buffersize(buffersize: Any) -> None:
+    """Python 3.14's checks, with its messages (bool passes, as it does there)."""
+    if buffersize is None:
+        return
+    if not isinstance(buffersize, int):
+        raise TypeError("buffersize must be an integer or None")
+    if buffersize < 1:
+        raise ValueError("buffersize must be None or > 0")
+
+
 def _map_via(
     submit: Callable[[Callable[..., Any], tuple[Any, ...]], Future[Any]],
     fn: Callable[..., Any],
@@ -451,29 +478,73 @@ def _map_via(
     chunksize: int,
     return_exceptions: bool,
     progress: Any,
+    buffersize: int | None = None,
 ) -> Iterator[Any]:
     """``map`` of every executor, on top of its ``submit(fn, args)``: one task per item
-    or, with ``chunksize > 1``, one ``run_chunk`` task per chunk. Everything is
-    submitted before the first result is awaited, as ``Executor.map`` does."""
+    or, with ``chunksize > 1``, one ``run_chunk`` task per chunk.
+
+    Without ``buffersize`` every input is read and submitted before the first result
+    is awaited, as ``Executor.map`` does. With it, as in Python 3.14, the first
+    ``buffersize`` tasks are submitted now and one more each time the caller takes a
+    result (before waiting for it), so at most ``buffersize`` tasks are ever ahead of
+    what the caller consumed; with chunks, it counts chunks (3.14's
+    ProcessPoolExecutor does too).
+    """
     if chunksize < 1:
         raise ValueError("chunksize must be >= 1.")
+    _check_buffersize(buffersize)
     make_bar = _progress.resolve(progress)  # a missing tqdm fails before any submit
     if timeout is not None and math.isinf(timeout) and timeout > 0:
         timeout = None  # waits take no inf; no limit is what it means
     end_time = None if timeout is None else timeout + time.monotonic()
     args_iter = zip(*iterables, strict=False)
-    sizes: list[int] | None = None
-    if chunksize == 1:
-        fs = [submit(fn, args) for args in args_iter]
+    chunked = chunksize > 1
+    jobs: Iterator[tuple[Callable[..., Any], tuple[Any, ...], int]]
+    if chunked:
+        chunks = iter(lambda: list(itertools.islice(args_iter, chunksize)), [])
+        jobs = ((run_chunk, (fn, chunk), len(chunk)) for chunk in chunks)
     else:
-        fs, sizes = [], []
-        while chunk := list(itertools.islice(args_iter, chunksize)):
-            sizes.append(len(chunk))
-            fs.append(submit(run_chunk, (fn, chunk)))
-    results = _yield_results(fs, end_time, return_exceptions, chunked=sizes is not None, sizes=sizes)
-    if make_bar is None:
+        jobs = ((fn, args, 1) for args in args_iter)
+    # Oldest on the right: the results loop pops there, new tasks go in on the left.
+    fs: deque[Future[Any]] = deque()
+    sizes: deque[int] | None = deque() if chunked else None
+    tracker: _progress.Tracker | None = None
+
+    def submit_next() -> bool:
+        """Read one more input and submit it; False once the inputs are exhausted."""
+        job = next(jobs, None)
+        if job is None:
+            return False
+        f, args, size = job
+        fut = submit(f, args)
+        fs.appendleft(fut)
+        if sizes is not None:
+            sizes.appendleft(size)
+        if tracker is not None:
+            tracker.add(fut, size)
+        return True
+
+    if buffersize is None:
+        while submit_next():
+            pass
+        if make_bar is not None:
+            tracker = _progress.Tracker(
+                make_bar, sum(sizes) if sizes is not None else len(fs), chunked
+            )
+            for i in range(len(fs) - 1, -1, -1):
+                tracker.add(fs[i], 1 if sizes is None else sizes[i])
+        refill = None
+    else:
+        if make_bar is not None:
+            tracker = _progress.Tracker(make_bar, None, chunked)  # total not known yet
+        for _ in range(buffersize):
+            if not submit_next():
+                break
+        refill = submit_next
+    results = _yield_results(fs, end_time, return_exceptions, sizes, refill)
+    if tracker is None:
         return results
-    return _progress.watch(make_bar, fs, sizes, results)
+    return _progress.watch(tracker, results)
 
 
 def _result_or_exception(fut: Future[Any], timeout: float | None) -> tuple[bool, Any]:
@@ -488,7 +559,7 @@ def _result_or_exception(fut: Future[Any], timeout: float | None) -> tuple[bool,
 
 
 def _pop_result(
-    fs: list[Future[Any]], end_time: float | None, return_exceptions: bool
+    fs: deque[Future[Any]], end_time: float | None, return_exceptions: bool
 ) -> tuple[bool, Any]:
     """Take the next future off ``fs`` and wait for it (map's timeout applies)."""
     fut = fs.pop()
@@ -498,34 +569,52 @@ def _pop_result(
     return True, fut.result(timeout)
 
 
+def _own_copy(exc: BaseException) -> BaseException:
+    """A new instance like ``exc`` (same cause, context and traceback), so that no two
+    positions of a map share one exception object: a caller may annotate, chain or
+    re-raise each on its own (every raise extends the instance's traceback)."""
+    try:
+        new = copy.copy(exc)
+    except Exception:
+        return exc
+    if new is exc or type(new) is not type(exc):
+        return exc
+    new.__cause__ = exc.__cause__
+    new.__context__ = exc.__context__
+    new.__suppress_context__ = exc.__suppress_context__
+    return new.with_traceback(exc.__traceback__)
+
+
 def _yield_results(
-    fs: list[Future[Any]],
+    fs: deque[Future[Any]],
     end_time: float | None,
     return_exceptions: bool,
-    chunked: bool,
-    sizes: list[int] | None = None,
+    sizes: deque[int] | None = None,
+    refill: Callable[[], bool] | None = None,
 ) -> Iterator[Any]:
-    """Yield results in order; on exit (even early) cancel what is still pending.
+    """Yield results in order, oldest future (the right end of ``fs``) first; with
+    ``sizes`` each future is a chunk of that many items. ``refill`` (buffered maps)
+    submits one more task before each wait, until it returns False. On exit, even
+    early, cancel what is still pending; the inputs are not read any further.
 
     No local variable holds a result across a ``yield``: a suspended generator's frame
     would keep the last value alive for as long as the caller holds the iterator.
     """
-    fs.reverse()  # pop() from the end is O(1) and drops our reference as we go
-    if sizes is not None:
-        sizes.reverse()
     try:
         while fs:
-            if not chunked:
+            if refill is not None and not refill():
+                refill = None  # the inputs are exhausted
+            if sizes is None:
                 yield _pop_result(fs, end_time, return_exceptions)[1]
                 continue
-            assert sizes is not None
             size = sizes.pop()
             ok, out = _pop_result(fs, end_time, return_exceptions)
             if not ok:
                 # The whole chunk failed (its worker hung or died): every item of it
-                # gets that error, so positions stay aligned with the inputs.
-                for _ in range(size):
-                    yield out
+                # gets that error, each its own instance, so positions stay aligned.
+                yield out
+                for _ in range(size - 1):
+                    yield _own_copy(out)
                 continue
             values, errors = out  # see run_chunk
             del out

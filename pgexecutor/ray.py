@@ -307,12 +307,15 @@ class RayExecutor(Executor):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
+        buffersize: int | None = None,
         return_exceptions: bool = False,
         progress: Any = False,
     ) -> Iterator[Any]:
-        """Like ``ProcessGroupExecutor.map`` (``chunksize``, ``return_exceptions``,
-        ``progress``)."""
-        return self._map(fn, iterables, timeout, chunksize, return_exceptions, self._settings, progress)
+        """Like ``ProcessGroupExecutor.map`` (``chunksize``, ``buffersize``,
+        ``return_exceptions``, ``progress``)."""
+        return self._map(
+            fn, iterables, timeout, chunksize, return_exceptions, self._settings, progress, buffersize
+        )
 
     def _map(
         self,
@@ -323,11 +326,14 @@ class RayExecutor(Executor):
         return_exceptions: bool,
         settings: TaskSettings,
         progress: Any = False,
+        buffersize: int | None = None,
     ) -> Iterator[Any]:
         def submit(f: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
             return self._submit(f, args, {}, settings)
 
-        return _map_via(submit, fn, iterables, timeout, chunksize, return_exceptions, progress)
+        return _map_via(
+            submit, fn, iterables, timeout, chunksize, return_exceptions, progress, buffersize
+        )
 
     def options(
         self,

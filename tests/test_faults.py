@@ -522,7 +522,8 @@ def _counts():
 
 
 def test_threads_and_fds_return_to_baseline():
-    # Warm up once: the guardian's pipe stays open for the life of this process.
+    # Warm up once (lazy imports). The guardian and its pipe go with the last executor
+    # (tests/test_cleanup.py), so they are not part of this baseline either way.
     with ProcessGroupExecutor(2) as ex:
         ex.submit(add, 1, 1).result(timeout=30)
     gc.collect()

@@ -10,6 +10,7 @@ not import anything from tests/.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import signal
 import subprocess
@@ -126,6 +127,28 @@ def test_results_map_and_errors(ex):
     view = ex.options(task_timeout=30).options(retries=1)
     assert (view.task_timeout, view.retries) == (30.0, 1)
     assert list(view.map(tasks.add, range(4), range(4), chunksize=2)) == [0, 2, 4, 6]
+
+
+def test_map_buffersize_reads_inputs_as_results_are_taken(ex):
+    taken = []
+
+    def inputs():
+        for i in itertools.count():
+            taken.append(i)
+            yield i
+
+    with pytest.raises(ValueError, match="buffersize must be None or > 0"):
+        ex.map(tasks.add, inputs(), inputs(), buffersize=0)
+    for target in (ex, ex.options(task_timeout=60)):
+        taken.clear()
+        it = target.map(tasks.add, inputs(), itertools.repeat(1), buffersize=2)
+        assert len(taken) == 2
+        assert [next(it) for _ in range(5)] == [1, 2, 3, 4, 5]
+        assert len(taken) == 2 + 5
+        it.close()
+        assert len(taken) == 2 + 5
+    it = ex.map(tasks.add, range(7), range(7), chunksize=3, buffersize=1)
+    assert list(it) == [0, 2, 4, 6, 8, 10, 12]
 
 
 def test_queued_future_can_be_cancelled_and_terminate_kills_running(tmp_path):
