@@ -541,11 +541,24 @@ def test_guardian_spares_a_group_that_reuses_a_dead_workers_pgid():
         stranger.wait()
 
 
+def _pipe_fds() -> set[tuple[int, str]]:
+    """This process's pipe fds as (fd, "pipe:[inode]") (listdir's own fd is no pipe)."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("pipe:"):
+            out.add((int(fd), target))
+    return out
+
+
 def test_shut_down_executor_never_writes_to_a_recycled_fd(tmp_path):
     """The fd analogue of a recycled pgid: once closed, a number belongs to someone else."""
-    before = set(os.listdir("/proc/self/fd"))
+    before = _pipe_fds()
     ex = ProcessGroupExecutor(1)
-    ours = {int(fd) for fd in set(os.listdir("/proc/self/fd")) - before}  # its wake-up pipe
+    ours = {fd for fd, _ in _pipe_fds() - before}  # its wake-up pipe
     assert ours, "an executor opens its wake-up pipe when it is made"
     _shutdown_bounded(ex)  # closes the wake-up pipe
     files = []
