@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import report, wait_reports  # noqa: E402
+from _common import report, restore_sigint, wait_reports  # noqa: E402
 
 from pgexecutor import ProcessGroupExecutor, _guardian  # noqa: E402
 from pgexecutor._manager import READY  # noqa: E402
@@ -72,4 +72,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    restore_sigint()
     main()
