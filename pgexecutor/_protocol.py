@@ -370,6 +370,7 @@ def read_exact(fd: int, size: int) -> bytes | None:
 
 
 _cloudpickle: Any = None
+_cloud_pickler: Any = None
 
 
 def _cloudpickle_module() -> Any:
@@ -381,15 +382,62 @@ def _cloudpickle_module() -> Any:
     return _cloudpickle
 
 
+def _pickler_class() -> Any:
+    """cloudpickle's Pickler, except that code pickled by value keeps its file name.
+
+    cloudpickle >= 3.1 writes every by-value code object (functions and classes of
+    ``__main__``, lambdas, closures) with ``co_filename = "<dynamic-code>"``, so that
+    its pickles do not depend on where the code lives. Tracebacks and stack dumps
+    print ``co_filename``: a task defined in a script then showed up as ``File
+    "<dynamic-code>", line 42`` in its remote traceback and in a TaskTimeoutError's
+    stack, with no source line, where ProcessPoolExecutor shows the script's path and
+    line. Our pickles are never compared, so we put the real name back. Workers run on
+    the same machine, where linecache finds the source under that name.
+
+    Only this module's pickler is changed: cloudpickle as Dask, Ray or the user call it
+    keeps its own behaviour.
+    """
+    global _cloud_pickler
+    if _cloud_pickler is not None:
+        return _cloud_pickler
+    from collections import ChainMap
+
+    cp = _cloudpickle_module()
+    base = getattr(cp, "Pickler", None) or cp.CloudPickler
+    code_type = type(_pickler_class.__code__)
+    table: Any = getattr(base, "dispatch_table", None)
+    reduce_code = None if table is None else table.get(code_type)
+    if table is None or reduce_code is None:  # a cloudpickle we do not know: as it is
+        _cloud_pickler = base
+        return base
+
+    def reduce_code_keeping_filename(code: Any) -> Any:
+        reduced = reduce_code(code)
+        args = reduced[1]
+        # args are types.CodeType's, co_filename the 11th on every Python >= 3.8.
+        if len(args) > 10 and args[10] == "<dynamic-code>" and isinstance(code.co_filename, str):
+            reduced = (reduced[0], (*args[:10], code.co_filename, *args[11:]), *reduced[2:])
+        return reduced
+
+    class Pickler(base):  # type: ignore[misc, valid-type]
+        dispatch_table = ChainMap({code_type: reduce_code_keeping_filename}, table)
+
+    _cloud_pickler = Pickler
+    return Pickler
+
+
+def _cloud_dump(obj: Any, buffer_callback: Any = None) -> bytes:
+    """``cloudpickle.dumps(obj)`` with protocol 5 and the Pickler of _pickler_class."""
+    import io
+
+    with io.BytesIO() as file:
+        _pickler_class()(file, protocol=PICKLE_PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+        return file.getvalue()
+
+
 def dumps(obj: Any) -> bytes:
     """cloudpickle ``obj`` with protocol 5."""
-    return _cloudpickle_module().dumps(obj, protocol=PICKLE_PROTOCOL)
-
-
-def _cloud_dump(obj: Any, buffer_callback: Any) -> bytes:
-    return _cloudpickle_module().dumps(  # type: ignore[no-any-return]
-        obj, protocol=PICKLE_PROTOCOL, buffer_callback=buffer_callback
-    )
+    return _cloud_dump(obj)
 
 
 def _plain_dump(obj: Any, buffer_callback: Any) -> bytes:

@@ -50,8 +50,27 @@ def _innermost_frame(stack: str | None) -> str | None:
         # name the user's own line that called into it.
         caller = next((f for f in frames[1:] if not _is_library_frame(f)), None)
         if caller is not None:
-            return f"{innermost}, called from {caller}"
-    return innermost
+            return f"{innermost}, called from {_with_source(caller)}"
+    return _with_source(innermost)
+
+
+def _with_source(frame: str) -> str:
+    """``File "...", line N in f`` followed by that line's source, as a traceback shows it.
+
+    faulthandler prints no source (it runs in a signal handler). The worker ran on this
+    machine, so the file is read here; a file that is gone leaves the frame as it is.
+    """
+    head, sep, rest = frame.partition('", line ')
+    if not sep or not head.startswith('File "'):
+        return frame
+    path, number = head[len('File "') :], rest.split(" ", 1)[0]
+    if not number.isdigit() or path.startswith("<"):
+        return frame
+    import linecache
+
+    linecache.checkcache(path)  # the file may have changed since this process read it
+    source = linecache.getline(path, int(number)).strip()
+    return f"{frame}: {source}" if source else frame
 
 
 def _is_library_frame(frame: str) -> bool:

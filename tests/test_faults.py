@@ -25,7 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import psutil
 import pytest
-from conftest import alive, wait_gone
+from conftest import alive, run_main_script, wait_gone
 
 from pgexecutor import (
     ProcessGroupExecutor,
@@ -381,6 +381,88 @@ def test_exception_that_fails_to_pickle_arrives_as_remote_error():
         assert "HoldsLock" in exc.type_name
         assert "holds a lock" in str(exc)
         assert "raise_exception_holding_lock" in exc.remote_traceback
+
+
+_MAIN_TASKS = """
+import threading, traceback
+from pgexecutor import ProcessGroupExecutor
+
+def fail_here(x):
+    raise ValueError(f"bad {x}")  # MARK-RAISE
+
+class Boom:
+    def explode(self):
+        raise KeyError("boom")  # MARK-METHOD
+
+class HoldsLockHere(Exception):
+    def __init__(self):
+        super().__init__("cannot travel")
+        self.lock = threading.Lock()
+
+def raise_unpicklable():
+    raise HoldsLockHere()  # MARK-UNPICKLABLE
+
+def hang_here():
+    threading.Event().wait()  # MARK-HANG
+
+def text(exc):
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+if __name__ == "__main__":
+    with ProcessGroupExecutor(1, task_timeout=3, kill_grace=0.2) as ex:
+        out = {
+            "function": text(ex.submit(fail_here, 3).exception()),
+            "method": text(ex.submit(Boom().explode).exception()),
+            # formatted in the worker: RemoteTaskError's text
+            "remote": ex.submit(raise_unpicklable).exception().remote_traceback,
+        }
+        hung = ex.submit(hang_here).exception()
+        out["stack"], out["where"] = hung.stack, str(hung)
+    print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def _line_with(script_text, marker):
+    lines = script_text.splitlines()
+    number = next(i for i, ln in enumerate(lines, 1) if marker in ln)
+    return number, lines[number - 1].strip()
+
+
+def test_tasks_defined_in_a_script_show_its_file_line_and_source(tmp_path):
+    # Functions and classes of __main__ travel by value; their frames must still name
+    # the script, as ProcessPoolExecutor's do (cloudpickle writes "<dynamic-code>").
+    out = run_main_script(tmp_path, "", _MAIN_TASKS, [], timeout=90)
+    script = str(tmp_path / "driver_script.py")
+    source = (tmp_path / "driver_script.py").read_text()
+    for key, fn, marker in [
+        ("function", "fail_here", "MARK-RAISE"),
+        ("method", "explode", "MARK-METHOD"),
+        ("remote", "raise_unpicklable", "MARK-UNPICKLABLE"),
+    ]:
+        line, code = _line_with(source, marker)
+        assert f'File "{script}", line {line}, in {fn}\n    {code}\n' in out[key], out[key]
+        assert "<dynamic-code>" not in out[key]
+    line, code = _line_with(source, "MARK-HANG")
+    frame = f'File "{script}", line {line} in hang_here'
+    assert frame in out["stack"], out["stack"]
+    assert f"{frame}: {code}" in out["where"], out["where"]
+
+
+def test_tasks_defined_with_python_c_show_their_line(tmp_path):
+    code = (
+        "from pgexecutor import ProcessGroupExecutor\n"
+        "import traceback\n"
+        "def fail_here():\n"
+        "    raise ValueError('from -c')\n"
+        "with ProcessGroupExecutor(1) as ex:\n"
+        "    e = ex.submit(fail_here).exception()\n"
+        "print(''.join(traceback.format_exception(type(e), e, e.__traceback__)))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=90, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert 'File "<string>", line 4, in fail_here' in proc.stdout, proc.stdout
 
 
 # ----------------------------------------------------------------- 8. pickling faults
