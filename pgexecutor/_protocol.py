@@ -428,8 +428,11 @@ def _pickler_class() -> Any:
             reduced = (reduced[0], (*args[:10], code.co_filename, *args[11:]), *reduced[2:])
         return reduced
 
+    # One ChainMap level more than cloudpickle's, not two: pickle looks this up per object.
+    maps = table.maps if isinstance(table, ChainMap) else [table]
+
     class Pickler(base):  # type: ignore[misc, valid-type]
-        dispatch_table = ChainMap({code_type: reduce_code_keeping_filename}, table)
+        dispatch_table = ChainMap({code_type: reduce_code_keeping_filename}, *maps)
 
     _cloud_pickler = Pickler
     return Pickler
