@@ -596,7 +596,7 @@ class Manager:
             else:
                 value = payload.load()  # RESULT_SHM
         except BaseException as exc:
-            err = proto.pickling_error("result", "unpickling it in the parent failed", exc)
+            err = proto.mark_pickling_fault(exc, proto.UNPICKLE_RESULT)
             self.ledger.fail(item, err, "error", now)
             return True
         self.ledger.resolve(item, value, now)
