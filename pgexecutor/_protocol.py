@@ -568,6 +568,11 @@ def load_exception(payload: bytes | bytearray) -> BaseException:
                 if stage is not None:
                     _chain_remote_traceback(exc, text)
                     mark_pickling_fault(exc, stage)
+                elif exc.__cause__ is None:
+                    # As ProcessPoolExecutor: the worker's traceback text as the cause
+                    # (code reads ``exc.__cause__.tb``). A cause the task itself set
+                    # (``raise ... from``) stays: the text holds it anyway.
+                    _chain_remote_traceback(exc, text)
                 return exc
     fallback: RemoteTaskError
     if stage is None:
