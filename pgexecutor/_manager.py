@@ -558,6 +558,10 @@ class Manager:
             shm = proto.ShmPayload(payload, -1 if channel is None else proto.take_fd(channel))
             if not self._on_answer(w, kind, ident, shm):
                 shm.close()
+        elif kind == proto.UNPICKLED:
+            head = w.head()
+            if head is not None and head.task_id == ident:
+                head.started = time.monotonic()  # its imports were not its run time
         elif kind == proto.READY:
             if w.state is State.STARTING:
                 w.state = State.READY

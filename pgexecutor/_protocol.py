@@ -61,6 +61,11 @@ RESULT = 12  #: payload: pickled result
 ERROR = 13  #: payload: an encoded exception (see dump_exception)
 RESULT_OOB = 14  #: RESULT whose pickle has out-of-band buffers (see OOBPayload)
 RESULT_SHM = 15  #: RESULT_OOB whose buffers are in a memfd sent on the fd channel
+#: ident: task id; its call took long to unpickle (imports): its clock starts now
+UNPICKLED = 16
+#: Unpickling a call slower than this (seconds: a first import of the task's module on
+#: a fresh worker) is not the task's own time: the worker says UNPICKLED (see _worker).
+SLOW_UNPICKLE = 0.01
 
 PICKLE_PROTOCOL = 5
 

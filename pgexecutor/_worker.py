@@ -18,6 +18,7 @@ import atexit
 import faulthandler
 import os
 import sys
+import time as _time
 
 from . import _platform
 from . import _protocol as proto
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # ``typing`` costs a worker start milliseconds; annotations o
 #: Signal the manager sends to the worker (the leader only) to get a stack dump.
 #: (``_signal``: ``signal`` would import ``enum`` into every worker.)
 DUMP_SIGNAL = _signal.SIGUSR2
+_monotonic = _time.monotonic
 
 
 def main() -> None:
@@ -334,11 +336,17 @@ def _run_one(chan: _Channel, task_id: int, payload: bytes | bytearray, oob: bool
     Arguments that fail to unpickle, or a result that fails to pickle, fail this task
     alone with the exception pickle raised, marked with its stage (see _protocol).
     """
+    begun = _monotonic()
     try:
         fn, args, kwargs = proto.loads_oob(payload) if oob else proto.loads(payload)
     except BaseException as exc:
         chan.send(proto.ERROR, task_id, proto.dump_exception(exc, proto.UNPICKLE_ARGUMENTS))
         return
+    if _monotonic() - begun > proto.SLOW_UNPICKLE:
+        # Importing the task's module (the first task of its kind on a fresh worker:
+        # a test module, torch, gmsh) is not the task's own time: the manager starts
+        # its clock again. A hung import still times out: the clock ran meanwhile.
+        chan.send(proto.UNPICKLED, task_id)
     chunked = fn is run_chunk
     try:
         result = fn(*args, **kwargs)

@@ -18,6 +18,7 @@ import sys
 import time
 from concurrent.futures import Future
 
+import _light_tasks as light
 import pytest
 from conftest import require_extra, wait_gone
 
@@ -180,21 +181,6 @@ def crash_first_time(path, delay=0.0):
         time.sleep(delay)
         os._exit(7)
     return os.getpid()
-
-
-def outcome_task(action):
-    """One task per outcome, for progress counts."""
-    if action == "ok":
-        return "ok"
-    if action == "raise":
-        raise ValueError("failed on purpose")
-    if action == "hang":
-        time.sleep(1000)
-    if action == "crash":
-        os._exit(5)
-    if action == "memory":
-        allocate_and_sleep(300 * MiB)
-    raise AssertionError(action)
 
 
 def wait_for_gate_or_return(gate, x):
@@ -621,7 +607,7 @@ def test_progress_counts_every_outcome_as_it_happens():
     actions = ["ok", "raise", "hang", "ok", "crash", "memory", "ok"]
     with ProcessGroupExecutor(2, kill_grace=0.3) as ex:
         view = ex.options(task_timeout=2.0, max_memory=150 * MiB)
-        out = list(view.map(outcome_task, actions, return_exceptions=True, progress=bar))
+        out = list(view.map(light.outcome_task, actions, return_exceptions=True, progress=bar))
     assert out[0] == "ok" and isinstance(out[2], TaskTimeoutError)
     assert bar.total == len(actions) and bar.n == len(actions)
     counts = _postfix_counts(bar)

@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import traceback
@@ -24,6 +25,7 @@ from concurrent.futures import CancelledError, wait
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures.process import BrokenProcessPool
 
+import _light_tasks as light
 import psutil
 import pytest
 from conftest import alive, run_main_script, wait_gone
@@ -203,6 +205,58 @@ def test_timeout_kills_group_and_fails_at_once(fn):
         assert behind.result(timeout=30) == 3
         assert wait_gone(err.pid)
         assert err.pid not in ex.worker_pids()
+
+
+def _module_in(tmp_path, name: str, source: str):
+    """Write and import a module of tasks from ``tmp_path`` (also on the workers' path)."""
+    import importlib
+
+    (tmp_path / f"{name}.py").write_text(source)
+    sys.path.insert(0, str(tmp_path))
+    return importlib.import_module(name)
+
+
+@pytest.fixture
+def forget_modules():
+    names: list[str] = []
+    path = list(sys.path)
+    yield names
+    sys.path[:] = path
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+def test_a_slow_import_of_the_task_module_is_not_the_tasks_time(tmp_path, forget_modules):
+    """A fresh worker imports the task's module first (torch, gmsh: seconds). The
+    task's clock starts again once that is done: 1.5 s of import + 1.5 s of run fit
+    in a 2.5 s task_timeout."""
+    forget_modules.append("slow_to_import")
+    mod = _module_in(tmp_path, "slow_to_import", textwrap.dedent("""
+        import time
+        time.sleep(1.5)
+
+        def job():
+            time.sleep(1.5)
+            return "done"
+    """))
+    with ProcessGroupExecutor(1, task_timeout=2.5) as ex:
+        assert ex.submit(mod.job).result(timeout=60) == "done"
+
+
+def test_a_hung_import_of_the_task_module_still_times_out(tmp_path, forget_modules):
+    forget_modules.append("hangs_on_import_in_workers")
+    mod = _module_in(tmp_path, "hangs_on_import_in_workers", textwrap.dedent(f"""
+        import os, time
+        if os.getpid() != {os.getpid()}:  # only in a worker
+            time.sleep(1000)
+
+        def job():
+            return "never"
+    """))
+    with ProcessGroupExecutor(1, task_timeout=1.0, kill_grace=0.2) as ex:
+        with pytest.raises(TaskTimeoutError) as ei:
+            ex.submit(mod.job).result(timeout=60)
+    assert "hangs_on_import_in_workers" in (ei.value.stack or "")
 
 
 def test_timeout_per_task_via_options_and_clock_starts_at_start():
@@ -734,20 +788,10 @@ def test_pickling_faults_raise_what_process_pool_executor_raises():
 # ----------------------------------------------------------------- 9. return_exceptions
 
 
-def maybe_fail(i):
-    if i == 1:
-        raise ValueError("one")
-    if i == 2:
-        os._exit(2)
-    if i == 3:
-        time.sleep(1000)
-    return i
-
-
 @pytest.mark.parametrize("chunksize", [1, 2])
 def test_map_return_exceptions_yields_errors_in_place(chunksize):
     with ProcessGroupExecutor(2, task_timeout=1.0, kill_grace=0.2) as ex:
-        out = list(ex.map(maybe_fail, range(6), return_exceptions=True, chunksize=chunksize))
+        out = list(ex.map(light.maybe_fail, range(6), return_exceptions=True, chunksize=chunksize))
     assert out[0] == 0 and out[4] == 4 and out[5] == 5
     assert isinstance(out[1], ValueError)
     if chunksize == 1:
@@ -760,7 +804,7 @@ def test_map_return_exceptions_yields_errors_in_place(chunksize):
 
 def test_map_without_return_exceptions_raises_crash_at_position():
     with ProcessGroupExecutor(2) as ex:
-        it = ex.map(maybe_fail, [0, 4, 2, 5])
+        it = ex.map(light.maybe_fail, [0, 4, 2, 5])
         assert next(it) == 0
         assert next(it) == 4
         with pytest.raises(WorkerCrashedError):
