@@ -204,6 +204,7 @@ class ProcessGroupExecutor(Executor):
         chunksize: int = 1,
         return_exceptions: bool = False,
         progress: Any = False,
+        journal: Any = None,
     ) -> Iterator[Any]:
         """Like ``Executor.map``; ``return_exceptions=True`` yields errors in place.
 
@@ -216,10 +217,14 @@ class ProcessGroupExecutor(Executor):
         iteration ends. Pass your own ``tqdm(...)`` (or any object with ``update(n)``
         and ``set_postfix(mapping, refresh=...)``) to choose where and how it draws;
         that bar is yours to close.
+
+        ``journal="sweep.db"`` (or a :class:`pgexecutor.Journal`) records each input's
+        outcome in an SQLite file; the same map run again yields the recorded results
+        and runs only the rest (see ``pgexecutor/journal.py``).
         """
         return self._map(
             fn, iterables, timeout, chunksize, return_exceptions,
-            self._task_timeout, self._max_memory, self._retries, progress,
+            self._task_timeout, self._max_memory, self._retries, progress, journal,
         )
 
     def _map(
@@ -233,10 +238,15 @@ class ProcessGroupExecutor(Executor):
         max_memory: int | None,
         retries: int,
         progress: Any = False,
+        journal: Any = None,
     ) -> Iterator[Any]:
         def submit(f: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
             return self._submit(f, args, {}, task_timeout, max_memory, retries)
 
+        if journal is not None:
+            return _journal_map(
+                submit, fn, iterables, timeout, chunksize, return_exceptions, progress, journal
+            )
         return _map_via(submit, fn, iterables, timeout, chunksize, return_exceptions, progress)
 
     # ------------------------------------------------------------------ options
@@ -363,11 +373,13 @@ class ExecutorOptions:
         chunksize: int = 1,
         return_exceptions: bool = False,
         progress: Any = False,
+        journal: Any = None,
     ) -> Iterator[Any]:
-        """``ProcessGroupExecutor.map`` with this view's settings (``progress`` too)."""
+        """``ProcessGroupExecutor.map`` with this view's settings (``progress`` and
+        ``journal`` too)."""
         return self._executor._map(
             fn, iterables, timeout, chunksize, return_exceptions,
-            self.task_timeout, self.max_memory, self.retries, progress,
+            self.task_timeout, self.max_memory, self.retries, progress, journal,
         )
 
     def options(
@@ -400,6 +412,13 @@ def _options_view(
         base_memory if max_memory is _UNSET else _check_memory(max_memory),
         base_retries if retries is _UNSET else _check_retries(retries),
     )
+
+
+def _journal_map(*args: Any) -> Iterator[Any]:
+    """``map(..., journal=...)``: imported on use, so workers never import sqlite3."""
+    from .journal import journal_map
+
+    return journal_map(*args)
 
 
 def _unpicklable_arguments(exc: BaseException) -> Future[Any]:

@@ -76,6 +76,7 @@ from .executor import (
     _check_memory,
     _check_retries,
     _check_timeout,
+    _journal_map,
     _map_via,
     _options_view,
     _unpicklable_arguments,
@@ -313,12 +314,13 @@ class RayExecutor(Executor):
         chunksize: int = 1,
         return_exceptions: bool = False,
         progress: Any = False,
+        journal: Any = None,
     ) -> Iterator[Any]:
         """Like ``ProcessGroupExecutor.map`` (``chunksize``, ``return_exceptions``,
-        ``progress``)."""
+        ``progress``, ``journal``: the journal lives where this driver runs)."""
         return self._map(
             fn, iterables, timeout, chunksize, return_exceptions,
-            self._task_timeout, self._max_memory, self._retries, progress,
+            self._task_timeout, self._max_memory, self._retries, progress, journal,
         )
 
     def _map(
@@ -332,10 +334,15 @@ class RayExecutor(Executor):
         max_memory: int | None,
         retries: int,
         progress: Any = False,
+        journal: Any = None,
     ) -> Iterator[Any]:
         def submit(f: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
             return self._submit(f, args, {}, task_timeout, max_memory, retries)
 
+        if journal is not None:
+            return _journal_map(
+                submit, fn, iterables, timeout, chunksize, return_exceptions, progress, journal
+            )
         return _map_via(submit, fn, iterables, timeout, chunksize, return_exceptions, progress)
 
     def options(
