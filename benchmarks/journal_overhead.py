@@ -89,7 +89,7 @@ def main() -> None:
     print(f"  rerun, all replayed from the journal: {r_wall:.3f} s "
           f"({1e6 * r_wall / n:.1f} us/input, nothing runs)")
     print("  each rep (plain, journaled) wall s: "
-          + ", ".join(f"({p:.3f}, {j:.3f})" for (p, _), (j, _) in zip(plain, journaled)))
+          + ", ".join(f"({p:.3f}, {j:.3f})" for (p, _), (j, _) in zip(plain, journaled, strict=True)))
 
 
 if __name__ == "__main__":
