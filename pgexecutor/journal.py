@@ -502,6 +502,7 @@ class _Session:
         self.error: BaseException | None = None  # the writer's first failure
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._accepting = True
+        self._flush_now = threading.Event()
         self._close_lock = threading.Lock()
         self._closed = False
         self._writer = threading.Thread(
@@ -547,6 +548,13 @@ class _Session:
             self._queue.put(entry)
 
     def _write_loop(self) -> None:
+        try:
+            self._write_batches()
+        except BaseException as exc:  # the iterator reports it (session.check)
+            logger.error("journal %s: the writer failed", self.path, exc_info=True)
+            self.error = exc
+
+    def _write_batches(self) -> None:
         conn: sqlite3.Connection | None = None
         try:
             conn = _connect(self.path)
@@ -562,7 +570,7 @@ class _Session:
                 # costs one transaction, and nothing waits longer than _WINDOW.
                 wait = last + _WINDOW - time.monotonic()
                 if wait > 0:
-                    time.sleep(wait)
+                    self._flush_now.wait(wait)  # close() cuts the wait short
                     self._drain(batch)
             stop = _STOP in batch
             rows = []
@@ -706,6 +714,7 @@ class _Session:
         self.futures = []
         self._accepting = False
         self._queue.put(_STOP)
+        self._flush_now.set()
         self._writer.join()
         try:
             self.conn.execute(

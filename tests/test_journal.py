@@ -57,6 +57,8 @@ def task(x):
         os._exit(3)
     if x == "hang":
         time.sleep(60)
+    if isinstance(x, tuple) and x[0] == "big":
+        return bytes(range(256)) * (x[1] // 256)
     if isinstance(x, str) and x.startswith("gate"):
         deadline = time.monotonic() + T
         while not os.path.exists(f"{side}.{x}") and time.monotonic() < deadline:
@@ -204,6 +206,15 @@ def test_rerun_yields_stored_results_in_order_without_running_them(ex, side, tmp
     assert list(ex.map(task, [4, 1, 2], journal=path)) == [16, 1, 4]
     assert ran(side) == {1: 1, 2: 1, "raise": 1, 3: 1, 4: 1}
     assert rows(path)[key_of(1)]["runs"] == 1
+
+
+def test_large_results_are_stored_and_replayed(ex, side, tmp_path):
+    path = str(tmp_path / "sweep.db")
+    inputs = [("big", 32 * 2**20), ("big", 256)]
+    first = list(ex.map(task, inputs, journal=path))
+    assert len(first[0]) == 32 * 2**20
+    again = list(ex.map(task, inputs, journal=path))
+    assert again == first and ran(side) == {("big", 32 * 2**20): 1, ("big", 256): 1}
 
 
 DRIVER = """
@@ -473,8 +484,10 @@ def test_a_dead_owners_lock_is_taken_over_a_live_ones_is_not(ex, side, tmp_path)
 # ---------------------------------------------------------------- hostile use
 
 
-def test_journal_none_is_a_plain_map_and_an_empty_map_makes_an_empty_journal(ex, tmp_path):
-    os.chdir(tmp_path)
+def test_journal_none_is_a_plain_map_and_an_empty_map_makes_an_empty_journal(
+    ex, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
     assert list(ex.map(task, [1, 2], journal=None)) == [1, 4]
     assert os.listdir(tmp_path) == []
     path = str(tmp_path / "empty.db")
