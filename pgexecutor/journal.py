@@ -410,8 +410,9 @@ def _describe_owner(owner: dict[str, Any]) -> str:
     return f"{where}, since {since}"
 
 
-def _take_lock(conn: sqlite3.Connection, path: str) -> str:
-    """Write our owner row unless a live map holds the journal; return what we wrote."""
+def _take_lock(conn: sqlite3.Connection, path: str, meta: dict[str, str]) -> str:
+    """Write our owner row (and ``meta``, in the same transaction) unless a live map
+    holds the journal; return the owner row we wrote."""
     me = json.dumps(_me())
     try:
         conn.execute("BEGIN IMMEDIATE")
@@ -436,7 +437,10 @@ def _take_lock(conn: sqlite3.Connection, path: str) -> str:
                     "journal %s: taking over the lock of a map that died (%s)",
                     path, _describe_owner(owner),
                 )
-            conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('owner', ?)", (me,))
+            conn.executemany(
+                "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+                [("owner", me), *meta.items()],
+            )
             conn.execute("COMMIT")
         except sqlite3.Error:
             conn.execute("ROLLBACK")
@@ -488,11 +492,8 @@ class _Session:
         self.fn_name = fn_name
         self.conn = _open_for_map(self.path)
         try:
-            self.owner = _take_lock(self.conn, self.path)
-            self.conn.execute(
-                "INSERT OR REPLACE INTO meta (name, value) VALUES ('quarantine_after', ?), "
-                "('fn', ?)",
-                (str(self.quarantine_after), fn_name),
+            self.owner = _take_lock(
+                self.conn, self.path, {"quarantine_after": str(self.quarantine_after), "fn": fn_name}
             )
         except BaseException:
             self.conn.close()
@@ -934,6 +935,7 @@ def _iterate(
                 yield out
                 continue
             raise out
+        session.close()  # flush now, so that a failure of the last batch is reported
         session.check()
     finally:
         session.close()

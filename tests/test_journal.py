@@ -665,6 +665,18 @@ def test_map_timeout_progress_and_options_with_a_journal(ex, side, tmp_path):
     assert bar.n == 0  # nothing ran: the bar counts the inputs that run
 
 
+def test_a_failing_write_is_reported_by_the_iterator(ex, side, tmp_path, monkeypatch):
+    """Disk full, I/O error...: simulated with a broken INSERT. The iterator raises
+    JournalError (by the end of the map at the latest) and the journal is unlocked."""
+    import pgexecutor.journal as journal_module
+
+    monkeypatch.setattr(journal_module, "_INSERT", "INSERT INTO no_such_table VALUES (?)")
+    path = str(tmp_path / "sweep.db")
+    with pytest.raises(JournalError, match="writing to journal .* failed"):
+        list(ex.map(task, [1, 2, 3], journal=path))
+    assert rows(path) == {} and owner(path) is None
+
+
 def test_package_exports():
     for name in ("Journal", "JournalError", "QuarantinedError"):
         assert name in pgexecutor.__all__ and getattr(pgexecutor, name)
