@@ -455,19 +455,10 @@ def _take_lock(conn: sqlite3.Connection, path: str, meta: dict[str, str]) -> str
 _STOP = object()
 
 
-class _Entry:
-    """What the writer needs to record one finished input."""
-
-    __slots__ = ("key", "args", "future", "index", "size")
-
-    def __init__(
-        self, key: str, args: tuple[Any, ...], future: Future[Any], index: int | None, size: int
-    ) -> None:
-        self.key = key
-        self.args = args
-        self.future = future
-        self.index = index  # position in its chunk, None without chunks
-        self.size = size  # inputs in its task
+# What the writer records for one finished input: (key, args, future, index of the
+# input in its chunk or None without chunks, inputs in its task). A tuple, not an
+# object: see _plan_and_submit on garbage collection.
+_Entry = tuple
 
 
 class _Prior:
@@ -541,12 +532,19 @@ class _Session:
 
     # ------------------------------------------------------------ writing (writer thread)
 
-    def on_done(self, entry: _Entry) -> None:
+    def on_done(self, key: str, args: tuple[Any, ...], fut: Future[Any]) -> None:
         """Done-callback, in the manager thread (or a cancelling one): enqueue only.
         No lock: an entry that slips in after close()'s _STOP is simply not recorded,
         as if it had finished after the close."""
         if self._accepting:
-            self._queue.put(entry)
+            self._queue.put((key, args, fut, None, 1))
+
+    def on_chunk_done(self, items: list[tuple[str, tuple[Any, ...]]], fut: Future[Any]) -> None:
+        """on_done for a chunk's task: one entry per input."""
+        if self._accepting:
+            size = len(items)
+            for index, (key, args) in enumerate(items):
+                self._queue.put((key, args, fut, index, size))
 
     def _write_loop(self) -> None:
         try:
@@ -587,7 +585,7 @@ class _Session:
                 except Exception:
                     logger.warning(
                         "journal %s: could not record input %s; it will run again next time",
-                        self.path, entry.key, exc_info=True,
+                        self.path, entry[0], exc_info=True,
                     )
                     row = None
                 if row is not None:
@@ -617,7 +615,7 @@ class _Session:
                 return
 
     def _row(self, entry: _Entry) -> tuple[Any, ...] | None:
-        fut = entry.future
+        key, args, fut, index, size = entry
         if fut.cancelled():
             return None
         info = getattr(fut, "_pgexecutor_info", None)  # pgexecutor.task_info(fut)
@@ -628,11 +626,11 @@ class _Session:
         blob: bytes
         if exc is None:
             value = fut.result()
-            if entry.index is not None:
+            if index is not None:
                 values, errors = value
-                duration, value = values[entry.index]
-                if errors and entry.index in errors:
-                    blob = errors[entry.index]
+                duration, value = values[index]
+                if errors and index in errors:
+                    blob = errors[index]
                     return self._failed_row(
                         entry, "error", proto.load_exception(blob), blob, duration, attempts, pid
                     )
@@ -662,10 +660,11 @@ class _Session:
         if outcome in KILLS:
             # A killed chunk of several inputs: the culprit is unknown, so it counts
             # against none of them; their next run puts each in a task of its own.
-            kills = attempts if entry.size == 1 else 0
+            size = entry[4]
+            kills = attempts if size == 1 else 0
             failure = {"outcome": outcome, "error": summary, "kills": kills, "at": time.time()}
-            if entry.size > 1:
-                failure["chunk"] = entry.size
+            if size > 1:
+                failure["chunk"] = size
         return self._make_row(entry, outcome, blob, summary, duration, attempts, pid, kills, failure)
 
     def _make_row(
@@ -680,16 +679,17 @@ class _Session:
         kills: int,
         failure: dict[str, Any] | None,
     ) -> tuple[Any, ...]:
-        prior = self.prior.get(entry.key)
+        key, args, _, index, size = entry
+        prior = self.prior.get(key)
         failures = "[]"
         if failure is not None or (prior and prior.failures):
             failures = json.dumps([*(prior.failures if prior else ()), *([failure] if failure else ())])
         return (
-            entry.key,
+            key,
             self.fn_name,
-            _short_repr(entry.args),
+            _short_repr(args),
             outcome,
-            sqlite3.Binary(blob),
+            blob,
             error,
             duration,
             attempts,
@@ -698,7 +698,7 @@ class _Session:
             failures,
             (prior.runs if prior else 0) + 1,
             time.time(),
-            entry.size if entry.index is not None else None,
+            size if index is not None else None,
         )
 
     # ------------------------------------------------------------ the end
@@ -763,21 +763,12 @@ def _summary(exc: BaseException) -> str:
 # ====================================================================== map
 
 
-class _Slot:
-    """How one distinct key is answered: from the file, by quarantine, or by a future."""
+class _Quarantined:
+    """The slot of a quarantined key (see _plan_and_submit for the other slots)."""
 
-    __slots__ = ("kind", "future", "index", "failures")
+    __slots__ = ("failures",)
 
-    def __init__(
-        self,
-        kind: str,
-        future: Future[Any] | None = None,
-        index: int | None = None,
-        failures: list[dict[str, Any]] | None = None,
-    ) -> None:
-        self.kind = kind  # "ok", "error" (replay), "quarantined", "run"
-        self.future = future
-        self.index = index
+    def __init__(self, failures: list[dict[str, Any]]) -> None:
         self.failures = failures
 
 
@@ -849,88 +840,88 @@ def _plan_and_submit(
     inputs: list[tuple[Any, ...]],
     keys: list[str],
     chunksize: int,
-) -> tuple[dict[str, _Slot], list[Future[Any]], list[int]]:
+) -> tuple[dict[str, Any], list[Future[Any]], list[int]]:
     """Decide each distinct key's fate; submit those that run. Equal keys (equal
-    inputs, or a key= that names two inputs alike) run once and share the outcome."""
-    slots: dict[str, _Slot] = {}
+    inputs, or a key= that names two inputs alike) run once and share the outcome.
+
+    A key's slot is "ok" or "error" (replayed from the file), a _Quarantined, its
+    Future (chunksize 1) or (Future, index in the chunk). Plain values, not an object
+    per input: a 20,000-input map would otherwise pay more in garbage collection
+    than in all the rest.
+    """
+    slots: dict[str, Any] = {}
     to_run: list[int] = []  # the first position of each key that runs
+    prior_of = session.prior.get
     for i, key in enumerate(keys):
         if key in slots:
             continue
-        prior = session.prior.get(key)
-        if prior is not None and prior.outcome in ("ok", "error"):
-            slots[key] = _Slot(prior.outcome)  # final: replayed, never rerun
-        elif (
-            prior is not None
-            and prior.outcome in KILLS
-            and prior.kills >= session.quarantine_after
-        ):
-            slots[key] = _Slot("quarantined", failures=prior.failures)
-        else:
-            slots[key] = _Slot("run")
+        prior = prior_of(key)
+        if prior is None:
+            slots[key] = None
             to_run.append(i)
-    fs: list[Future[Any]] = []
+        elif prior.outcome == "ok" or prior.outcome == "error":
+            slots[key] = prior.outcome  # final: replayed, never rerun
+        elif prior.outcome in KILLS and prior.kills >= session.quarantine_after:
+            slots[key] = _Quarantined(prior.failures)
+        else:
+            slots[key] = None
+            to_run.append(i)
+    fs: list[Future[Any]] = session.futures
     sizes: list[int] = []
     if chunksize == 1:
+        on_done = session.on_done
         for i in to_run:
-            fut = submit(fn, inputs[i])
-            _watch(session, fut, [(keys[i], inputs[i])], chunked=False)
-            slots[keys[i]].future = fut
+            key, args = keys[i], inputs[i]
+            fut = submit(fn, args)
+            fut.add_done_callback(functools.partial(on_done, key, args))
+            slots[key] = fut
             fs.append(fut)
         return slots, fs, sizes
     # Inputs that killed a worker before (in a chunk, where the culprit is unknown)
     # run alone, so that a kill can be pinned on one input.
-    alone = [i for i in to_run if (p := session.prior.get(keys[i])) and p.outcome in KILLS]
-    rest = [i for i in to_run if not ((p := session.prior.get(keys[i])) and p.outcome in KILLS)]
+    def suspect(i: int) -> bool:
+        p = prior_of(keys[i])
+        return p is not None and p.outcome in KILLS
+
+    rest = [i for i in to_run if not suspect(i)]
     groups = [rest[s : s + chunksize] for s in range(0, len(rest), chunksize)]
-    groups += [[i] for i in alone]
+    groups += [[i] for i in to_run if suspect(i)]
     for group in groups:
-        chunk = [inputs[i] for i in group]
-        fut = submit(run_chunk_timed, (fn, chunk))
-        _watch(session, fut, [(keys[i], inputs[i]) for i in group], chunked=True)
+        fut = submit(run_chunk_timed, (fn, [inputs[i] for i in group]))
+        items = [(keys[i], inputs[i]) for i in group]
+        fut.add_done_callback(functools.partial(session.on_chunk_done, items))
         for index, i in enumerate(group):
-            slots[keys[i]].future = fut
-            slots[keys[i]].index = index
+            slots[keys[i]] = (fut, index)
         fs.append(fut)
         sizes.append(len(group))
     return slots, fs, sizes
 
 
-def _watch(
-    session: _Session,
-    fut: Future[Any],
-    items: list[tuple[str, tuple[Any, ...]]],
-    chunked: bool,
-) -> None:
-    session.futures.append(fut)
-    size = len(items)
-
-    def done(f: Future[Any]) -> None:
-        for index, (key, args) in enumerate(items):
-            session.on_done(_Entry(key, args, f, index if chunked else None, size))
-
-    fut.add_done_callback(done)
-
-
 def _iterate(
     session: _Session,
     keys: list[str],
-    slots: dict[str, _Slot],
+    slots: dict[str, Any],
     end_time: float | None,
     return_exceptions: bool,
 ) -> Iterator[Any]:
     """Yield in input order. No local variable holds a result across a yield (a
     suspended generator would keep it alive)."""
-    left: dict[str, int] = {}
-    for key in keys:
-        left[key] = left.get(key, 0) + 1
+    left: dict[str, int] | None = None
+    if len(slots) != len(keys):  # equal keys: keep a slot until its last position
+        left = {}
+        for key in keys:
+            left[key] = left.get(key, 0) + 1
     try:
         for key in keys:
-            session.check()
+            if session.error is not None:
+                session.check()
             ok, out = _answer(session, key, slots[key], end_time)
-            left[key] -= 1
-            if not left[key]:
-                del slots[key]  # the last position of this key: free its future
+            if left is not None:
+                left[key] -= 1
+                if not left[key]:
+                    del slots[key]  # free its future
+            else:
+                del slots[key]
             if ok or return_exceptions:
                 yield out
                 continue
@@ -942,13 +933,13 @@ def _iterate(
 
 
 def _answer(
-    session: _Session, key: str, slot: _Slot, end_time: float | None
+    session: _Session, key: str, slot: Any, end_time: float | None
 ) -> tuple[bool, Any]:
-    if slot.kind == "quarantined":
+    if isinstance(slot, _Quarantined):
         return False, QuarantinedError(key, slot.failures)
-    if slot.kind in ("ok", "error"):
+    if isinstance(slot, str):  # "ok" or "error": replayed from the file
         blob, error = session.stored(key)
-        if slot.kind == "ok":
+        if slot == "ok":
             try:
                 return True, proto.loads(blob or b"")
             except Exception as exc:
@@ -961,8 +952,10 @@ def _answer(
             return False, proto.load_exception(blob or b"")
         except Exception:
             return False, RemoteTaskError("Exception", error or "(no message stored)", "")
-    fut = slot.future
-    assert fut is not None
+    index = None
+    if isinstance(slot, tuple):
+        slot, index = slot
+    fut: Future[Any] = slot
     timeout = None if end_time is None else max(0.0, end_time - time.monotonic())
     try:
         value = fut.result(timeout)
@@ -972,12 +965,12 @@ def _answer(
         return False, fut.exception()
     except Exception as exc:
         return False, exc
-    if slot.index is None:
+    if index is None:
         return True, value
     values, errors = value
-    if errors and slot.index in errors:
-        return False, proto.load_exception(errors[slot.index])
-    return True, values[slot.index][1]
+    if errors and index in errors:
+        return False, proto.load_exception(errors[index])
+    return True, values[index][1]
 
 
 # ====================================================================== reading a journal
