@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -39,11 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     except JournalError as exc:
         print(f"python -m pgexecutor journal: error: {exc}", file=sys.stderr)
         return 1 if args.unlock and "in use" in str(exc) else 2
-    if args.json:
-        json.dump(summary, sys.stdout, indent=2, default=str)
-        print()
-    else:
-        print(format_summary(summary))
+    try:
+        if args.json:
+            json.dump(summary, sys.stdout, indent=2, default=str)
+            print()
+        else:
+            print(format_summary(summary))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `... | head`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

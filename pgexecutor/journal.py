@@ -1031,8 +1031,9 @@ def summarize(path: str | os.PathLike[str], top: int = 10) -> dict[str, Any]:
         ]
         owner = json.loads(meta["owner"]) if meta.get("owner") else None
         if owner is not None:
+            here = owner.get("host") == socket.gethostname()
             owner = {k: owner.get(k) for k in ("pid", "host", "since")} | {
-                "alive": owner_alive(owner)
+                "alive": owner_alive(owner) if here else None  # None: cannot tell
             }
         return {
             "path": path,
@@ -1058,7 +1059,11 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append("  not in use")
     else:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner["since"] or 0))
-        state = "running" if owner["alive"] else "dead: stale lock, the next map takes it over"
+        state = {
+            True: "running",
+            False: "dead: a stale lock, the next map takes it over",
+            None: "another host: cannot tell if it runs; --unlock if it does not",
+        }[owner["alive"]]
         lines.append(f"  in use by pid {owner['pid']} on {owner['host']} since {since} ({state})")
     lines.append(
         "  " + "  ".join(f"{name} {n}" for name, n in s["counts"].items())

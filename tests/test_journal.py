@@ -453,9 +453,9 @@ def test_a_dead_owners_lock_is_taken_over_a_live_ones_is_not(ex, side, tmp_path)
     path = str(tmp_path / "sweep.db")
     assert list(ex.map(task, [1], journal=path)) == [1]
 
-    def hold(pid, start):
+    def hold(pid, start, host=None):
         conn = sqlite3.connect(path)
-        value = json.dumps({"pid": pid, "start": start, "host": os.uname().nodename,
+        value = json.dumps({"pid": pid, "start": start, "host": host or os.uname().nodename,
                             "since": time.time(), "token": "x"})
         conn.execute("UPDATE meta SET value = ? WHERE name = 'owner'", (value,))
         if conn.total_changes == 0:
@@ -470,6 +470,8 @@ def test_a_dead_owners_lock_is_taken_over_a_live_ones_is_not(ex, side, tmp_path)
         hold(sleeper.pid, psutil.Process(sleeper.pid).create_time())
         with pytest.raises(JournalError, match=f"pid {sleeper.pid}"):
             ex.map(task, [1], journal=path)
+        refused = cli(path, "--unlock")  # a live owner on this host: --unlock refuses
+        assert refused.returncode == 1 and "in use" in refused.stderr
         # The same pid with another start time is another process: the owner is dead.
         hold(sleeper.pid, psutil.Process(sleeper.pid).create_time() - 100)
         assert list(ex.map(task, [1], journal=path)) == [1]
@@ -479,6 +481,13 @@ def test_a_dead_owners_lock_is_taken_over_a_live_ones_is_not(ex, side, tmp_path)
     hold(sleeper.pid, 12345.0)  # reaped: gone
     assert list(ex.map(task, [1, 2], journal=path)) == [1, 4]
     assert owner(path) is None
+    # Another host's owner cannot be checked: refused, until --unlock.
+    hold(4242, 1.0, host="another-host.example")
+    with pytest.raises(JournalError, match="another-host.example.*--unlock"):
+        ex.map(task, [1], journal=path)
+    assert "cannot tell" in cli(path).stdout
+    assert cli(path, "--unlock").returncode == 0
+    assert list(ex.map(task, [1], journal=path)) == [1]
 
 
 # ---------------------------------------------------------------- hostile use
