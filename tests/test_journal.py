@@ -22,6 +22,11 @@ import threading
 import time
 
 import pytest
+
+# The task lives in a small module of its own: a fresh worker imports it in
+# milliseconds (importing this test module would import pytest, which under load can
+# take longer than a short task_timeout).
+from _journal_tasks import SIDE_ENV, T, task
 from conftest import ROOT, require_extra
 
 import pgexecutor
@@ -37,34 +42,6 @@ from pgexecutor import (
 from pgexecutor.journal import default_key
 
 pytestmark = pytest.mark.timeout(120)
-
-SIDE_ENV = "PGX_JOURNAL_TEST_SIDE"
-T = 30.0  # a safety net against hangs, never a performance bound
-
-
-# ---------------------------------------------------------------- tasks (importable)
-
-
-def task(x):
-    """Record that ``x`` ran, then: square it, or raise / crash / hang / wait."""
-    side = os.environ.get(SIDE_ENV)
-    if side:
-        with open(side, "a") as f:
-            f.write(f"{x!r}\n")
-    if x == "raise":
-        raise ValueError("bad input")
-    if x == "crash":
-        os._exit(3)
-    if x == "hang":
-        time.sleep(60)
-    if isinstance(x, tuple) and x[0] == "big":
-        return bytes(range(256)) * (x[1] // 256)
-    if isinstance(x, str) and x.startswith("gate"):
-        deadline = time.monotonic() + T
-        while not os.path.exists(f"{side}.{x}") and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return x
-    return x * x
 
 
 # ---------------------------------------------------------------- helpers
@@ -156,7 +133,7 @@ def test_journal_is_wal_sqlite_with_each_outcome_and_default_key(ex, side, tmp_p
         assert r["attempts"] == 1 and r["runs"] == 1
         assert r["pid"] and r["pid"] != os.getpid()
         assert r["duration"] is not None and 0 <= r["duration"] < T
-        assert r["fn"] == "test_journal.task"
+        assert r["fn"] == "_journal_tasks.task"
     assert ok["input"] == "3" and crash["input"] == "'crash'"
     assert crash["kills"] == 1 and json.loads(crash["failures"])[0]["outcome"] == "crashed"
     assert owner(path) is None  # unlocked once the iteration ended
@@ -318,7 +295,7 @@ def test_timeout_counts_as_a_kill_and_quarantine_after_is_configurable(side, tmp
     path = str(tmp_path / "sweep.db")
     journal = Journal(path, quarantine_after=1)
     with ProcessGroupExecutor(max_workers=1, kill_grace=0.2) as ex:
-        slow = ex.options(task_timeout=0.5)
+        slow = ex.options(task_timeout=2.0)
         first = list(slow.map(task, ["hang", 3], journal=journal, return_exceptions=True))
         assert isinstance(first[0], TaskTimeoutError) and first[1] == 9
         assert rows(path)[key_of("hang")]["outcome"] == "timeout"
@@ -355,7 +332,7 @@ def test_cli_summary_json_and_exit_codes(ex, side, tmp_path):
     text = cli(path)
     assert text.returncode == 0, text.stderr
     out = text.stdout
-    assert "4 inputs" in out and "test_journal.task" in out
+    assert "4 inputs" in out and "_journal_tasks.task" in out
     assert "ok 2" in out and "error 1" in out and "quarantined 1" in out
     assert "slowest:" in out
     assert key_of("crash") in out and "'crash'" in out and "exited with status 3" in out
@@ -667,10 +644,10 @@ def test_map_timeout_progress_and_options_with_a_journal(ex, side, tmp_path):
 
     bar = Bar()
     view = ex.options(retries=0)
-    assert list(view.map(task, [2, 5, 6], journal=path, progress=bar)) == [4, 25, 36]
+    assert list(view.map(task, [3, 5, 6], journal=path, progress=bar)) == [9, 25, 36]
     assert bar.n == 3 and bar.total == 3
     bar = Bar()
-    assert list(view.map(task, [2, 5, 6], journal=path, progress=bar)) == [4, 25, 36]
+    assert list(view.map(task, [3, 5, 6], journal=path, progress=bar)) == [9, 25, 36]
     assert bar.n == 0  # nothing ran: the bar counts the inputs that run
 
 
