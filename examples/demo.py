@@ -28,8 +28,7 @@ import time
 
 import psutil
 
-from pgexecutor import ProcessGroupExecutor, TaskTimeoutError, WorkerCrashedError
-from pgexecutor._process import spawned_pgids
+from pgexecutor import ProcessGroupExecutor, TaskTimeoutError, WorkerCrashedError, spawned_groups
 
 KINDS = ["ok", "hang-c", "ok", "segfault", "tree", "ok", "abort", "error", "ok", "tree", "ok"]
 
@@ -73,7 +72,7 @@ def main() -> int:
     if "-v" in sys.argv[1:]:  # show the executor's own log: starts, kills, replacements
         logging.basicConfig(format="    [%(name)s] %(message)s")
         logging.getLogger("pgexecutor").setLevel(logging.DEBUG)
-    before = spawned_pgids()
+    before = spawned_groups()
     t0 = time.monotonic()
     print(f"{len(KINDS)} tasks on 2 workers, task_timeout=2s, kill_grace=0.5s\n")
     with ProcessGroupExecutor(max_workers=2, task_timeout=2.0, kill_grace=0.5) as ex:
@@ -92,7 +91,7 @@ def main() -> int:
             print(f"  input {i:2d} {kind:9s} {what}")
         stats = ex.stats()
     elapsed = time.monotonic() - t0
-    created = spawned_pgids() - before
+    created = spawned_groups() - before
     time.sleep(0.2)  # let init reap the last SIGKILLed orphans
     left = survivors(created)
     print(f"\nfinished in {elapsed:.1f}s; counters: {stats}")

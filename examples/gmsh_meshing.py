@@ -41,8 +41,7 @@ from typing import Any
 
 import psutil
 
-from pgexecutor import ProcessGroupExecutor, TaskTimeoutError, WorkerCrashedError
-from pgexecutor._process import spawned_pgids
+from pgexecutor import ProcessGroupExecutor, TaskTimeoutError, WorkerCrashedError, spawned_groups
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _gmsh_cases import CASES, mesh_case  # noqa: E402  (imports gmsh only when called)
@@ -170,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "gmsh's own abort message may appear on stderr when a crashing input kills its worker.\n",
         flush=True,
     )
-    before = spawned_pgids()
+    before = spawned_groups()
     t0 = time.monotonic()
     with ProcessGroupExecutor(
         max_workers=args.workers,
@@ -202,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{'':38s}{inp['error']}")
     stats = ex.stats()  # after shutdown: counts any worker started to replace a killed one
     elapsed = time.monotonic() - t0
-    created = spawned_pgids() - before
+    created = spawned_groups() - before
     left = group_survivors(created)
     deadline = time.monotonic() + 5.0
     while left and time.monotonic() < deadline:  # an orphan may await init's reaping

@@ -44,8 +44,7 @@ from typing import Any
 
 import psutil
 
-from pgexecutor import ProcessGroupExecutor
-from pgexecutor._process import spawned_pgids
+from pgexecutor import ProcessGroupExecutor, spawned_groups
 
 INPUTS = [0, 1, 2, 3, 4, 5]
 HANGS = 2  # the input whose task hangs (INJECTED)
@@ -233,7 +232,7 @@ def with_pge() -> dict[str, Any]:
         "== with ProcessGroupExecutor ==  "
         f"ex = ProcessGroupExecutor(max_workers=2, task_timeout={TASK_TIMEOUT:g})"
     )
-    before = spawned_pgids()
+    before = spawned_groups()
     ex = ProcessGroupExecutor(max_workers=2, task_timeout=TASK_TIMEOUT, kill_grace=0.5)
     watcher = Watcher(ex.worker_pids)
     watcher.start()
@@ -265,7 +264,7 @@ def with_pge() -> dict[str, Any]:
         left = wait_gone(watcher, 5.0)
         watcher.halt.set()
         kill_recorded(watcher)  # only if something is wrong; reported below anyway
-    created = spawned_pgids() - before
+    created = spawned_groups() - before
     in_groups = []
     for p in psutil.process_iter(["pid", "status", "cmdline"]):
         try:

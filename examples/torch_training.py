@@ -44,8 +44,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import psutil  # noqa: E402
 
-from pgexecutor import ProcessGroupExecutor, TaskTimeoutError, WorkerCrashedError, task_info  # noqa: E402
-from pgexecutor._process import spawned_pgids  # noqa: E402
+from pgexecutor import (  # noqa: E402
+    ProcessGroupExecutor,
+    TaskTimeoutError,
+    WorkerCrashedError,
+    spawned_groups,  # noqa: E402
+    task_info,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -239,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = [os.path.join(tmp.name, f"task-{i}.pids") for i in range(n_tasks)]
     monitor = DeathMonitor(logs)
     monitor.start()
-    before = spawned_pgids()
+    before = spawned_groups()
     done_at: dict[int, float] = {}
     outcomes: list[dict[str, Any]] = [{} for _ in tasks]
     t0 = time.monotonic()
@@ -276,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             print_outcome(out, timeout)
     stats = ex.stats()  # after shutdown: counts any worker started to replace a killed one
     elapsed = time.monotonic() - t0
-    created = spawned_pgids() - before
+    created = spawned_groups() - before
 
     # Proof. Give the monitor a moment to see the last DataLoader workers (of the
     # successful tasks, which exit on their own) go, then check each one ourselves.

@@ -17,7 +17,7 @@ from .errors import (
     WorkerCrashedError,
     WorkerInitializerError,
 )
-from .executor import ExecutorOptions, ProcessGroupExecutor, task_info
+from .executor import ExecutorOptions, ProcessGroupExecutor, spawned_groups, task_info
 
 __all__ = [
     "ProcessGroupExecutor",
@@ -30,12 +30,12 @@ __all__ = [
     "TaskPicklingError",
     "TaskInfo",
     "task_info",
+    "spawned_groups",
     "Journal",
     "JournalError",
     "QuarantinedError",
 ]
 __version__ = "0.1.0"
-
 
 
 def __getattr__(name: str) -> object:

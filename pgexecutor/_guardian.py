@@ -16,6 +16,13 @@ parent forks.
 Over the pipe the parent tells the guardian which groups are live, ``+ pid
 create_time grace`` and ``- pid``. At EOF the guardian SIGTERMs (and SIGCONTs) each
 group, waits up to the grace period (at most one second), then SIGKILLs what is left.
+Its lifetime: it starts with the first worker group registered and lives while any
+manager thread of this process runs (``hold()``/``release()``). When the last one
+finishes with no group left registered, the pipe is closed: the guardian reads EOF
+with nothing to kill, exits at once and is reaped, so a process whose executors are
+all shut down has no child and no fd of ours. The next executor's first worker starts
+a fresh guardian.
+
 It never signals a group blindly: a pgid is reused once its leader is reaped and its
 members are gone, so it checks the leader is still the process it was told about (same
 create time), and otherwise signals, one by one, only members that started after the
@@ -36,9 +43,19 @@ logger = logging.getLogger("pgexecutor")
 _MAX_GRACE = 1.0
 _CHILD_FD = 3
 
+#: Guards _state, _registry, _holds and _exiting. Lock order: it is always the
+#: innermost lock. It is taken under a Manager's _lock (register/unregister from the
+#: manager thread) and under an executor's _shutdown_lock (hold() from
+#: Manager.start()), and nothing else is ever taken while it is held.
 _lock = threading.Lock()
 _state: dict[str, object] = {"pid": None, "owner": None, "wfd": None}
 _registry: dict[int, tuple[float, float]] = {}
+#: manager threads of this process that are running (hold() minus release())
+_holds = 0
+#: guardians we told to exit (pipe closed) but have not reaped yet
+_exiting: list[int] = []
+#: how long release() waits for a guardian told to exit (it exits within ms)
+_EXIT_WAIT = 1.0
 
 
 def _start_locked() -> None:
@@ -47,7 +64,8 @@ def _start_locked() -> None:
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = (
         f"import sys; sys.path.insert(0, {pkg_root!r}); "
-        "from pgexecutor._guardian import guardian_main; guardian_main()"
+        "from pgexecutor._guardian import guardian_main; guardian_main(); "
+        "import os; os._exit(0)"
     )
     scratch = max(r + 1, _CHILD_FD + 1)
     actions = [
@@ -96,10 +114,8 @@ def _close_locked() -> None:
             pass
     pid = _state["pid"]
     if isinstance(pid, int) and _state["owner"] == os.getpid():
-        try:
-            os.waitpid(pid, os.WNOHANG)  # our child: reap it if it already exited
-        except ChildProcessError:
-            pass
+        _exiting.append(pid)  # our child: reaped now if it already exited, else later
+        _reap_locked(pid)
     _state.update(pid=None, owner=None, wfd=None)
 
 
@@ -125,6 +141,56 @@ def unregister(pgid: int) -> None:
             _send_locked(f"- {pgid}\n")
 
 
+def hold() -> None:
+    """A manager thread starts: keep the guardian (it starts at the first register)."""
+    global _holds
+    with _lock:
+        _holds += 1
+        _reap_exited_locked()
+
+
+def release() -> None:
+    """A manager thread ended. When it was the last one and no group is registered,
+    close the guardian's pipe: it reads EOF, has nothing to kill, exits, and is
+    reaped here, so nothing the library started outlives its last executor. The next
+    executor's first worker starts a fresh guardian (register)."""
+    global _holds
+    with _lock:
+        _holds = max(0, _holds - 1)
+        pid = _state["pid"]
+        if _holds or _registry or not isinstance(pid, int) or _state["owner"] != os.getpid():
+            return
+        _close_locked()
+    # Wait outside the lock: a new executor may start meanwhile (with a new guardian).
+    deadline = time.monotonic() + _EXIT_WAIT
+    delay = 0.0005
+    while True:
+        with _lock:
+            if pid not in _exiting or _reap_locked(pid):
+                return
+        if time.monotonic() >= deadline:
+            return  # reaped later: by the next hold() or at exit
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
+def _reap_locked(pid: int) -> bool:
+    """Reap an exiting guardian if it has exited; True once it is gone."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        done = pid  # someone reaped it for us (a waitpid(-1) of the program's)
+    if done:
+        _exiting.remove(pid)
+        return True
+    return False
+
+
+def _reap_exited_locked() -> None:
+    for pid in list(_exiting):
+        _reap_locked(pid)
+
+
 def guardian_pid() -> int | None:
     """The guardian's pid in this process, if one runs."""
     pid = _state["pid"]
@@ -142,8 +208,10 @@ def _after_fork_in_child() -> None:
             pass
     _state.update(pid=None, owner=None, wfd=None)
     _registry.clear()
-    global _lock
+    global _lock, _holds
     _lock = threading.Lock()
+    _holds = 0  # the parent's manager threads do not exist here
+    _exiting.clear()  # the parent's children, not ours
 
 
 if hasattr(os, "register_at_fork"):

@@ -34,7 +34,14 @@ from typing import Any
 
 # fds the child finds its pipes at (see _worker.main); defined beside the protocol,
 # which the worker imports first.
-from ._protocol import CHILD_DUMP_FD, CHILD_RESULT_FD, CHILD_SHM_FD, CHILD_TASK_FD
+from . import _platform
+from ._protocol import (
+    CHILD_DUMP_FD,
+    CHILD_PERMIT_FD,
+    CHILD_RESULT_FD,
+    CHILD_SHM_FD,
+    CHILD_TASK_FD,
+)
 
 _F_SETPIPE_SZ = 1031  # Linux: bigger pipes mean fewer syscalls for large payloads
 _PIPE_SIZE = 1 << 20
@@ -43,18 +50,30 @@ _PIPE_SIZE = 1 << 20
 _spawned: deque[int] = deque(maxlen=100_000)
 _spawn_lock = threading.Lock()
 
-# fds that a fork-started worker must close at once: other workers' pipe ends, the
-# manager's wake-up pipe, ... (a fork copies them all; see _worker.mp_main).
+# fds that belong to this process alone: workers' pipe ends, the managers' wake-up
+# pipes. A fork copies them all; every forked child closes them (below).
 _parent_only_fds: set[int] = set()
 
 
 def _after_fork_in_child() -> None:
-    """A fork copies ``_spawn_lock`` in whatever state it was: if one of the parent's
+    """Make a forked child (the user's ``os.fork()``, a multiprocessing fork, one of
+    our fork-started workers) hold nothing of the parent's pool.
+
+    A fork copies ``_spawn_lock`` in whatever state it was: if one of the parent's
     manager threads was starting a worker at that moment, the child's copy is held by
     a thread that does not exist there, and the child's first executor would wait on
-    it forever. The child gets a fresh lock."""
+    it forever. The child gets a fresh lock. It also closes its copies of the
+    parent's worker pipes and wake-up pipes: through them a child could write into
+    the parent's workers (the managers were told to refuse, see
+    _manager.abandon_after_fork), and a copy of a pipe end keeps its EOF away."""
     global _spawn_lock
     _spawn_lock = threading.Lock()
+    for fd in _parent_only_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _parent_only_fds.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -83,6 +102,10 @@ class WorkerProcess:
     to_worker: int  # parent writes tasks here (non-blocking)
     from_worker: int  # parent reads results here (non-blocking)
     dump: int  # parent reads faulthandler stack dumps here (non-blocking)
+    # Permits (see permit_pipe): the parent writes one per task and keeps a read end
+    # to take unclaimed ones back; the worker holds the other read end.
+    permits_w: int = -1
+    permits_r: int = -1
     pidfd: int = -1  # readable once the process exits; -1 where unavailable
     channel: Any = None  # unix socket: memfds of large results arrive here (or None)
     is_child: bool = True  # False for forkserver: only the forkserver can wait for it
@@ -97,7 +120,7 @@ class WorkerProcess:
         if not self._fds_open:
             return
         self._fds_open = False
-        fds = [self.to_worker, self.from_worker, self.dump, self.pidfd]
+        fds = [self.to_worker, self.from_worker, self.dump, self.permits_w, self.permits_r, self.pidfd]
         unmark_parent_only(*fds)
         for fd in fds:
             if fd >= 0:
@@ -112,7 +135,7 @@ class WorkerProcess:
 
 def _pipe() -> tuple[int, int]:
     r, w = os.pipe()  # close-on-exec: never inherited by accident
-    if sys.platform.startswith("linux"):
+    if _platform.CAN_RESIZE_PIPES:
         try:
             import fcntl
 
@@ -122,8 +145,28 @@ def _pipe() -> tuple[int, int]:
     return r, w
 
 
+def permit_pipe() -> tuple[int, int]:
+    """A worker's permit pipe, both ends non-blocking: ``(read end, write end)``.
+
+    Why: tasks written ahead into a worker's pipe cannot be read back out of it, yet
+    one of them must not wait there behind a task that turned out to hang while
+    another worker could run it. So the worker runs a task only after it took that
+    task's permit (its id, 8 bytes) from this pipe, and the parent, which keeps a read
+    end too, takes back what was not claimed by reading it first. Reads of a pipe are
+    serialised by the kernel, so each permit goes to exactly one side: nothing runs
+    twice, nothing is lost. Writes of 8 bytes are atomic (< PIPE_BUF) and every read
+    asks for a multiple of 8, so permits never split. O_NONBLOCK lives on the open
+    file description, which the child's copy shares: the worker's read of an empty
+    pipe returns at once too (a revoked task).
+    """
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    return r, w
+
+
 def _open_pidfd(pid: int) -> int:
-    if not hasattr(os, "pidfd_open"):
+    if not _platform.USE_PIDFD:
         return -1
     try:
         return os.pidfd_open(pid)
@@ -184,7 +227,7 @@ def _shm_channel() -> tuple[Any, Any]:
 
     Only where memfds exist (Linux): elsewhere large results take the pipe.
     """
-    if not hasattr(os, "memfd_create"):
+    if not _platform.HAS_MEMFD:
         return None, None
     import socket
 
@@ -198,15 +241,16 @@ def _spawn_fresh(python: str) -> WorkerProcess:
     task_r, task_w = _pipe()
     res_r, res_w = _pipe()
     dump_r, dump_w = _pipe()
+    permits_r, permits_w = permit_pipe()
     channel, channel_child = _shm_channel()
-    child_ends = [task_r, res_w, dump_w]
-    targets = [CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD]
+    child_ends = [task_r, res_w, dump_w, permits_r]
+    targets = [CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD, CHILD_PERMIT_FD]
     if channel_child is not None:
         child_ends.append(channel_child.fileno())
         targets.append(CHILD_SHM_FD)
     # dup2 through scratch fds above every source, so that no source is overwritten
-    # before it was copied (a source may already sit at 3, 4, 5 or 6).
-    scratch = max(max(child_ends) + 1, CHILD_SHM_FD + 1)
+    # before it was copied (a source may already sit at 3 to 7).
+    scratch = max(max(child_ends), max(targets)) + 1
     actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
     for i, fd in enumerate(child_ends):
         actions.append((os.POSIX_SPAWN_DUP2, fd, scratch + i))
@@ -225,7 +269,7 @@ def _spawn_fresh(python: str) -> WorkerProcess:
             setsigdef=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE),
         )
     except BaseException:
-        for fd in (task_r, task_w, res_r, res_w, dump_r, dump_w):
+        for fd in (task_r, task_w, res_r, res_w, dump_r, dump_w, permits_r, permits_w):
             os.close(fd)
         for sock in (channel, channel_child):
             if sock is not None:
@@ -235,8 +279,10 @@ def _spawn_fresh(python: str) -> WorkerProcess:
         os.close(fd)
     if channel_child is not None:
         channel_child.close()
+    # The parent keeps permits_r on purpose (it takes unclaimed permits back).
     return WorkerProcess(
-        pid=pid, to_worker=task_w, from_worker=res_r, dump=dump_r, channel=channel
+        pid=pid, to_worker=task_w, from_worker=res_r, dump=dump_r, channel=channel,
+        permits_w=permits_w, permits_r=permits_r,
     )
 
 
@@ -250,15 +296,23 @@ def _spawn_mp(ctx: Any) -> WorkerProcess:
     task_r, task_w = _pipe()
     res_r, res_w = _pipe()
     dump_r, dump_w = _pipe()
+    permits_r, permits_w = permit_pipe()
+    # The child gets a copy of permits_r; the parent keeps its own (see permit_pipe).
+    child_permits = os.dup(permits_r)
     conns = (
         Connection(task_r, readable=True, writable=False),
         Connection(res_w, readable=False, writable=True),
         Connection(dump_w, readable=False, writable=True),
+        Connection(child_permits, readable=True, writable=False),
     )
-    parent_ends = (task_w, res_r, dump_r)
+    parent_ends = (task_w, res_r, dump_r, permits_w, permits_r)
+    # A fork-started child closes the parent's fds itself (_after_fork_in_child), but
+    # parent_ends are not marked yet: it gets their numbers. Only a fork copies them;
+    # in a spawned child the same numbers may be other, live fds.
+    forked = ctx.get_start_method() == "fork"
     proc = ctx.Process(
         target=_worker.mp_main,
-        args=(*conns, sorted(_parent_only_fds | set(parent_ends))),
+        args=(*conns, sorted(parent_ends) if forked else []),
         name="pgexecutor-worker",
     )
     proc.daemon = False  # daemonic processes may not have children (DataLoader, pools)
@@ -294,6 +348,8 @@ def _spawn_mp(ctx: Any) -> WorkerProcess:
         to_worker=task_w,
         from_worker=res_r,
         dump=dump_r,
+        permits_w=permits_w,
+        permits_r=permits_r,
         is_child=ctx.get_start_method() != "forkserver",
         mp_process=proc,
     )
@@ -311,7 +367,7 @@ def spawn_worker(mp_context: Any = None, python: str | None = None) -> WorkerPro
         else:
             proc = _spawn_mp(mp_context)
         _record(proc.pid)
-        mark_parent_only(proc.to_worker, proc.from_worker, proc.dump)
+        mark_parent_only(proc.to_worker, proc.from_worker, proc.dump, proc.permits_w, proc.permits_r)
         if proc.channel is not None:
             mark_parent_only(proc.channel.fileno())
     for fd in (proc.to_worker, proc.from_worker, proc.dump):
@@ -348,7 +404,7 @@ def observe_exit(proc: WorkerProcess) -> tuple[bool, int | None]:
     """
     if proc.reaped:
         return True, proc.exitcode
-    if proc.is_child and hasattr(os, "waitid"):
+    if proc.is_child and _platform.HAS_WAITID:
         try:
             res = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:  # somebody else reaped it: treat as dead
@@ -439,10 +495,6 @@ def reap(proc: WorkerProcess) -> int | None:
     return proc.exitcode
 
 
-#: Linux >= 4.14: one file with a process's PSS summed over all its mappings
-_HAS_SMAPS_ROLLUP = sys.platform.startswith("linux") and os.path.exists(
-    f"/proc/{os.getpid()}/smaps_rollup"
-)
 
 
 def _parse_smaps_rollup(data: bytes) -> int:
@@ -460,7 +512,7 @@ def process_memory(pid: int) -> int:
     Raises ``psutil.NoSuchProcess`` (or ``OSError``) for a process that is gone. A
     zombie counts 0: it holds no memory any more. See :func:`group_memory` for why.
     """
-    if _HAS_SMAPS_ROLLUP:
+    if _platform.HAS_SMAPS_ROLLUP:
         # Read the file ourselves: psutil's memory_full_info() reads it too, plus
         # statm and the process's start time, ~20 % more for nothing we need here.
         try:
@@ -471,7 +523,7 @@ def process_memory(pid: int) -> int:
     import psutil
 
     p = psutil.Process(pid)
-    if sys.platform.startswith("linux"):
+    if _platform.HAS_PSS:
         try:
             full = p.memory_full_info()  # /proc/<pid>/smaps on kernels before 4.14
             return int(full.pss) + int(getattr(full, "swap", 0))

@@ -26,7 +26,7 @@ from typing import Any
 
 from .errors import MemoryLimitError, TaskTimeoutError, WorkerCrashedError
 
-__all__ = ["resolve", "watch"]
+__all__ = ["Tracker", "resolve", "watch"]
 
 _MISSING_TQDM = (
     "map(progress=True) draws its bar with tqdm, an optional dependency: "
@@ -41,14 +41,14 @@ OUTCOMES = ("ok", "failed", "timeout", "crashed", "memory", "cancelled")
 _CLOSE_WAIT = 2.0
 
 
-def resolve(progress: Any) -> Callable[[int], tuple[Any, bool]] | None:
+def resolve(progress: Any) -> Callable[[int | None], tuple[Any, bool]] | None:
     """Check ``progress`` BEFORE anything is submitted; return a bar factory or None.
 
     ``progress`` is False/None (no bar), True (a tqdm bar on stderr, closed when the
     map's iteration ends) or an object with ``update(n)`` and ``set_postfix(mapping,
     refresh=...)`` such as a ``tqdm(...)`` the caller made and owns (we set its
     ``total`` if it is None, and never close it). The factory takes the item count
-    and returns ``(bar, owned)``.
+    (None when unknown) and returns ``(bar, owned)``.
     """
     if progress is None or progress is False:
         return None
@@ -58,7 +58,7 @@ def resolve(progress: Any) -> Callable[[int], tuple[Any, bool]] | None:
         except ImportError as exc:
             raise ImportError(_MISSING_TQDM) from exc
 
-        def make(total: int) -> tuple[Any, bool]:
+        def make(total: int | None) -> tuple[Any, bool]:
             return tqdm(total=total, unit="task"), True
 
         return make
@@ -68,7 +68,7 @@ def resolve(progress: Any) -> Callable[[int], tuple[Any, bool]] | None:
         and callable(getattr(progress, "set_postfix", None))
     ):
 
-        def use(total: int) -> tuple[Any, bool]:
+        def use(total: int | None) -> tuple[Any, bool]:
             if getattr(progress, "total", None) is None:
                 try:
                     progress.total = total
@@ -105,16 +105,27 @@ def _classify(fut: Future[Any], size: int, chunked: bool) -> dict[str, int]:
     return {"failed": size}
 
 
-class _Tracker:
-    def __init__(self, bar: Any, owned: bool, total: int, chunked: bool) -> None:
-        self.bar = bar
-        self.owned = owned
-        self.total = total
+class Tracker:
+    """Counts the outcomes of a map's futures on a bar. ``total`` is the item count,
+    or None when it is not known up front (a map with ``buffersize``: the bar then
+    counts without a total)."""
+
+    def __init__(
+        self, make_bar: Callable[[int | None], tuple[Any, bool]], total: int | None, chunked: bool
+    ) -> None:
+        self.bar, self.owned = make_bar(total)
         self.chunked = chunked
         self.counts = dict.fromkeys(OUTCOMES, 0)
+        self.expected = 0  # items of the futures added so far
         self.seen = 0
         self.closed = False
         self.cond = threading.Condition()
+
+    def add(self, fut: Future[Any], size: int) -> None:
+        """Watch one more future (``size`` items: a chunk's, or 1)."""
+        with self.cond:
+            self.expected += size
+        fut.add_done_callback(functools.partial(self.done, size=size))
 
     def postfix(self) -> dict[str, int]:
         return {k: v for k, v in self.counts.items() if v or k != "cancelled"}
@@ -141,7 +152,7 @@ class _Tracker:
         callbacks of the last futures; after an early exit, stop at once."""
         with self.cond:
             if finished:
-                self.cond.wait_for(lambda: self.seen >= self.total, timeout=_CLOSE_WAIT)
+                self.cond.wait_for(lambda: self.seen >= self.expected, timeout=_CLOSE_WAIT)
             self.closed = True
             if self.owned:
                 self.bar.close()
@@ -151,24 +162,13 @@ class _Tracker:
                     refresh()
 
 
-def watch(
-    make_bar: Callable[[int], tuple[Any, bool]],
-    fs: list[Future[Any]],
-    sizes: list[int] | None,
-    results: Iterator[Any],
-) -> Iterator[Any]:
-    """Show the progress of ``fs`` (``sizes``: items per future, for chunks) on a bar
-    and return ``results`` wrapped so that the bar is closed when iteration ends."""
-    chunked = sizes is not None
-    total = sum(sizes) if sizes is not None else len(fs)
-    bar, owned = make_bar(total)
-    tracker = _Tracker(bar, owned, total, chunked)
-    for i, fut in enumerate(fs):
-        fut.add_done_callback(functools.partial(tracker.done, size=sizes[i] if sizes else 1))
+def watch(tracker: Tracker, results: Iterator[Any]) -> Iterator[Any]:
+    """``results`` wrapped so that ``tracker``'s bar is closed when iteration ends
+    (the map adds each future to the tracker as it submits it)."""
     return _closing(results, tracker)
 
 
-def _closing(results: Iterator[Any], tracker: _Tracker) -> Iterator[Any]:
+def _closing(results: Iterator[Any], tracker: Tracker) -> Iterator[Any]:
     finished = False
     try:
         yield from results

@@ -38,8 +38,9 @@ if TYPE_CHECKING:
     from .errors import TaskPicklingError
 
 # fds a fresh worker finds its pipes at: tasks in, results out, stack dumps out,
-# and a unix socket that carries shared memory (memfds) for large results.
-CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD, CHILD_SHM_FD = 3, 4, 5, 6
+# a unix socket that carries shared memory (memfds) for large results, and the
+# permits it must take before it runs a task (see _process.permit_pipe).
+CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD, CHILD_SHM_FD, CHILD_PERMIT_FD = 3, 4, 5, 6, 7
 
 #: kind (1 byte), ident (task id, or pid for READY), payload size.
 HEADER = struct.Struct("<BQQ")
@@ -48,7 +49,7 @@ HEADER_SIZE = HEADER.size
 # Manager -> worker.
 TASK = 1  #: payload: cloudpickled (fn, args, kwargs); ident: task id
 EXIT = 2  #: no payload: finish and exit cleanly
-INIT = 3  #: payload: cloudpickled WorkerConfig
+INIT = 3  #: payload: a cloudpickled dict: sys_path, initializer (pickled apart), authkey
 TASK_OOB = 4  #: TASK whose pickle has out-of-band buffers (see OOBPayload)
 
 # Worker -> manager.
@@ -319,16 +320,6 @@ class FrameReader:
         self._big = self._big_view = None
         return [(self._big_kind, self._big_ident, big)]
 
-    def needed(self) -> int:
-        """Bytes still missing to complete the frame at the head of the buffer."""
-        if self._big is not None:
-            return len(self._big) - self._big_got
-        buf = self._buf
-        if len(buf) < HEADER_SIZE:
-            return HEADER_SIZE - len(buf)
-        _, _, size = HEADER.unpack_from(buf, 0)
-        return HEADER_SIZE + size - len(buf)
-
     def pending(self) -> int:
         """Bytes buffered that do not yet form a whole frame."""
         return len(self._buf) + (self._big_got if self._big is not None else 0)
@@ -354,19 +345,6 @@ def write_parts(fd: int, parts: list[Any]) -> None:
             else:
                 views[0] = views[0][n:]
                 n = 0
-
-
-def read_exact(fd: int, size: int) -> bytes | None:
-    """Read exactly ``size`` bytes from a blocking fd; ``None`` at end of file."""
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        n = os.readv(fd, [view[got:]])
-        if n == 0:
-            return None
-        got += n
-    return bytes(buf)
 
 
 _cloudpickle: Any = None

@@ -56,5 +56,7 @@ def host_call(
     is raised from here as itself, and travels back to the Ray worker the same way.
     """
     pool = pool_for(kill_grace)
-    fut = pool._submit(call_pickled, (payload,), {}, timeout, max_memory, retries)
+    fut = pool.options(task_timeout=timeout, max_memory=max_memory, retries=retries).submit(
+        call_pickled, payload
+    )
     return fut.result()

@@ -5,8 +5,10 @@ task in order, and writes one RESULT or ERROR frame per task, at once: the manag
 infers when a task starts from when the previous result arrived, so a result must
 never wait in a buffer while the next task runs.
 
-The worker reads tasks ahead of time (the manager may pipeline one), but it never
-reads while a task runs, so a worker that hangs simply stops consuming its pipe.
+The worker reads tasks ahead of time (the manager writes up to 64 tiny ones ahead),
+but it runs one only after taking that task's permit from its permit pipe: the
+manager takes back the permits of tasks still waiting behind one that turned out
+long, and runs them elsewhere (see ``_claim`` and ``_process.permit_pipe``).
 """
 
 from __future__ import annotations
@@ -17,8 +19,15 @@ import faulthandler
 import os
 import sys
 
+from . import _platform
 from . import _protocol as proto
-from ._protocol import CHILD_DUMP_FD, CHILD_RESULT_FD, CHILD_SHM_FD, CHILD_TASK_FD
+from ._protocol import (
+    CHILD_DUMP_FD,
+    CHILD_PERMIT_FD,
+    CHILD_RESULT_FD,
+    CHILD_SHM_FD,
+    CHILD_TASK_FD,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # ``typing`` costs a worker start milliseconds; annotations only
@@ -30,11 +39,11 @@ DUMP_SIGNAL = _signal.SIGUSR2
 
 
 def main() -> None:
-    """Entry point of a fresh-interpreter worker (pipes at fds 3, 4, 5; socket at 6)."""
+    """Entry point of a fresh-interpreter worker (pipes at fds 3, 4, 5 and 7; socket at 6)."""
     _complete_package_on_demand()
     # The parent passes a memfd channel exactly where memfds exist (_process._shm_channel).
-    shm_fd = CHILD_SHM_FD if hasattr(os, "memfd_create") else None
-    _serve(CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD, shm_fd)
+    shm_fd = CHILD_SHM_FD if _platform.HAS_MEMFD else None
+    _serve(CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD, CHILD_PERMIT_FD, shm_fd)
 
 
 def _complete_package_on_demand() -> None:
@@ -78,15 +87,19 @@ def _run_package_init(pkg: Any) -> None:
     spec.loader.exec_module(pkg)
 
 
-def mp_main(task_conn: Any, result_conn: Any, dump_conn: Any, close_fds: list[int]) -> None:
+def mp_main(
+    task_conn: Any, result_conn: Any, dump_conn: Any, permit_conn: Any, close_fds: list[int]
+) -> None:
     """Entry point of a worker started through a multiprocessing context."""
     try:
         os.setpgid(0, 0)  # the parent does it too; whoever is first wins
     except OSError:
         pass
-    fds = (_take_fd(task_conn), _take_fd(result_conn), _take_fd(dump_conn))
-    # A fork copied every fd of the parent: other workers' pipes, the guardian's pipe.
-    # Holding them would keep EOFs from arriving (the guardian's above all), so close.
+    fds = (
+        _take_fd(task_conn), _take_fd(result_conn), _take_fd(dump_conn), _take_fd(permit_conn)
+    )
+    # A fork copied every fd of the parent. The parent's ends of our own pipes come
+    # in close_fds (at-fork hooks closed the rest: _process and _guardian).
     for fd in close_fds:
         if fd not in fds:
             try:
@@ -129,7 +142,8 @@ def _exit_cleanly(code: int = 0) -> None:
 
 
 def _apply_config(config: dict[str, Any]) -> None:
-    """Make this interpreter see what the parent sees: sys.path, cwd, authkey."""
+    """Make this interpreter see what the parent sees: its sys.path and its
+    multiprocessing authkey (the working directory is inherited at spawn)."""
     parent_path = config.get("sys_path")
     if parent_path is not None:
         sys.path[:] = list(parent_path) + [p for p in sys.path if p not in parent_path]
@@ -247,10 +261,12 @@ class _Channel:
         self.send(proto.RESULT_OOB, task_id, data)
 
 
-def _serve(rfd: int, wfd: int, dump_fd: int, shm_fd: int | None = None) -> None:
+def _serve(
+    rfd: int, wfd: int, dump_fd: int, permit_fd: int, shm_fd: int | None = None
+) -> None:
     # Our pipes must not leak into programs a task execs (fork is another matter:
     # the manager never relies on EOF for that reason).
-    for fd in (rfd, wfd, dump_fd) if shm_fd is None else (rfd, wfd, dump_fd, shm_fd):
+    for fd in (rfd, wfd, dump_fd, permit_fd) if shm_fd is None else (rfd, wfd, dump_fd, permit_fd, shm_fd):
         os.set_inheritable(fd, False)
     chan = _Channel(rfd, wfd, shm_fd)
     # A stack dump on demand, written by C code in the signal handler: it works even
@@ -277,6 +293,7 @@ def _serve(rfd: int, wfd: int, dump_fd: int, shm_fd: int | None = None) -> None:
     del first, config, initializer
     chan.send(proto.READY, os.getpid())
 
+    held = -1  # a permit taken that belongs to a later task (see _claim)
     while True:
         msg = chan.next_frame()
         if msg is None or msg[0] == proto.EXIT:
@@ -285,9 +302,30 @@ def _serve(rfd: int, wfd: int, dump_fd: int, shm_fd: int | None = None) -> None:
         del msg
         if kind != proto.TASK and kind != proto.TASK_OOB:
             continue
-        _run_one(chan, task_id, payload, kind == proto.TASK_OOB)
+        held = _claim(permit_fd, task_id, held)
+        if held == task_id:
+            held = -1
+            _run_one(chan, task_id, payload, kind == proto.TASK_OOB)
         del payload
     _exit_cleanly(0)
+
+
+def _claim(permit_fd: int, task_id: int, held: int) -> int:
+    """Take the next permit unless one is held already; returns the permit in hand.
+
+    The task may run only if that permit is its own id. The manager writes each
+    task's permit before the task, in the same order, and takes back every permit
+    still in the pipe when it revokes the tasks waiting here (they run elsewhere). So
+    no permit in the pipe, or one with another id (of a task sent after the revoke),
+    means this task was taken back: skip it and keep that permit for its own task.
+    """
+    if held != -1:
+        return held
+    try:
+        data = os.read(permit_fd, 8)
+    except BlockingIOError:
+        return -1
+    return int.from_bytes(data, "little") if len(data) == 8 else -1
 
 
 def _run_one(chan: _Channel, task_id: int, payload: bytes | bytearray, oob: bool) -> None:

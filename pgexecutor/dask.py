@@ -52,7 +52,13 @@ from typing import Any
 import dask.utils
 from distributed import Reschedule, WorkerPlugin
 
-from .executor import ProcessGroupExecutor, _check_memory, _check_retries, _check_timeout
+from .executor import (
+    ProcessGroupExecutor,
+    _check_grace,
+    _check_memory,
+    _check_retries,
+    _check_timeout,
+)
 
 try:
     from dask._task_spec import GraphNode, Task
@@ -67,9 +73,6 @@ __all__ = ["ProcessGroupPlugin", "DaskProcessGroupExecutor"]
 
 logger = logging.getLogger("pgexecutor")
 
-_UNSET: Any = object()
-#: annotations the plugin reads per task (everything else is Dask's business)
-ANNOTATIONS = ("task_timeout", "max_memory")
 
 
 def _timeout(value: Any, name: str = "task_timeout") -> float | None:
@@ -120,9 +123,7 @@ class ProcessGroupPlugin(WorkerPlugin):
     ) -> None:
         self.task_timeout = _timeout(task_timeout)
         self.max_memory = _memory(max_memory)
-        self.kill_grace = float(kill_grace)
-        if self.kill_grace < 0:
-            raise ValueError("kill_grace must be >= 0")
+        self.kill_grace = _check_grace(kill_grace)
         self.retries = _check_retries(retries)
         self.max_tasks_per_child = max_tasks_per_child
         self.threads_executor = threads_executor
@@ -290,8 +291,8 @@ class DaskProcessGroupExecutor(Executor):
     # ------------------------------------------------------------ per task
 
     def _settings(self, key: Any) -> tuple[float | None, int | None]:
-        timeout = self.pool._task_timeout
-        max_memory = self.pool._max_memory
+        timeout = self.pool.task_settings.timeout
+        max_memory = self.pool.task_settings.max_memory
         ts = self._worker.state.tasks.get(key)
         annotations = (getattr(ts, "annotations", None) or {}) if ts is not None else {}
         if "task_timeout" in annotations:
@@ -315,7 +316,7 @@ class DaskProcessGroupExecutor(Executor):
             cancelled = key in self._cancelled
         try:
             if cancelled:
-                self.pool._kill_task(fut)
+                self.pool.kill_task(fut)
             try:
                 return fut.result()
             except CancelledError:
@@ -338,7 +339,7 @@ class DaskProcessGroupExecutor(Executor):
                 self._cancelled.add(key)
                 return
         logger.info("pgexecutor: Dask released running task %r; killing its group", key)
-        self.pool._kill_task(fut)
+        self.pool.kill_task(fut)
 
     def warm_up(self) -> None:
         """Start the task processes now rather than with the first tasks."""

@@ -12,8 +12,10 @@ from __future__ import annotations
 # and not lazily by the manager thread: if any thread of the user's forks while another
 # thread is inside an import, that module's import lock stays held forever in the
 # child, and the child's first executor would hang on it.
+import copy
 import fcntl  # noqa: F401
 import itertools
+import math
 import mmap  # noqa: F401
 import multiprocessing
 import multiprocessing.connection  # noqa: F401
@@ -24,6 +26,7 @@ import threading
 import time
 import traceback  # noqa: F401
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
@@ -33,12 +36,15 @@ import cloudpickle  # noqa: F401
 import psutil  # noqa: F401
 from tblib import pickling_support  # noqa: F401
 
-from . import _manager, _progress
+from . import _exit, _process, _progress, _settings
 from . import _protocol as proto
+from ._future import TaskFuture
+from ._mailbox import KillTask, Shutdown, Terminate
 from ._manager import Manager, ManagerConfig, TaskInfo, WorkItem
+from ._settings import TaskSettings
 from ._worker import run_chunk
 
-_UNSET: Any = object()
+_UNSET: Any = _settings.UNSET
 
 
 def _default_workers() -> int:
@@ -48,29 +54,19 @@ def _default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _check_timeout(value: float | None, name: str) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    if not value > 0:
-        raise ValueError(f"{name} must be a positive number of seconds or None")
-    return value
+# The checks live in _settings; these names are what the integrations import.
+_check_timeout = _settings.check_timeout
+_check_grace = _settings.check_grace
+_check_memory = _settings.check_memory
+_check_retries = _settings.check_retries
 
 
-def _check_memory(value: int | None) -> int | None:
-    if value is None:
-        return None
-    value = int(value)
-    if value <= 0:
-        raise ValueError("max_memory must be a positive number of bytes or None")
-    return value
-
-
-def _check_retries(value: int) -> int:
-    value = int(value)
-    if value < 0:
-        raise ValueError("retries must be >= 0")
-    return value
+def spawned_groups() -> frozenset[int]:
+    """Every worker process group this process has created, by id (a worker's pid is
+    its group's id), for proving that nothing leaked: once the executors that made
+    them have shut down, no process may still belong to any of these groups (check
+    with ``os.getpgid`` or psutil). Holds the last 100,000."""
+    return _process.spawned_pgids()
 
 
 def task_info(future: Future[Any]) -> TaskInfo | None:
@@ -79,7 +75,8 @@ def task_info(future: Future[Any]) -> TaskInfo | None:
     Returns None for a future that did not come from a ProcessGroupExecutor or has
     not finished yet.
     """
-    return getattr(future, "_pgexecutor_info", None)
+    info = getattr(future, "info", None) if isinstance(future, TaskFuture) else None
+    return info if isinstance(info, TaskInfo) else getattr(future, "_pgexecutor_info", None)
 
 
 class ProcessGroupExecutor(Executor):
@@ -110,10 +107,12 @@ class ProcessGroupExecutor(Executor):
             raise OSError("ProcessGroupExecutor needs POSIX process groups (Linux, macOS)")
         if max_workers is None:
             max_workers = _default_workers()
-        elif max_workers <= 0:
-            raise ValueError("max_workers must be greater than 0")
+        else:
+            max_workers = _settings.integer(max_workers, "max_workers", "a whole number > 0 or None")
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
         if max_tasks_per_child is not None:
-            if not isinstance(max_tasks_per_child, int):
+            if isinstance(max_tasks_per_child, bool) or not isinstance(max_tasks_per_child, int):
                 raise TypeError("max_tasks_per_child must be an integer")
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
@@ -121,14 +120,10 @@ class ProcessGroupExecutor(Executor):
             raise TypeError("initializer must be a callable")
         if isinstance(mp_context, str):
             mp_context = multiprocessing.get_context(mp_context)
-        kill_grace = float(kill_grace)
-        if kill_grace < 0:
-            raise ValueError("kill_grace must be >= 0")
+        kill_grace = _check_grace(kill_grace)
         self._max_workers = max_workers
         self._mp_context = mp_context
-        self._task_timeout = _check_timeout(task_timeout, "task_timeout")
-        self._max_memory = _check_memory(max_memory)
-        self._retries = _check_retries(retries)
+        self._settings = TaskSettings.checked(task_timeout, max_memory, retries)
         self._kill_grace = kill_grace
         init_payload = proto.dumps(
             {
@@ -149,50 +144,82 @@ class ProcessGroupExecutor(Executor):
             )
         )
         self._shutdown_lock = threading.Lock()
+        self._submitted = 0  # under _shutdown_lock
         self._failed_in_caller = 0  # futures failed in submit() (arguments would not pickle)
         self._shutdown = False
         self._started = False
-        _manager.track(self._manager)
+        # The process whose executor this is: a forked child inherits the object, but
+        # not the manager thread, and the workers are the parent's (see _forked).
+        self._owner_pid = os.getpid()
         # If the executor is dropped without shutdown, finish its work and clean up,
         # as shutdown(wait=False) would. The finalizer must not reference self.
-        weakref.finalize(self, self._manager.post, ("shutdown", False))
+        weakref.finalize(self, self._manager.post, Shutdown(False))
 
     # ------------------------------------------------------------------ submit
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._submit(fn, args, kwargs, self._task_timeout, self._max_memory, self._retries)
+        return self._submit(fn, args, kwargs, self._settings)
+
+    @property
+    def task_settings(self) -> TaskSettings:
+        """The per-task settings of this executor (``options()`` views have theirs):
+        ``timeout``, ``max_memory``, ``retries``; frozen and validated."""
+        return self._settings
 
     def _submit(
         self,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        timeout: float | None,
-        max_memory: int | None,
-        retries: int,
+        settings: TaskSettings,
     ) -> Future[Any]:
+        self._refuse_if_forked("submit to")
+        self._refuse_if_shut_down()  # before pickling: a closed pool says so first
+        # Pickled outside the lock: submitting threads do not wait on each other's
+        # pickling (a large argument can take a while).
+        try:
+            payload: bytes | proto.OOBPayload | None = proto.dumps_task((fn, args, kwargs))
+            error: BaseException | None = None
+        except BaseException as exc:
+            payload, error = None, exc
         with self._shutdown_lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            if _manager._global_shutdown:
-                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            self._refuse_if_shut_down()
             if not self._started:
                 self._started = True
                 self._manager.start()
-            try:
-                payload = proto.dumps_task((fn, args, kwargs))
-            except BaseException as exc:
-                self._manager.stats.submitted += 1
+            self._submitted += 1
+            if payload is None:
                 # Counted apart from the manager's ``failed``: two threads doing += on
                 # one attribute could lose an increment.
                 self._failed_in_caller += 1
-                return _unpicklable_arguments(exc)
-            self._manager.stats.submitted += 1
-            fut: Future[Any] = Future()
-            item = WorkItem(fut, payload, timeout, max_memory, retries)
+                assert error is not None
+                return _unpicklable_arguments(error)
+            fut = TaskFuture(self._manager.mailbox.note_cancel, self._manager.thread)
+            item = WorkItem(fut, payload, settings)
             if not self._manager.try_dispatch(item):
                 self._manager.post(item)
             return fut
+
+    def _refuse_if_shut_down(self) -> None:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if _exit.interpreter_exiting():
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    def _forked(self) -> bool:
+        """True in a child forked from the process that made this executor."""
+        return os.getpid() != self._owner_pid
+
+    def _refuse_if_forked(self, action: str) -> None:
+        """A forked child must not use its parent's executor: the workers, their
+        pipes and the manager thread are the parent's (a task written from here
+        would run in the parent's worker, an answer would never come back here)."""
+        if self._forked():
+            raise RuntimeError(
+                f"cannot {action} a ProcessGroupExecutor from a forked child (pid "
+                f"{os.getpid()}): it belongs to process {self._owner_pid}; create a new "
+                "executor in the child"
+            )
 
     # ------------------------------------------------------------------ map
 
@@ -202,6 +229,7 @@ class ProcessGroupExecutor(Executor):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
+        buffersize: int | None = None,
         return_exceptions: bool = False,
         progress: Any = False,
         journal: Any = None,
@@ -210,6 +238,12 @@ class ProcessGroupExecutor(Executor):
 
         With ``chunksize > 1`` each chunk is one task (its ``task_timeout`` covers the
         whole chunk), yet an item's exception still lands at that item's position.
+
+        ``buffersize=N`` (as in Python 3.14) keeps at most N tasks (chunks, with
+        ``chunksize > 1``) submitted ahead of the results the caller has taken: the
+        inputs are read as the results are consumed, so an endless iterable works in
+        bounded memory. ``None`` (the default) reads every input and submits
+        everything at once.
 
         ``progress=True`` shows a tqdm bar (``pip install 'pgexecutor[progress]'``)
         that advances as tasks finish, in any order, and counts ``ok``, ``failed``,
@@ -223,8 +257,8 @@ class ProcessGroupExecutor(Executor):
         and runs only the rest (see ``pgexecutor/journal.py``).
         """
         return self._map(
-            fn, iterables, timeout, chunksize, return_exceptions,
-            self._task_timeout, self._max_memory, self._retries, progress, journal,
+            fn, iterables, timeout, chunksize, return_exceptions, self._settings, progress, buffersize,
+            journal,
         )
 
     def _map(
@@ -234,20 +268,22 @@ class ProcessGroupExecutor(Executor):
         timeout: float | None,
         chunksize: int,
         return_exceptions: bool,
-        task_timeout: float | None,
-        max_memory: int | None,
-        retries: int,
+        settings: TaskSettings,
         progress: Any = False,
+        buffersize: int | None = None,
         journal: Any = None,
     ) -> Iterator[Any]:
         def submit(f: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
-            return self._submit(f, args, {}, task_timeout, max_memory, retries)
+            return self._submit(f, args, {}, settings)
 
         if journal is not None:
             return _journal_map(
-                submit, fn, iterables, timeout, chunksize, return_exceptions, progress, journal
+                submit, fn, iterables, timeout, chunksize, return_exceptions, progress, buffersize,
+                journal,
             )
-        return _map_via(submit, fn, iterables, timeout, chunksize, return_exceptions, progress)
+        return _map_via(
+            submit, fn, iterables, timeout, chunksize, return_exceptions, progress, buffersize
+        )
 
     # ------------------------------------------------------------------ options
 
@@ -265,23 +301,34 @@ class ProcessGroupExecutor(Executor):
             slow = ex.options(task_timeout=600, retries=2)
             fut = slow.submit(mesh, geometry)
         """
-        return _options_view(
-            self, (self._task_timeout, self._max_memory, self._retries),
-            task_timeout, max_memory, retries,
-        )
+        return ExecutorOptions(self, self._settings.updated(task_timeout, max_memory, retries))
 
     # ------------------------------------------------------------------ shutdown
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """As ``Executor.shutdown``. In a forked child it does nothing: the executor
+        is the parent's (so a ``with`` block that spans a fork ends quietly there).
+
+        From a done-callback (which runs on the manager's thread) ``wait=True``
+        cannot wait for that thread: the shutdown begins, then RuntimeError, as
+        ProcessPoolExecutor does (its join of its own thread raises).
+        """
+        if self._forked():
+            return
         with self._shutdown_lock:
             self._shutdown = True
             if not self._started:
                 # No task was ever submitted: no thread, no worker; release the fds.
-                self._manager._close()
-                self._manager.finished.set()
+                self._manager.close_unstarted()
                 return
-            self._manager.post(("shutdown", cancel_futures))
+            self._manager.post(Shutdown(cancel_futures))
         if wait:
+            if self._manager.on_manager_thread():
+                raise RuntimeError(
+                    "shutdown(wait=True) called from a done-callback, which runs on the "
+                    "executor's manager thread: it cannot wait for itself. The shutdown "
+                    "has begun; call shutdown(wait=False) there"
+                )
             self._join()
 
     def _join(self) -> None:
@@ -289,25 +336,29 @@ class ProcessGroupExecutor(Executor):
             self._manager.finished.wait()
         except KeyboardInterrupt:
             # Ctrl-C while waiting for tasks: stop them all rather than wait more.
-            self._manager.post(("terminate", True, "interrupted while shutting down"))
-            self._manager.finished.wait(timeout=self._kill_grace + 5.0)
+            self._manager.post(Terminate(True, "interrupted while shutting down"))
+            self._manager.finished.wait(timeout=min(self._kill_grace + 5.0, threading.TIMEOUT_MAX))
             raise
 
     def _terminate(self, hard: bool, reason: str) -> None:
+        self._refuse_if_forked("kill or terminate the workers of")
         with self._shutdown_lock:
-            if not self._started:
-                self._shutdown = True
-                self._manager._close()
-                self._manager.finished.set()
-                return
             self._shutdown = True
-            self._manager.post(("terminate", hard, reason))
-        self._join()
+            if not self._started:
+                self._manager.close_unstarted()
+                return
+            self._manager.post(Terminate(hard, reason))
+        if not self._manager.on_manager_thread():
+            self._join()
+        # From a done-callback: the kill is under way; the manager carries it out as
+        # soon as the callback returns (it cannot wait for itself).
 
     def terminate_workers(self) -> None:
         """SIGTERM every worker group (SIGKILL after ``kill_grace``) and shut down.
 
         Running futures fail with WorkerCrashedError, queued ones are cancelled.
+        Returns once every group is gone; from a done-callback (the manager's own
+        thread) it returns at once and the groups are signalled right after.
         """
         self._terminate(False, "terminated by terminate_workers()")
 
@@ -316,6 +367,8 @@ class ProcessGroupExecutor(Executor):
         self._terminate(True, "killed by kill_workers()")
 
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> Literal[False]:
+        if self._forked():
+            return False  # the parent's executor: nothing of it is ours to stop
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
             self._terminate(False, "the with block was interrupted (KeyboardInterrupt)")
             return False
@@ -328,42 +381,57 @@ class ProcessGroupExecutor(Executor):
         """Counters: submitted, completed, failed, cancelled, timed_out, crashed,
         memory_killed, retried, workers_started, workers_killed."""
         counters = self._manager.stats.snapshot()
-        counters["failed"] += self._failed_in_caller
+        with self._shutdown_lock:
+            counters["submitted"] = self._submitted
+            counters["failed"] += self._failed_in_caller
         return counters
 
     def worker_pids(self) -> list[int]:
-        """Pids (each equal to its group id) of the workers alive right now."""
-        return [w.pid for w in list(self._manager.workers.values())]
+        """Pids (each equal to its group id) of the workers serving this executor:
+        starting, ready or busy, or retiring after ``max_tasks_per_child``.
 
-    def _kill_task(self, future: Future[Any]) -> None:
-        """Stop ``future``'s task for good: if it runs, its worker's whole group is
-        killed (SIGTERM, SIGKILL after ``kill_grace``) and replaced; if it waits, it is
-        dropped. The future ends cancelled. For integrations (Dask's cancel, Ray)."""
+        A worker being killed (timeout, memory limit, cancel, terminate) leaves this
+        list the moment its group is signalled, before its future fails, although
+        its processes may live on for up to ``kill_grace`` seconds.
+        """
+        return list(self._manager.pids)
+
+    def kill_task(self, future: Future[Any]) -> None:
+        """Stop ``future``'s task for good, unlike ``future.cancel()``, which (as the
+        standard library says) cannot stop a task that runs: if it runs, its worker's
+        whole group is killed (SIGTERM, SIGKILL after ``kill_grace``) and replaced; if
+        it waits (queued, or in a worker's pipe), it is dropped. The future ends
+        cancelled. Returns at once; a future of another executor, or one that already
+        ended, is left alone. (Dask's cancel and Ray use this.)"""
+        if self._forked():
+            return
         with self._shutdown_lock:
             if not self._started:
                 return
-        self._manager.post(("cancel", future))
+        self._manager.post(KillTask(future))
 
 
 class ExecutorOptions:
     """What :meth:`ProcessGroupExecutor.options` returns: per-task settings."""
 
-    def __init__(
-        self,
-        executor: ProcessGroupExecutor,
-        task_timeout: float | None,
-        max_memory: int | None,
-        retries: int,
-    ) -> None:
+    def __init__(self, executor: Any, settings: TaskSettings) -> None:
         self._executor = executor
-        self.task_timeout = task_timeout
-        self.max_memory = max_memory
-        self.retries = retries
+        self.task_settings = settings
+
+    @property
+    def task_timeout(self) -> float | None:
+        return self.task_settings.timeout
+
+    @property
+    def max_memory(self) -> int | None:
+        return self.task_settings.max_memory
+
+    @property
+    def retries(self) -> int:
+        return self.task_settings.retries
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._executor._submit(
-            fn, args, kwargs, self.task_timeout, self.max_memory, self.retries
-        )
+        return self._executor._submit(fn, args, kwargs, self.task_settings)
 
     def map(
         self,
@@ -371,15 +439,16 @@ class ExecutorOptions:
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
+        buffersize: int | None = None,
         return_exceptions: bool = False,
         progress: Any = False,
         journal: Any = None,
     ) -> Iterator[Any]:
-        """``ProcessGroupExecutor.map`` with this view's settings (``progress`` and
-        ``journal`` too)."""
+        """``ProcessGroupExecutor.map`` with this view's settings (``buffersize``,
+        ``progress`` and ``journal`` too)."""
         return self._executor._map(
-            fn, iterables, timeout, chunksize, return_exceptions,
-            self.task_timeout, self.max_memory, self.retries, progress, journal,
+            fn, iterables, timeout, chunksize, return_exceptions, self.task_settings, progress,
+            buffersize, journal,
         )
 
     def options(
@@ -390,28 +459,9 @@ class ExecutorOptions:
         max_memory: int | None = _UNSET,
     ) -> ExecutorOptions:
         """A view on this view: unset settings keep this view's values."""
-        return _options_view(
-            self._executor, (self.task_timeout, self.max_memory, self.retries),
-            task_timeout, max_memory, retries,
+        return ExecutorOptions(
+            self._executor, self.task_settings.updated(task_timeout, max_memory, retries)
         )
-
-
-def _options_view(
-    executor: Any,
-    base: tuple[float | None, int | None, int],
-    task_timeout: Any,
-    max_memory: Any,
-    retries: Any,
-) -> ExecutorOptions:
-    """``options()`` of every executor and view: each setting left ``_UNSET`` keeps its
-    ``base`` value (task_timeout, max_memory, retries); each one given is checked."""
-    base_timeout, base_memory, base_retries = base
-    return ExecutorOptions(
-        executor,
-        base_timeout if task_timeout is _UNSET else _check_timeout(task_timeout, "task_timeout"),
-        base_memory if max_memory is _UNSET else _check_memory(max_memory),
-        base_retries if retries is _UNSET else _check_retries(retries),
-    )
 
 
 def _journal_map(*args: Any) -> Iterator[Any]:
@@ -430,6 +480,16 @@ def _unpicklable_arguments(exc: BaseException) -> Future[Any]:
     return fut
 
 
+def _check_buffersize(buffersize: Any) -> None:
+    """Python 3.14's checks, with its messages (bool passes, as it does there)."""
+    if buffersize is None:
+        return
+    if not isinstance(buffersize, int):
+        raise TypeError("buffersize must be an integer or None")
+    if buffersize < 1:
+        raise ValueError("buffersize must be None or > 0")
+
+
 def _map_via(
     submit: Callable[[Callable[..., Any], tuple[Any, ...]], Future[Any]],
     fn: Callable[..., Any],
@@ -438,27 +498,73 @@ def _map_via(
     chunksize: int,
     return_exceptions: bool,
     progress: Any,
+    buffersize: int | None = None,
 ) -> Iterator[Any]:
     """``map`` of every executor, on top of its ``submit(fn, args)``: one task per item
-    or, with ``chunksize > 1``, one ``run_chunk`` task per chunk. Everything is
-    submitted before the first result is awaited, as ``Executor.map`` does."""
+    or, with ``chunksize > 1``, one ``run_chunk`` task per chunk.
+
+    Without ``buffersize`` every input is read and submitted before the first result
+    is awaited, as ``Executor.map`` does. With it, as in Python 3.14, the first
+    ``buffersize`` tasks are submitted now and one more each time the caller takes a
+    result (before waiting for it), so at most ``buffersize`` tasks are ever ahead of
+    what the caller consumed; with chunks, it counts chunks (3.14's
+    ProcessPoolExecutor does too).
+    """
     if chunksize < 1:
         raise ValueError("chunksize must be >= 1.")
+    _check_buffersize(buffersize)
     make_bar = _progress.resolve(progress)  # a missing tqdm fails before any submit
+    if timeout is not None and math.isinf(timeout) and timeout > 0:
+        timeout = None  # waits take no inf; no limit is what it means
     end_time = None if timeout is None else timeout + time.monotonic()
     args_iter = zip(*iterables, strict=False)
-    sizes: list[int] | None = None
-    if chunksize == 1:
-        fs = [submit(fn, args) for args in args_iter]
+    chunked = chunksize > 1
+    jobs: Iterator[tuple[Callable[..., Any], tuple[Any, ...], int]]
+    if chunked:
+        chunks = iter(lambda: list(itertools.islice(args_iter, chunksize)), [])
+        jobs = ((run_chunk, (fn, chunk), len(chunk)) for chunk in chunks)
     else:
-        fs, sizes = [], []
-        while chunk := list(itertools.islice(args_iter, chunksize)):
-            sizes.append(len(chunk))
-            fs.append(submit(run_chunk, (fn, chunk)))
-    results = _yield_results(fs, end_time, return_exceptions, chunked=sizes is not None, sizes=sizes)
-    if make_bar is None:
+        jobs = ((fn, args, 1) for args in args_iter)
+    # Oldest on the right: the results loop pops there, new tasks go in on the left.
+    fs: deque[Future[Any]] = deque()
+    sizes: deque[int] | None = deque() if chunked else None
+    tracker: _progress.Tracker | None = None
+
+    def submit_next() -> bool:
+        """Read one more input and submit it; False once the inputs are exhausted."""
+        job = next(jobs, None)
+        if job is None:
+            return False
+        f, args, size = job
+        fut = submit(f, args)
+        fs.appendleft(fut)
+        if sizes is not None:
+            sizes.appendleft(size)
+        if tracker is not None:
+            tracker.add(fut, size)
+        return True
+
+    if buffersize is None:
+        while submit_next():
+            pass
+        if make_bar is not None:
+            tracker = _progress.Tracker(
+                make_bar, sum(sizes) if sizes is not None else len(fs), chunked
+            )
+            for i in range(len(fs) - 1, -1, -1):
+                tracker.add(fs[i], 1 if sizes is None else sizes[i])
+        refill = None
+    else:
+        if make_bar is not None:
+            tracker = _progress.Tracker(make_bar, None, chunked)  # total not known yet
+        for _ in range(buffersize):
+            if not submit_next():
+                break
+        refill = submit_next
+    results = _yield_results(fs, end_time, return_exceptions, sizes, refill)
+    if tracker is None:
         return results
-    return _progress.watch(make_bar, fs, sizes, results)
+    return _progress.watch(tracker, results)
 
 
 def _result_or_exception(fut: Future[Any], timeout: float | None) -> tuple[bool, Any]:
@@ -473,7 +579,7 @@ def _result_or_exception(fut: Future[Any], timeout: float | None) -> tuple[bool,
 
 
 def _pop_result(
-    fs: list[Future[Any]], end_time: float | None, return_exceptions: bool
+    fs: deque[Future[Any]], end_time: float | None, return_exceptions: bool
 ) -> tuple[bool, Any]:
     """Take the next future off ``fs`` and wait for it (map's timeout applies)."""
     fut = fs.pop()
@@ -483,34 +589,52 @@ def _pop_result(
     return True, fut.result(timeout)
 
 
+def _own_copy(exc: BaseException) -> BaseException:
+    """A new instance like ``exc`` (same cause, context and traceback), so that no two
+    positions of a map share one exception object: a caller may annotate, chain or
+    re-raise each on its own (every raise extends the instance's traceback)."""
+    try:
+        new = copy.copy(exc)
+    except Exception:
+        return exc
+    if new is exc or type(new) is not type(exc):
+        return exc
+    new.__cause__ = exc.__cause__
+    new.__context__ = exc.__context__
+    new.__suppress_context__ = exc.__suppress_context__
+    return new.with_traceback(exc.__traceback__)
+
+
 def _yield_results(
-    fs: list[Future[Any]],
+    fs: deque[Future[Any]],
     end_time: float | None,
     return_exceptions: bool,
-    chunked: bool,
-    sizes: list[int] | None = None,
+    sizes: deque[int] | None = None,
+    refill: Callable[[], bool] | None = None,
 ) -> Iterator[Any]:
-    """Yield results in order; on exit (even early) cancel what is still pending.
+    """Yield results in order, oldest future (the right end of ``fs``) first; with
+    ``sizes`` each future is a chunk of that many items. ``refill`` (buffered maps)
+    submits one more task before each wait, until it returns False. On exit, even
+    early, cancel what is still pending; the inputs are not read any further.
 
     No local variable holds a result across a ``yield``: a suspended generator's frame
     would keep the last value alive for as long as the caller holds the iterator.
     """
-    fs.reverse()  # pop() from the end is O(1) and drops our reference as we go
-    if sizes is not None:
-        sizes.reverse()
     try:
         while fs:
-            if not chunked:
+            if refill is not None and not refill():
+                refill = None  # the inputs are exhausted
+            if sizes is None:
                 yield _pop_result(fs, end_time, return_exceptions)[1]
                 continue
-            assert sizes is not None
             size = sizes.pop()
             ok, out = _pop_result(fs, end_time, return_exceptions)
             if not ok:
                 # The whole chunk failed (its worker hung or died): every item of it
-                # gets that error, so positions stay aligned with the inputs.
-                for _ in range(size):
-                    yield out
+                # gets that error, each its own instance, so positions stay aligned.
+                yield out
+                for _ in range(size - 1):
+                    yield _own_copy(out)
                 continue
             values, errors = out  # see run_chunk
             del out

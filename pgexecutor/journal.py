@@ -47,6 +47,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import queue
@@ -77,6 +78,7 @@ from .errors import (
     WorkerCrashedError,
     WorkerInitializerError,
 )
+from .executor import _check_buffersize, task_info
 
 __all__ = ["Journal", "summarize", "format_summary"]
 
@@ -618,7 +620,7 @@ class _Session:
         key, args, fut, index, size = entry
         if fut.cancelled():
             return None
-        info = getattr(fut, "_pgexecutor_info", None)  # pgexecutor.task_info(fut)
+        info = task_info(fut)
         duration = getattr(info, "duration", None)
         pid = getattr(info, "pid", None)
         attempts = getattr(info, "attempts", None) or 1
@@ -806,48 +808,58 @@ def journal_map(
     chunksize: int,
     return_exceptions: bool,
     progress: Any,
+    buffersize: int | None,
     journal: Any,
 ) -> Iterator[Any]:
     """``map(..., journal=...)`` of every executor, on top of its ``submit(fn, args)``.
 
     Everything that can fail does so here, in the map() call and before any task
-    runs: the journal's path, format and lock, and every input's key.
+    runs: the journal's path, format and lock, and every input's key. So every input
+    is read (and keyed) now, even with ``buffersize``; what ``buffersize`` bounds is
+    the tasks submitted ahead of what the caller consumed, as in a plain map.
     """
     if chunksize < 1:
         raise ValueError("chunksize must be >= 1.")
+    _check_buffersize(buffersize)
     journal = _as_journal(journal)
     make_bar = _progress.resolve(progress)
+    if timeout is not None and math.isinf(timeout) and timeout > 0:
+        timeout = None
     end_time = None if timeout is None else timeout + time.monotonic()
     inputs = list(zip(*iterables, strict=False))
     keys = _make_keys(journal, fn, inputs)
     session = _Session(journal, function_name(fn))
     try:
         session.load_prior(keys)
-        slots, fs, sizes = _plan_and_submit(session, submit, fn, inputs, keys, chunksize)
+        slots, groups = _plan(session, inputs, keys, chunksize)
+        tracker = None
+        if make_bar is not None:  # counts the inputs that run
+            tracker = _progress.Tracker(make_bar, sum(len(g) for g in groups), chunksize > 1)
+        runner = _Runner(session, submit, fn, inputs, keys, slots, groups, chunksize > 1, tracker)
+        for _ in range(len(groups) if buffersize is None else buffersize):
+            if not runner.submit_next():
+                break
     except BaseException:
         session.close()
         raise
-    results = _iterate(session, keys, slots, end_time, return_exceptions)
-    if make_bar is not None:
-        results = _progress.watch(make_bar, fs, sizes if chunksize > 1 else None, results)
+    results = _iterate(session, runner, keys, slots, end_time, return_exceptions)
+    if tracker is not None:
+        results = _progress.watch(tracker, results)
     return JournaledMap(results, session)
 
 
-def _plan_and_submit(
-    session: _Session,
-    submit: Callable[[Callable[..., Any], tuple[Any, ...]], Future[Any]],
-    fn: Callable[..., Any],
-    inputs: list[tuple[Any, ...]],
-    keys: list[str],
-    chunksize: int,
-) -> tuple[dict[str, Any], list[Future[Any]], list[int]]:
-    """Decide each distinct key's fate; submit those that run. Equal keys (equal
-    inputs, or a key= that names two inputs alike) run once and share the outcome.
+def _plan(
+    session: _Session, inputs: list[tuple[Any, ...]], keys: list[str], chunksize: int
+) -> tuple[dict[str, Any], list[list[int]]]:
+    """Decide each distinct key's fate and group the inputs that run into tasks, in
+    the order the iterator will need them. Equal keys (equal inputs, or a key= that
+    names two inputs alike) run once and share the outcome.
 
-    A key's slot is "ok" or "error" (replayed from the file), a _Quarantined, its
-    Future (chunksize 1) or (Future, index in the chunk). Plain values, not an object
-    per input: a 20,000-input map would otherwise pay more in garbage collection
-    than in all the rest.
+    A key's slot is "ok" or "error" (replayed from the file), a _Quarantined, or, for
+    an input that runs, its task's group number (chunks: (group, index in it)) until
+    the task is submitted, then its Future (chunks: (Future, index)). Plain values,
+    not an object per input: a 20,000-input map would otherwise pay more in garbage
+    collection than in all the rest.
     """
     slots: dict[str, Any] = {}
     to_run: list[int] = []  # the first position of each key that runs
@@ -866,17 +878,12 @@ def _plan_and_submit(
         else:
             slots[key] = None
             to_run.append(i)
-    fs: list[Future[Any]] = session.futures
-    sizes: list[int] = []
     if chunksize == 1:
-        on_done = session.on_done
-        for i in to_run:
-            key, args = keys[i], inputs[i]
-            fut = submit(fn, args)
-            fut.add_done_callback(functools.partial(on_done, key, args))
-            slots[key] = fut
-            fs.append(fut)
-        return slots, fs, sizes
+        groups = [[i] for i in to_run]
+        for g, i in enumerate(to_run):
+            slots[keys[i]] = g
+        return slots, groups
+
     # Inputs that killed a worker before (in a chunk, where the culprit is unknown)
     # run alone, so that a kill can be pinned on one input.
     def suspect(i: int) -> bool:
@@ -886,19 +893,74 @@ def _plan_and_submit(
     rest = [i for i in to_run if not suspect(i)]
     groups = [rest[s : s + chunksize] for s in range(0, len(rest), chunksize)]
     groups += [[i] for i in to_run if suspect(i)]
-    for group in groups:
-        fut = submit(run_chunk_timed, (fn, [inputs[i] for i in group]))
-        items = [(keys[i], inputs[i]) for i in group]
-        fut.add_done_callback(functools.partial(session.on_chunk_done, items))
+    groups.sort(key=lambda group: group[0])
+    for g, group in enumerate(groups):
         for index, i in enumerate(group):
-            slots[keys[i]] = (fut, index)
-        fs.append(fut)
-        sizes.append(len(group))
-    return slots, fs, sizes
+            slots[keys[i]] = (g, index)
+    return slots, groups
+
+
+class _Runner:
+    """Submits the groups of a journaled map in order: all at once, or one more each
+    time the caller takes a result (``buffersize``)."""
+
+    def __init__(
+        self,
+        session: _Session,
+        submit: Callable[[Callable[..., Any], tuple[Any, ...]], Future[Any]],
+        fn: Callable[..., Any],
+        inputs: list[tuple[Any, ...]],
+        keys: list[str],
+        slots: dict[str, Any],
+        groups: list[list[int]],
+        chunked: bool,
+        tracker: _progress.Tracker | None,
+    ) -> None:
+        self.session = session
+        self.submit = submit
+        self.fn = fn
+        self.inputs = inputs
+        self.keys = keys
+        self.slots = slots
+        self.groups = groups
+        self.chunked = chunked
+        self.tracker = tracker
+        self.next = 0
+
+    def submit_next(self) -> bool:
+        """Submit the next group; False when all were."""
+        if self.next >= len(self.groups):
+            return False
+        group = self.groups[self.next]
+        self.groups[self.next] = []  # done with it: free it
+        self.next += 1
+        session, keys, inputs, slots = self.session, self.keys, self.inputs, self.slots
+        if not self.chunked:
+            key, args = keys[group[0]], inputs[group[0]]
+            fut = self.submit(self.fn, args)
+            fut.add_done_callback(functools.partial(session.on_done, key, args))
+            if key in slots:  # not yet yielded for the last time
+                slots[key] = fut
+        else:
+            items = [(keys[i], inputs[i]) for i in group]
+            fut = self.submit(run_chunk_timed, (self.fn, [args for _, args in items]))
+            fut.add_done_callback(functools.partial(session.on_chunk_done, items))
+            for index, (key, _) in enumerate(items):
+                if key in slots:
+                    slots[key] = (fut, index)
+        session.futures.append(fut)
+        if self.tracker is not None:
+            self.tracker.add(fut, len(group))
+        return True
+
+    def submit_through(self, group: int) -> None:
+        while self.next <= group and self.submit_next():
+            pass
 
 
 def _iterate(
     session: _Session,
+    runner: _Runner,
     keys: list[str],
     slots: dict[str, Any],
     end_time: float | None,
@@ -911,11 +973,22 @@ def _iterate(
         left = {}
         for key in keys:
             left[key] = left.get(key, 0) + 1
+    last: Any = None  # the task whose result was taken last
     try:
         for key in keys:
             if session.error is not None:
                 session.check()
-            ok, out = _answer(session, key, slots[key], end_time)
+            slot = slots[key]
+            if isinstance(slot, int) or (type(slot) is tuple and isinstance(slot[0], int)):
+                runner.submit_through(slot if isinstance(slot, int) else slot[0])
+                slot = slots[key]
+            task = slot[0] if type(slot) is tuple else slot
+            if isinstance(task, Future) and task is not last:
+                last = task
+                runner.submit_next()  # buffersize: one more each time a result is taken
+            del task
+            ok, out = _answer(session, key, slot, end_time)
+            del slot
             if left is not None:
                 left[key] -= 1
                 if not left[key]:

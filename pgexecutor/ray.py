@@ -61,24 +61,23 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import CancelledError, Executor, Future
+from concurrent.futures import Executor, Future
 from typing import Any
 
 import ray
 
 from . import _protocol as proto
+from ._future import TaskFuture, end_cancelled
 from ._ray_host import host_call
+from ._settings import TaskSettings
 from .errors import TaskTimeoutError, WorkerCrashedError
 from .executor import (
     _UNSET,
     ExecutorOptions,
     ProcessGroupExecutor,
-    _check_memory,
-    _check_retries,
-    _check_timeout,
+    _check_grace,
     _journal_map,
     _map_via,
-    _options_view,
     _unpicklable_arguments,
 )
 
@@ -122,9 +121,7 @@ def _run_task(
 ) -> Iterator[tuple[Any, ...]]:
     """The Ray task: hand the call to the host; stream its start, then its outcome."""
     host = _host_for(kill_grace)
-    fut = host._submit(
-        host_call, (payload, timeout, max_memory, retries, kill_grace), {}, None, None, 0
-    )
+    fut = host.submit(host_call, payload, timeout, max_memory, retries, kill_grace)
     try:
         # RUNNING once the host has the call; the task process gets it right after
         # (first use: once it has started) and task_timeout counts from then.
@@ -140,7 +137,7 @@ def _run_task(
     except BaseException:
         # ray.cancel() without force raises KeyboardInterrupt here: killing the host's
         # group makes the host's guardian kill the task's group too.
-        host._kill_task(fut)
+        host.kill_task(fut)
         raise
     yield ("ok", value)
 
@@ -222,12 +219,8 @@ class RayExecutor(Executor):
         require_process_groups: bool = False,
         backstop_margin: float = 30.0,
     ) -> None:
-        kill_grace = float(kill_grace)
-        if kill_grace < 0:
-            raise ValueError("kill_grace must be >= 0")
-        self._task_timeout = _check_timeout(task_timeout, "task_timeout")
-        self._max_memory = _check_memory(max_memory)
-        self._retries = _check_retries(retries)
+        kill_grace = _check_grace(kill_grace)
+        self._settings = TaskSettings.checked(task_timeout, max_memory, retries)
         self._kill_grace = kill_grace
         self._backstop_margin = float(backstop_margin)
         self._owns_ray = False
@@ -251,6 +244,7 @@ class RayExecutor(Executor):
         self._lock = threading.Lock()
         self._inbox: deque[Any] = deque()
         self._wake = threading.Event()
+        self._sweep_due = False  # set by _note_cancel (any thread), cleared by the manager
         self._queue: deque[_Item] = deque()
         self._running: dict[int, _Item] = {}  # id(generator) -> item
         self._stopping = False
@@ -284,16 +278,14 @@ class RayExecutor(Executor):
     # ------------------------------------------------------------ Executor API
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._submit(fn, args, kwargs, self._task_timeout, self._max_memory, self._retries)
+        return self._submit(fn, args, kwargs, self._settings)
 
     def _submit(
         self,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        timeout: float | None,
-        max_memory: int | None,
-        retries: int,
+        settings: TaskSettings,
     ) -> Future[Any]:
         with self._lock:
             if self._shutdown:
@@ -302,8 +294,12 @@ class RayExecutor(Executor):
                 payload = proto.dumps((fn, args, kwargs))
             except BaseException as exc:
                 return _unpicklable_arguments(exc)
-            fut: Future[Any] = Future()
-            _post(self._inbox, self._wake, _Item(fut, payload, timeout, max_memory, retries))
+            # A cancel() wakes the manager, which tells the waiters (see _launch).
+            fut: Future[Any] = TaskFuture(self._note_cancel, self._thread)
+            _post(
+                self._inbox, self._wake,
+                _Item(fut, payload, settings.timeout, settings.max_memory, settings.retries),
+            )
             return fut
 
     def map(  # type: ignore[override]
@@ -312,15 +308,17 @@ class RayExecutor(Executor):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
+        buffersize: int | None = None,
         return_exceptions: bool = False,
         progress: Any = False,
         journal: Any = None,
     ) -> Iterator[Any]:
-        """Like ``ProcessGroupExecutor.map`` (``chunksize``, ``return_exceptions``,
-        ``progress``, ``journal``: the journal lives where this driver runs)."""
+        """Like ``ProcessGroupExecutor.map`` (``chunksize``, ``buffersize``,
+        ``return_exceptions``, ``progress``, ``journal``: the journal lives where this
+        driver runs)."""
         return self._map(
-            fn, iterables, timeout, chunksize, return_exceptions,
-            self._task_timeout, self._max_memory, self._retries, progress, journal,
+            fn, iterables, timeout, chunksize, return_exceptions, self._settings, progress, buffersize,
+            journal,
         )
 
     def _map(
@@ -330,20 +328,22 @@ class RayExecutor(Executor):
         timeout: float | None,
         chunksize: int,
         return_exceptions: bool,
-        task_timeout: float | None,
-        max_memory: int | None,
-        retries: int,
+        settings: TaskSettings,
         progress: Any = False,
+        buffersize: int | None = None,
         journal: Any = None,
     ) -> Iterator[Any]:
         def submit(f: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
-            return self._submit(f, args, {}, task_timeout, max_memory, retries)
+            return self._submit(f, args, {}, settings)
 
         if journal is not None:
             return _journal_map(
-                submit, fn, iterables, timeout, chunksize, return_exceptions, progress, journal
+                submit, fn, iterables, timeout, chunksize, return_exceptions, progress, buffersize,
+                journal,
             )
-        return _map_via(submit, fn, iterables, timeout, chunksize, return_exceptions, progress)
+        return _map_via(
+            submit, fn, iterables, timeout, chunksize, return_exceptions, progress, buffersize
+        )
 
     def options(
         self,
@@ -353,10 +353,7 @@ class RayExecutor(Executor):
         max_memory: int | None = _UNSET,
     ) -> ExecutorOptions:
         """A view whose ``submit``/``map`` use these settings (see ProcessGroupExecutor)."""
-        return _options_view(
-            self, (self._task_timeout, self._max_memory, self._retries),
-            task_timeout, max_memory, retries,
-        )
+        return ExecutorOptions(self, self._settings.updated(task_timeout, max_memory, retries))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
@@ -396,6 +393,7 @@ class RayExecutor(Executor):
     def _loop(self) -> None:
         while True:
             self._drain_inbox()
+            self._sweep_cancelled()
             self._launch()
             if self._stopping and not self._queue and not self._running:
                 return
@@ -427,10 +425,10 @@ class RayExecutor(Executor):
             elif msg[0] == "shutdown":
                 self._stopping = True
                 if msg[1]:
-                    self._cancel_queue()
+                    self._cancel_queue(running_too=False)
             elif msg[0] == "terminate":
                 self._stopping = True
-                self._cancel_queue()
+                self._cancel_queue(running_too=True)
                 now = time.monotonic()
                 for item in self._running.values():
                     if item.cancelled_at is None:
@@ -438,12 +436,35 @@ class RayExecutor(Executor):
                         item.cancelled_at = now
                         ray.cancel(item.gen, force=True)
 
-    def _cancel_queue(self) -> None:
-        while self._queue:
-            item = self._queue.popleft()
-            if not item.future.cancel() and not item.future.done():
-                # A retry waiting to be relaunched is already RUNNING.
-                item.future.set_exception(CancelledError())
+    def _cancel_queue(self, running_too: bool) -> None:
+        """Cancel what no Ray task was started for, as the standard library's
+        shutdown(cancel_futures=True) does, and tell the waiters. A retry waiting to be
+        relaunched is RUNNING: it runs, unless ``running_too`` (terminate)."""
+        keep: deque[_Item] = deque()
+        for item in self._queue:
+            if item.gen is not None and not running_too:
+                keep.append(item)
+            else:
+                end_cancelled(item.future, running=item.gen is not None)
+        self._queue = keep
+
+    def _note_cancel(self) -> None:
+        """A queued future was cancelled (any thread): sweep the queue soon."""
+        self._sweep_due = True
+        self._wake.set()
+
+    def _sweep_cancelled(self) -> None:
+        """Queued futures their users cancelled: drop them and tell their waiters now."""
+        if not self._sweep_due:
+            return
+        self._sweep_due = False
+        keep: deque[_Item] = deque()
+        for item in self._queue:
+            if item.gen is None and item.future.cancelled():
+                item.future.set_running_or_notify_cancel()  # False: waiters are told
+            else:
+                keep.append(item)
+        self._queue = keep
 
     def _launch(self) -> None:
         while self._queue and len(self._running) < self._max_workers:

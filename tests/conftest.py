@@ -1,6 +1,6 @@
 """Shared fixtures: every test must leave no worker process group behind.
 
-``pgexecutor._process.spawned_pgids()`` lists every worker process group this
+``pgexecutor.spawned_groups()`` lists every worker process group this
 process created (a worker's pid is its pgid). After each test, every group created
 during that test must be empty: no process, zombie or not, may still carry that pgid.
 Zombies and slow exits get a generous grace period (LEAK_GRACE seconds) before the
@@ -167,12 +167,12 @@ LEAK_GRACE = 10.0
 
 
 def _spawned_pgids_func():
-    """The introspection hook, or None while pgexecutor is not importable yet."""
+    """pgexecutor.spawned_groups, or None while pgexecutor is not importable yet."""
     try:
-        from pgexecutor import _process  # noqa: PLC0415
+        import pgexecutor  # noqa: PLC0415
     except Exception:
         return None
-    return getattr(_process, "spawned_pgids", None)
+    return getattr(pgexecutor, "spawned_groups", None)
 
 
 def spawned_pgids() -> frozenset[int] | None:

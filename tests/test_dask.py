@@ -89,7 +89,7 @@ def test_plugin_installs_a_pool_sized_to_the_worker_threads(client):
         return {
             "type": type(ex).__name__,
             "max_workers": ex.pool._max_workers,
-            "task_timeout": ex.pool._task_timeout,
+            "task_timeout": ex.pool.task_settings.timeout,
             "nthreads": dask_worker.state.nthreads,
             "pid": os.getpid(),
         }

@@ -651,6 +651,23 @@ def test_map_timeout_progress_and_options_with_a_journal(ex, side, tmp_path):
     assert bar.n == 0  # nothing ran: the bar counts the inputs that run
 
 
+def test_buffersize_bounds_the_tasks_ahead_with_a_journal(ex, side, tmp_path):
+    path = str(tmp_path / "sweep.db")
+    list(ex.map(task, [2, 4], journal=path))  # recorded: replayed below, not submitted
+    before = ex.stats()["submitted"]
+    inputs = ["gate", 1, 2, 3, 4, 5, 6]
+    it = ex.map(task, inputs, journal=path, buffersize=2)
+    assert ex.stats()["submitted"] - before == 2  # the gate and 1; nothing more yet
+    open_gate(side)
+    assert list(it) == ["gate", 1, 4, 9, 16, 25, 36]
+    assert ex.stats()["submitted"] - before == 5  # 2 and 4 were replayed
+    out = list(ex.map(task, inputs + [7, 8], journal=path, buffersize=1, chunksize=2))
+    assert out == ["gate", 1, 4, 9, 16, 25, 36, 49, 64]
+    assert ran(side)[7] == 1 and ran(side)[1] == 1
+    with pytest.raises(ValueError):
+        ex.map(task, [1], journal=path, buffersize=0)
+
+
 def test_a_failing_write_is_reported_by_the_iterator(ex, side, tmp_path, monkeypatch):
     """Disk full, I/O error...: simulated with a broken INSERT. The iterator raises
     JournalError (by the end of the map at the latest) and the journal is unlocked."""

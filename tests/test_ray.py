@@ -10,6 +10,7 @@ not import anything from tests/.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import signal
 import subprocess
@@ -128,6 +129,28 @@ def test_results_map_and_errors(ex):
     assert list(view.map(tasks.add, range(4), range(4), chunksize=2)) == [0, 2, 4, 6]
 
 
+def test_map_buffersize_reads_inputs_as_results_are_taken(ex):
+    taken = []
+
+    def inputs():
+        for i in itertools.count():
+            taken.append(i)
+            yield i
+
+    with pytest.raises(ValueError, match="buffersize must be None or > 0"):
+        ex.map(tasks.add, inputs(), inputs(), buffersize=0)
+    for target in (ex, ex.options(task_timeout=60)):
+        taken.clear()
+        it = target.map(tasks.add, inputs(), itertools.repeat(1), buffersize=2)
+        assert len(taken) == 2
+        assert [next(it) for _ in range(5)] == [1, 2, 3, 4, 5]
+        assert len(taken) == 2 + 5
+        it.close()
+        assert len(taken) == 2 + 5
+    it = ex.map(tasks.add, range(7), range(7), chunksize=3, buffersize=1)
+    assert list(it) == [0, 2, 4, 6, 8, 10, 12]
+
+
 def test_queued_future_can_be_cancelled_and_terminate_kills_running(tmp_path):
     ex = RayExecutor(max_workers=1, kill_grace=0.5)
     path = str(tmp_path / "tree.json")
@@ -142,6 +165,36 @@ def test_queued_future_can_be_cancelled_and_terminate_kills_running(tmp_path):
 
 
 # ---------------------------------------------------------------- the guarantees
+
+
+@pytest.mark.parametrize("how", ["cancel", "shutdown-cancel-futures-thread", "terminate"])
+def test_cancelled_futures_reach_wait_at_once(tmp_path, how):
+    """As with ProcessGroupExecutor: every way a queued future ends cancelled tells
+    wait() and as_completed() at once, not when a worker frees up."""
+    from concurrent.futures import as_completed, wait
+
+    ex = RayExecutor(max_workers=1, kill_grace=0.5)
+    try:
+        path = str(tmp_path / "tree.json")
+        hung = ex.submit(tasks.spawn_tree_and_hang, path)
+        queued = [ex.submit(tasks.add, i, 1) for i in range(3)]
+        report = read_report(path)
+        if how == "cancel":
+            assert all(f.cancel() for f in queued)
+        elif how == "shutdown-cancel-futures-thread":
+            t = threading.Thread(target=ex.shutdown, kwargs=dict(wait=False, cancel_futures=True))
+            t.start()
+            t.join()
+        else:
+            threading.Thread(target=ex.terminate_workers).start()
+        done, not_done = wait(queued, timeout=30)
+        assert not not_done and all(f.cancelled() for f in queued)
+        assert len(list(as_completed(queued, timeout=30))) == 3
+    finally:
+        ex.terminate_workers()
+    with pytest.raises(WorkerCrashedError):
+        hung.result(timeout=60)
+    assert_tree_gone(report)
 
 
 def test_hung_task_times_out_and_its_tree_is_gone(ex, tmp_path):

@@ -18,10 +18,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import psutil  # noqa: E402
 from _common import report, wait_reports  # noqa: E402
 
-from pgexecutor import ProcessGroupExecutor, _guardian  # noqa: E402
-from pgexecutor._manager import READY  # noqa: E402
+from pgexecutor import ProcessGroupExecutor  # noqa: E402
+
+
+def rendezvous(directory, i):
+    open(os.path.join(directory, str(i)), "w").close()
+    deadline = time.monotonic() + 60
+    while len(os.listdir(directory)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def hang_in_c(report_dir):
@@ -50,22 +57,21 @@ def main() -> None:
     if mode == "exit":
         signal.signal(signal.SIGUSR1, lambda *_: os._exit(1))
     ex = ProcessGroupExecutor(max_workers=3)
-    # Warm up until all three workers are idle and READY, so that each hanging task
-    # lands on a worker of its own: a task dispatched while a worker is still starting
-    # is prefetched behind a busy one (see the BUG test in test_containment.py).
-    list(ex.map(time.sleep, [0.2] * 6))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        ws = list(ex._manager.workers.values())
-        if len(ws) == 3 and all(w.state == READY and not w.inflight for w in ws):
-            break
-        time.sleep(0.05)
+    # Warm up: three tasks that wait for each other run on three workers at once, so
+    # all three are started and idle afterwards, and each hanging task below lands on
+    # a worker of its own.
+    meet = os.path.join(report_dir, "meet")
+    os.mkdir(meet)
+    list(ex.map(rendezvous, [meet] * 3, range(3)))
     futs = [
         ex.submit(fn, report_dir)
         for fn in (hang_in_c, hang_with_term_ignoring_children, hang_ignoring_term)
     ]
     reports = wait_reports(report_dir, len(futs))
-    info = {"driver": os.getpid(), "guardian": _guardian.guardian_pid(), "reports": reports}
+    guardians = [
+        c.pid for c in psutil.Process().children() if "guardian_main" in " ".join(c.cmdline())
+    ]
+    info = {"driver": os.getpid(), "guardian": guardians[0] if guardians else None, "reports": reports}
     print("READY " + json.dumps(info), flush=True)
     while True:
         time.sleep(1000)

@@ -1,0 +1,109 @@
+"""``TaskFuture``: the futures a ProcessGroupExecutor hands out.
+
+It is a plain :class:`concurrent.futures.Future` to its users, with two additions the
+pool needs and the base class cannot give through its public protocol:
+
+* **The pool hears of a cancellation.** ``cancel()`` on a queued future only marks it;
+  ``wait()`` and ``as_completed()`` see it once the owner calls
+  ``set_running_or_notify_cancel()``. A manager asleep in poll() would not do that
+  until some unrelated event woke it, and a shutdown waiting for the queue to drain
+  would wait forever. So ``cancel()`` calls a hook that wakes the manager.
+* **A running task can end cancelled.** The pool can really stop a task that already
+  runs (its worker's group is killed: ``terminate_workers()``, an integration's
+  cancel) or drop one waiting in a worker's pipe. ``Future.cancel()`` refuses a
+  RUNNING future, so :meth:`cancel_running` does it here, keeping the base class's
+  invariants: the state changes under ``_condition``, every waiter of ``wait()`` /
+  ``as_completed()`` is told (``add_cancelled``), callbacks run once. Touching those
+  fields is this subclass's business alone; no other module does.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future, InvalidStateError
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
+from typing import Any
+
+
+class TaskFuture(Future[Any]):
+    """A ``Future`` whose cancellation reaches the pool (see the module docstring)."""
+
+    def __init__(
+        self,
+        on_cancel: Callable[[], None] | None = None,
+        resolver: threading.Thread | None = None,
+    ) -> None:
+        super().__init__()
+        self._on_cancel = on_cancel
+        # The thread that resolves it (the manager's): done-callbacks run there, and a
+        # wait for an unfinished future from there could never end.
+        self._resolver = resolver
+        #: the task's TaskInfo once it ended (pgexecutor.task_info reads it)
+        self.info: Any = None
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._refuse_self_wait("result")
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._refuse_self_wait("exception")
+        return super().exception(timeout)
+
+    def _refuse_self_wait(self, what: str) -> None:
+        """A done-callback (it runs in the manager's thread) that waits for a future
+        the same manager has yet to resolve would wait forever: say so instead."""
+        if self._resolver is not None and threading.current_thread() is self._resolver and not self.done():
+            raise RuntimeError(
+                f"{what}() of an unfinished future called from a done-callback: callbacks "
+                "run in the executor's manager thread, which would wait for itself. Wait "
+                "in another thread, or chain with add_done_callback"
+            )
+
+    def cancel(self) -> bool:
+        """``Future.cancel()``; if it took effect, tell the pool (it may be asleep)."""
+        cancelled = super().cancel()
+        if cancelled and self._on_cancel is not None:
+            self._on_cancel()
+        return cancelled
+
+    def cancel_running(self) -> bool:
+        """End a RUNNING future as cancelled; False if it is not running.
+
+        For the pool only: the task is known to be stopped (its group was killed, or
+        it never left a worker's pipe) before this is called.
+        """
+        with self._condition:
+            if self._state != RUNNING:
+                return False
+            self._state = CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]  # Future's own, not typeshed's
+        return True
+
+
+def end_cancelled(fut: Future[Any], running: bool) -> bool:
+    """End ``fut`` as cancelled and tell its waiters; False if it was already done.
+
+    ``running`` says whether the pool called ``set_running_or_notify_cancel()`` on it
+    already (the task was handed to a worker). The pool calls that exactly once per
+    future: a second call on a cancelled future raises. A plain ``Future`` that runs
+    (an integration's own) cannot be cancelled through its protocol: it gets a
+    ``CancelledError`` as its exception, so ``result()`` still raises that.
+    """
+    if not running:
+        # PENDING, or CANCELLED by its user and not yet notified. Future.cancel, not
+        # ours: the pool itself needs no wake-up.
+        if not Future.cancel(fut):
+            return False  # finished by someone else
+        fut.set_running_or_notify_cancel()  # tells wait() / as_completed()
+        return True
+    if isinstance(fut, TaskFuture):
+        return fut.cancel_running()
+    try:
+        fut.set_exception(CancelledError())
+    except InvalidStateError:
+        return False
+    return True

@@ -1,0 +1,202 @@
+"""Outcomes: the one place where a task's future ends, is counted and gets its TaskInfo.
+
+Every future a worker took ends here exactly once: a result, an exception, or
+cancelled. The ledger also keeps the standard library's rule that
+``set_running_or_notify_cancel()`` is called once per future (``hand_over``), which
+is where a user's ``cancel()`` of a queued future wins or loses. Owner: the manager
+thread (whoever holds ``Manager._lock``); nothing here is thread-safe on its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from concurrent.futures import CancelledError
+from dataclasses import dataclass
+from typing import Any
+
+from . import _protocol as proto
+from ._future import TaskFuture, end_cancelled
+from ._settings import TaskSettings
+
+logger = logging.getLogger("pgexecutor")
+
+_task_ids = itertools.count(1)
+
+
+@dataclass
+class TaskInfo:
+    """What happened to a task, readable with :func:`pgexecutor.task_info`.
+
+    ``duration`` is the run time in seconds of the last attempt (from when the worker
+    started it to when its outcome arrived), ``pid`` the worker that ran that attempt,
+    ``attempts`` how many times it was started (retries included), ``peak_memory``
+    the largest memory of the worker's group seen while that attempt ran (bytes, as
+    :func:`pgexecutor._process.group_memory` counts it; None unless the task had a
+    ``max_memory``, or if it ended before the first sample) and ``outcome`` one of
+    ``"ok"``, ``"error"`` (the task raised), ``"timeout"``, ``"crashed"``,
+    ``"memory"``, ``"cancelled"``. It is set before the future resolves, so
+    done-callbacks can read it.
+    """
+
+    duration: float | None = None
+    pid: int | None = None
+    attempts: int = 0
+    peak_memory: int | None = None
+    outcome: str | None = None
+
+
+class WorkItem:
+    """A task on its way: its future, pickled call, settings and attempt bookkeeping."""
+
+    __slots__ = (
+        "future",
+        "payload",
+        "task_id",
+        "settings",
+        "attempts",
+        "started",
+        "pid",
+        "peak_memory",
+        "sent",
+    )
+
+    def __init__(
+        self, future: TaskFuture, payload: bytes | proto.OOBPayload, settings: TaskSettings
+    ) -> None:
+        self.future = future
+        self.payload = payload
+        self.task_id = next(_task_ids)
+        self.settings = settings
+        self.attempts = 0  # attempts started (retries included)
+        self.started = 0.0  # monotonic start of the current attempt; 0.0: not begun
+        self.pid = 0  # the worker it was last handed to
+        self.peak_memory: int | None = None
+        # Handed to a worker at least once: set_running_or_notify_cancel() was called
+        # (it must be called once only) and the future is RUNNING.
+        self.sent = False
+
+
+class Stats:
+    """Counters of what the executor did (read with ``executor.stats()``).
+
+    Futures: ``submitted``; each ends in exactly one of ``completed`` (a result),
+    ``failed`` (any exception, after its last attempt) or ``cancelled``. Events, one
+    per attempt that ended that way, so a retried task can add several: ``timed_out``,
+    ``crashed`` (the worker died on its own), ``memory_killed``. ``retried`` counts
+    attempts started again after such an event. Workers: ``workers_started`` (the
+    first ones and every replacement) and ``workers_killed`` (groups this executor
+    signalled: timeout, memory limit, cancel, terminate; not workers that crashed,
+    retired or were stopped as not needed at shutdown). One writer: the manager
+    thread. ``submitted`` and the futures failed before reaching it (arguments that
+    do not pickle) are the executor's own counts, added in its ``stats()``.
+    """
+
+    FIELDS = (
+        "submitted",
+        "completed",
+        "failed",
+        "cancelled",
+        "timed_out",
+        "crashed",
+        "memory_killed",
+        "retried",
+        "workers_started",
+        "workers_killed",
+    )
+
+    def __init__(self) -> None:
+        self.completed = 0
+        self.failed = 0
+        self.cancelled = 0
+        self.timed_out = 0
+        self.crashed = 0
+        self.memory_killed = 0
+        self.retried = 0
+        self.workers_started = 0
+        self.workers_killed = 0
+
+    def snapshot(self) -> dict[str, int]:
+        counters = {name: getattr(self, name, 0) for name in self.FIELDS}
+        counters["submitted"] = 0  # the executor's count (see the class docstring)
+        return counters
+
+
+class Ledger:
+    """Ends futures and counts it (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.stats = Stats()
+
+    def hand_over(self, item: WorkItem, now: float) -> bool:
+        """The task leaves the queue for a worker: its future becomes RUNNING. False
+        if its user cancelled it meanwhile; then it is dropped and its waiters told."""
+        if item.sent:
+            return True
+        if not item.future.set_running_or_notify_cancel():
+            self._record(item, "cancelled", now)
+            return False
+        item.sent = True
+        return True
+
+    def resolve(self, item: WorkItem, value: Any, now: float) -> None:
+        item.payload = b""
+        self._record(item, "ok", now)
+        if not item.future.done():
+            item.future.set_result(value)
+
+    def fail(self, item: WorkItem, exc: BaseException, outcome: str, now: float) -> None:
+        """End the task with ``exc`` (a CancelledError ends it cancelled)."""
+        item.payload = b""
+        fut = item.future
+        if isinstance(exc, CancelledError):
+            self._record(item, "cancelled", now)
+            end_cancelled(fut, running=item.sent)
+            return
+        self._record(item, outcome, now)
+        if fut.done():
+            return
+        if not self.hand_over(item, now):
+            return  # never handed over, and cancelled by its user just now
+        fut.set_exception(exc)
+
+    def retry_or_fail(self, item: WorkItem, exc: BaseException, outcome: str, now: float) -> bool:
+        """A worker was lost under this task (timeout, crash, memory). True: it is to
+        run again (retries remain; the caller queues it first); else it failed here.
+
+        Retries go on during a plain shutdown: the future is still running and
+        shutdown(wait=True) waits for running futures. (terminate/kill fail in-flight
+        tasks themselves and never come through here.)
+        """
+        if item.attempts <= item.settings.retries:
+            self.stats.retried += 1
+            logger.info(
+                "retrying task %d (%s on worker pid=%d; attempt %d of %d)",
+                item.task_id, outcome, item.pid, item.attempts + 1, item.settings.retries + 1,
+            )
+            item.started = 0.0
+            item.peak_memory = None  # task_info reports the last attempt, like duration
+            return True
+        if hasattr(exc, "attempts"):
+            exc.attempts = item.attempts
+            if exc.args:  # keep repr() and args in step; attempts is the last argument
+                exc.args = (*exc.args[:-1], item.attempts)
+        self.fail(item, exc, outcome, now)
+        return False
+
+    def _record(self, item: WorkItem, outcome: str, now: float) -> None:
+        """Count the outcome and leave the TaskInfo on the future (before it ends,
+        so that done-callbacks can read it)."""
+        if outcome == "ok":
+            self.stats.completed += 1
+        elif outcome == "cancelled":
+            self.stats.cancelled += 1
+        else:
+            self.stats.failed += 1
+        item.future.info = TaskInfo(
+            duration=(now - item.started) if item.started else None,
+            pid=item.pid or None,
+            attempts=item.attempts,
+            peak_memory=item.peak_memory,
+            outcome=outcome,
+        )
