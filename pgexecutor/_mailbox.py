@@ -61,6 +61,10 @@ class Mailbox:
         self.woken = False  # a byte is in the pipe: later posts need not write another
         self._lock = threading.Lock()  # the wake write vs close (see module docstring)
         self.closed = False
+        # A forked child inherits this object (and may run its executor's finalizer at
+        # exit, even with ``_lock`` copied held): only the process that made the pipe
+        # ever touches it.
+        self._pid = os.getpid()
         # A queued future was cancelled: the manager sweeps its queue (set by any
         # thread, cleared by the manager before each sweep).
         self.sweep_due = False
@@ -84,6 +88,8 @@ class Mailbox:
             self.wake()
 
     def wake(self) -> None:
+        if os.getpid() != self._pid:
+            return
         with self._lock:
             if self.closed:
                 return
@@ -104,6 +110,8 @@ class Mailbox:
         return self.inbox
 
     def close(self) -> None:
+        if os.getpid() != self._pid:
+            return
         with self._lock:
             if self.closed:
                 return

@@ -70,10 +70,11 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError, Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from . import _exit, _guardian, _platform
@@ -502,7 +503,8 @@ class Manager:
                 self._spawn()
             except OSError as exc:
                 logger.error("could not start a worker: %s", exc)
-                self._fail_queue(WorkerCrashedError(None, None, f"could not start a worker: {exc}"))
+                reason = f"could not start a worker: {exc}"
+                self._fail_queue(partial(WorkerCrashedError, None, None, reason))
                 self.scheduler.stop_growing()
                 return started
             active += 1
@@ -568,12 +570,10 @@ class Manager:
             summary, text = proto.loads(payload)
             w.init_failed = True
             logger.warning("initializer failed in worker pid=%d: %s", w.pid, summary)
-            init_err = WorkerInitializerError(
-                f"the executor's initializer failed in a new worker: {summary}", text
-            )
+            message = f"the executor's initializer failed in a new worker: {summary}"
             self._requeue(w.inflight)  # handed to it while it started: they fail too
             w.inflight.clear()
-            self._fail_queue(init_err)
+            self._fail_queue(partial(WorkerInitializerError, message, text))
             self.scheduler.stop_growing()  # do not restart workers to fail again
 
     def _on_answer(self, w: WorkerHandle, kind: int, ident: int, payload: Any) -> bool:
@@ -596,7 +596,7 @@ class Manager:
             else:
                 value = payload.load()  # RESULT_SHM
         except BaseException as exc:
-            err = proto.pickling_error("result", "unpickling it in the parent failed", exc)
+            err = proto.mark_pickling_fault(exc, proto.UNPICKLE_RESULT)
             self.ledger.fail(item, err, "error", now)
             return True
         self.ledger.resolve(item, value, now)
@@ -715,12 +715,8 @@ class Manager:
             if head is None and not w.ready_seen and not w.init_failed:
                 logger.warning("worker pid=%d exited (code %s) before it was ready", w.pid, code)
                 if self.scheduler.start_failed():
-                    failures = self.scheduler.start_failures
-                    self._fail_queue(
-                        WorkerCrashedError(
-                            w.pid, code, f"workers exit before they are ready ({failures} in a row)"
-                        )
-                    )
+                    reason = f"workers exit before they are ready ({self.scheduler.start_failures} in a row)"
+                    self._fail_queue(partial(WorkerCrashedError, w.pid, code, reason))
                     self.scheduler.stop_growing()
             elif head is None and w.state is State.READY and not self.shutting_down:
                 logger.warning("idle worker pid=%d died (exit code %s); replacing it", w.pid, code)
@@ -748,10 +744,12 @@ class Manager:
         else:
             logger.debug("worker pid=%d exited with code %s; group cleaned up", w.pid, code)
 
-    def _fail_queue(self, exc: BaseException) -> None:
+    def _fail_queue(self, make_error: Callable[[], BaseException]) -> None:
+        """Fail every queued task, each with an error of its own (one exception
+        instance on many futures would share, and grow, one traceback)."""
         now = time.monotonic()
         while self.queue:
-            self.ledger.fail(self.queue.popleft(), exc, "crashed", now)
+            self.ledger.fail(self.queue.popleft(), make_error(), "crashed", now)
 
     # ------------------------------------------------------------ shutdown
 
@@ -772,11 +770,13 @@ class Manager:
 
     def _emergency_stop(self) -> None:
         """Last resort if the loop itself fails: kill every group, fail every future."""
-        err = BrokenProcessPool("pgexecutor's manager thread failed; see the log")
+        def err() -> BaseException:
+            return BrokenProcessPool("pgexecutor's manager thread failed; see the log")
+
         now = time.monotonic()
         for w in list(self.workers.values()):
             for item in w.inflight:
-                self.ledger.fail(item, err, "crashed", now)
+                self.ledger.fail(item, err(), "crashed", now)
             w.inflight.clear()
             try:
                 _guardian.unregister(w.pid)

@@ -13,6 +13,10 @@ exception is sent as its traceback text plus, when it pickles, the exception its
 with its traceback made picklable by tblib; the text is the fallback when the
 exception cannot be pickled in the worker or unpickled here.
 
+When the arguments or the result themselves fail to cross (a "pickling fault"), the
+exception that pickle raised is what the caller gets, as with ProcessPoolExecutor,
+marked with the stage that failed (see :func:`mark_pickling_fault`).
+
 Workers import this module before anything else, so it imports nothing it does not
 need on every task: no ``pickle`` (it drags in ``re``), no cloudpickle, tblib,
 traceback or ``typing`` until an error or a by-value object calls for them. Every
@@ -34,8 +38,6 @@ except ImportError:  # pragma: no cover - an interpreter without _pickle
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
-
-    from .errors import TaskPicklingError
 
 # fds a fresh worker finds its pipes at: tasks in, results out, stack dumps out,
 # a unix socket that carries shared memory (memfds) for large results, and the
@@ -61,6 +63,13 @@ RESULT_OOB = 14  #: RESULT whose pickle has out-of-band buffers (see OOBPayload)
 RESULT_SHM = 15  #: RESULT_OOB whose buffers are in a memfd sent on the fd channel
 
 PICKLE_PROTOCOL = 5
+
+# Pickling faults: where a task's arguments or result failed to cross between
+# processes. The value of ``pgexecutor_stage`` on the exception the caller gets.
+PICKLE_ARGUMENTS = "pickle-arguments"  #: in the caller, in submit(); nothing was sent
+UNPICKLE_ARGUMENTS = "unpickle-arguments"  #: in the worker; the task did not run
+PICKLE_RESULT = "pickle-result"  #: in the worker; the task ran
+UNPICKLE_RESULT = "unpickle-result"  #: in the parent; the task ran
 
 #: Buffers at least this big (numpy arrays, say) travel out of band: written from
 #: and read into their final memory, never copied into or out of a pickle.
@@ -348,6 +357,7 @@ def write_parts(fd: int, parts: list[Any]) -> None:
 
 
 _cloudpickle: Any = None
+_cloud_pickler: Any = None
 
 
 def _cloudpickle_module() -> Any:
@@ -359,15 +369,65 @@ def _cloudpickle_module() -> Any:
     return _cloudpickle
 
 
+def _pickler_class() -> Any:
+    """cloudpickle's Pickler, except that code pickled by value keeps its file name.
+
+    cloudpickle >= 3.1 writes every by-value code object (functions and classes of
+    ``__main__``, lambdas, closures) with ``co_filename = "<dynamic-code>"``, so that
+    its pickles do not depend on where the code lives. Tracebacks and stack dumps
+    print ``co_filename``: a task defined in a script then showed up as ``File
+    "<dynamic-code>", line 42`` in its remote traceback and in a TaskTimeoutError's
+    stack, with no source line, where ProcessPoolExecutor shows the script's path and
+    line. Our pickles are never compared, so we put the real name back. Workers run on
+    the same machine, where linecache finds the source under that name.
+
+    Only this module's pickler is changed: cloudpickle as Dask, Ray or the user call it
+    keeps its own behaviour.
+    """
+    global _cloud_pickler
+    if _cloud_pickler is not None:
+        return _cloud_pickler
+    from collections import ChainMap
+
+    cp = _cloudpickle_module()
+    base = getattr(cp, "Pickler", None) or cp.CloudPickler
+    code_type = type(_pickler_class.__code__)
+    table: Any = getattr(base, "dispatch_table", None)
+    reduce_code = None if table is None else table.get(code_type)
+    if table is None or reduce_code is None:  # a cloudpickle we do not know: as it is
+        _cloud_pickler = base
+        return base
+
+    def reduce_code_keeping_filename(code: Any) -> Any:
+        reduced = reduce_code(code)
+        args = reduced[1]
+        # args are types.CodeType's, co_filename the 11th on every Python >= 3.8.
+        if len(args) > 10 and args[10] == "<dynamic-code>" and isinstance(code.co_filename, str):
+            reduced = (reduced[0], (*args[:10], code.co_filename, *args[11:]), *reduced[2:])
+        return reduced
+
+    # One ChainMap level more than cloudpickle's, not two: pickle looks this up per object.
+    maps = table.maps if isinstance(table, ChainMap) else [table]
+
+    class Pickler(base):  # type: ignore[misc, valid-type]
+        dispatch_table = ChainMap({code_type: reduce_code_keeping_filename}, *maps)
+
+    _cloud_pickler = Pickler
+    return Pickler
+
+
+def _cloud_dump(obj: Any, buffer_callback: Any = None) -> bytes:
+    """``cloudpickle.dumps(obj)`` with protocol 5 and the Pickler of _pickler_class."""
+    import io
+
+    with io.BytesIO() as file:
+        _pickler_class()(file, protocol=PICKLE_PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+        return file.getvalue()
+
+
 def dumps(obj: Any) -> bytes:
     """cloudpickle ``obj`` with protocol 5."""
-    return _cloudpickle_module().dumps(obj, protocol=PICKLE_PROTOCOL)
-
-
-def _cloud_dump(obj: Any, buffer_callback: Any) -> bytes:
-    return _cloudpickle_module().dumps(  # type: ignore[no-any-return]
-        obj, protocol=PICKLE_PROTOCOL, buffer_callback=buffer_callback
-    )
+    return _cloud_dump(obj)
 
 
 def _plain_dump(obj: Any, buffer_callback: Any) -> bytes:
@@ -423,7 +483,10 @@ def dumps_result(obj: Any) -> bytes | OOBPayload:
     try:
         return _dumps_with_buffers(_plain_dump, obj)
     except Exception:
-        return _dumps_with_buffers(_cloud_dump, obj)
+        pass
+    # Outside the except clause: if cloudpickle fails too, its error must not carry
+    # plain pickle's as __context__ (the caller would see the same failure twice).
+    return _dumps_with_buffers(_cloud_dump, obj)
 
 
 def loads(data: bytes | bytearray) -> Any:
@@ -454,14 +517,22 @@ def format_exception_text(exc: BaseException) -> str:
         return f"{_qualified_name(type(exc))}: {_safe_str(exc)}\n"
 
 
-def dump_exception(exc: BaseException) -> bytes:
+def dump_exception(exc: BaseException, stage: str | None = None) -> bytes:
     """Encode a task's exception in the worker.
 
     The exception is pickled with its traceback (tblib turns the frames into plain
     data), so the caller's ``traceback.format_exception`` shows the task's own lines.
     If that fails, only the text travels and the caller gets a RemoteTaskError.
+
+    ``stage`` marks a pickling fault (UNPICKLE_ARGUMENTS or PICKLE_RESULT). Then, as
+    ProcessPoolExecutor does, the worker's traceback travels only as text, to be
+    chained as ``__cause__`` (see load_exception); the exception goes without its
+    frames and chain, which that text shows and which might not pickle themselves.
     """
     text = format_exception_text(exc)
+    if stage is not None:
+        for name in ("__traceback__", "__cause__", "__context__"):
+            _set(exc, name, None)
     blob: bytes | None
     try:
         from tblib import pickling_support
@@ -470,29 +541,96 @@ def dump_exception(exc: BaseException) -> bytes:
         blob = dumps(exc)
     except Exception:
         blob = None
-    return _plain_dumps((_qualified_name(type(exc)), _safe_str(exc), text, blob), PICKLE_PROTOCOL)
+    return _plain_dumps(
+        (_qualified_name(type(exc)), _safe_str(exc), text, blob, stage), PICKLE_PROTOCOL
+    )
 
 
 def load_exception(payload: bytes | bytearray) -> BaseException:
-    """Decode what :func:`dump_exception` made, falling back to a RemoteTaskError."""
-    from .errors import RemoteTaskError
+    """Decode what :func:`dump_exception` made.
 
-    type_name, message, text, blob = _plain_loads(payload)
+    Falls back to a RemoteTaskError (TaskPicklingError for a pickling fault) when the
+    exception does not unpickle here. Runs in the manager thread, which must survive
+    whatever a hostile class does while it is rebuilt, SystemExit included.
+    """
+    from .errors import RemoteTaskError, TaskPicklingError
+
+    type_name, message, text, blob, stage = _plain_loads(payload)
+    problem = None
     if blob is not None:
         try:
             exc = _plain_loads(blob)
-        except Exception as err:
-            fallback = RemoteTaskError(type_name, message, text)
-            fallback.__cause__ = None
-            fallback.unpickling_error = f"{type(err).__name__}: {_safe_str(err)}"  # type: ignore[attr-defined]
-            return fallback
-        if isinstance(exc, BaseException):
-            return exc
-    return RemoteTaskError(type_name, message, text)
+        except BaseException as err:
+            _reraise_interrupt(err)
+            problem = f"{_qualified_name(type(err))}: {_safe_str(err)}"
+        else:
+            if isinstance(exc, BaseException):
+                if stage is not None:
+                    _chain_remote_traceback(exc, text)
+                    mark_pickling_fault(exc, stage)
+                elif exc.__cause__ is None:
+                    # As ProcessPoolExecutor: the worker's traceback text as the cause
+                    # (code reads ``exc.__cause__.tb``). A cause the task itself set
+                    # (``raise ... from``) stays: the text holds it anyway.
+                    _chain_remote_traceback(exc, text)
+                return exc
+    fallback: RemoteTaskError
+    if stage is None:
+        fallback = RemoteTaskError(type_name, message, text)
+    else:
+        fallback = TaskPicklingError(stage, type_name, message, text)
+    if problem is not None:
+        fallback.unpickling_error = problem  # type: ignore[attr-defined]
+    return fallback
 
 
-def pickling_error(stage: str, where: str, err: BaseException) -> TaskPicklingError:
-    """A TaskPicklingError that says what failed, where, and why."""
-    from .errors import TaskPicklingError
+def _reraise_interrupt(err: BaseException) -> None:
+    """Re-raise a KeyboardInterrupt that may be the user's Ctrl-C (main thread only)."""
+    if isinstance(err, KeyboardInterrupt):
+        import threading
 
-    return TaskPicklingError(stage, f"{where}: {_qualified_name(type(err))}: {_safe_str(err)}")
+        if threading.current_thread() is threading.main_thread():
+            raise err
+
+
+def _chain_remote_traceback(exc: BaseException, text: str) -> None:
+    """Chain the worker's traceback text as ``exc.__cause__``, as ProcessPoolExecutor
+    does: ``traceback.print_exception`` then shows it above the exception."""
+    from concurrent.futures.process import _RemoteTraceback
+
+    # (typeshed says it takes a traceback object: CPython passes the text, as here)
+    _set(exc, "__cause__", _RemoteTraceback(f'\n"""\n{text}"""'))  # type: ignore[arg-type]
+
+
+def mark_pickling_fault(exc: BaseException, stage: str) -> BaseException:
+    """Say on ``exc`` itself which crossing failed, and return it.
+
+    The caller gets pickle's own exception (the type ProcessPoolExecutor gives, so
+    ``except pickle.PicklingError`` and friends keep working); ``exc.pgexecutor_stage``
+    (one of PICKLE_ARGUMENTS, UNPICKLE_ARGUMENTS, PICKLE_RESULT, UNPICKLE_RESULT) and a
+    PEP 678 note say where it happened, which the exception alone would not.
+    Marking twice adds one note.
+    """
+    from .errors import PICKLING_STAGES
+
+    note = f"pgexecutor: {PICKLING_STAGES[stage]}"
+    _set(exc, "pgexecutor_stage", stage)
+    try:
+        notes = getattr(exc, "__notes__", None)
+    except Exception:
+        return exc
+    # What add_note does (3.11+), but also on 3.10, where tracebacks do not print notes.
+    if notes is None:
+        _set(exc, "__notes__", [note])
+    elif isinstance(notes, list) and note not in notes:
+        notes.append(note)
+    return exc
+
+
+def _set(exc: BaseException, name: str, value: Any) -> None:
+    """Set an attribute that is our bookkeeping, not the exception's own state, even on
+    a class whose ``__setattr__`` refuses (a frozen dataclass, say)."""
+    try:
+        object.__setattr__(exc, name, value)
+    except Exception:
+        pass

@@ -37,9 +37,7 @@ def call_pickled(payload: bytes) -> Any:
     try:
         fn, args, kwargs = proto.loads(payload)
     except BaseException as exc:
-        raise proto.pickling_error(
-            "arguments", "unpickling them on the Ray node failed", exc
-        ) from None
+        raise proto.mark_pickling_fault(exc, proto.UNPICKLE_ARGUMENTS) from None
     return fn(*args, **kwargs)
 
 

@@ -329,13 +329,17 @@ def _claim(permit_fd: int, task_id: int, held: int) -> int:
 
 
 def _run_one(chan: _Channel, task_id: int, payload: bytes | bytearray, oob: bool) -> None:
-    """Run one task and send exactly one RESULT or ERROR frame for it."""
+    """Run one task and send exactly one RESULT or ERROR frame for it.
+
+    Arguments that fail to unpickle, or a result that fails to pickle, fail this task
+    alone with the exception pickle raised, marked with its stage (see _protocol).
+    """
     try:
         fn, args, kwargs = proto.loads_oob(payload) if oob else proto.loads(payload)
     except BaseException as exc:
-        err = proto.pickling_error("arguments", "unpickling them in the worker failed", exc)
-        chan.send(proto.ERROR, task_id, proto.dump_exception(err))
+        chan.send(proto.ERROR, task_id, proto.dump_exception(exc, proto.UNPICKLE_ARGUMENTS))
         return
+    chunked = fn is run_chunk
     try:
         result = fn(*args, **kwargs)
     except BaseException as exc:
@@ -343,14 +347,41 @@ def _run_one(chan: _Channel, task_id: int, payload: bytes | bytearray, oob: bool
         chan.send(proto.ERROR, task_id, proto.dump_exception(exc))
         return
     del fn, args, kwargs
+    data: bytes | proto.OOBPayload | None
     try:
         data = proto.dumps_result(result)
     except BaseException as exc:
-        err = proto.pickling_error("result", "pickling it in the worker failed", exc)
-        chan.send(proto.ERROR, task_id, proto.dump_exception(err))
-        return
+        data = _pickle_chunk_items_apart(result) if chunked else None
+        if data is None:
+            chan.send(proto.ERROR, task_id, proto.dump_exception(exc, proto.PICKLE_RESULT))
+            return
     del result
     chan.send_result(task_id, data)
+
+
+def _pickle_chunk_items_apart(out: Any) -> bytes | proto.OOBPayload | None:
+    """A chunk's ``(values, errors)`` (see run_chunk) that failed to pickle as a whole:
+    pickle each value alone, and fail only the items whose values do not pickle, each
+    at its own position (as an item that raised does). None if even that fails.
+
+    ProcessPoolExecutor fails the whole chunk here; so would we without this, and
+    with ``return_exceptions=True`` every item of the chunk would be that error.
+    """
+    try:
+        values, errors = out
+        errors = dict(errors or {})
+        kept = []
+        for index, value in enumerate(values):
+            if index not in errors:
+                try:
+                    proto.dumps_result(value)
+                except BaseException as exc:
+                    errors[index] = proto.dump_exception(exc, proto.PICKLE_RESULT)
+                    value = None
+            kept.append(value)
+        return proto.dumps_result((kept, errors))
+    except BaseException:
+        return None
 
 
 def run_chunk(

@@ -5,6 +5,12 @@ They subclass the standard library's exceptions on purpose, so that code written
 ``concurrent.futures.TimeoutError`` and a dead worker is a ``BrokenProcessPool``.
 Unlike ``ProcessPoolExecutor``, the pool is *not* broken afterwards: only the one
 future fails and a fresh worker takes the dead one's place.
+
+Pickling faults have no class of their own, for the same reason: an argument or a
+result that fails to pickle or unpickle fails its future with the exception pickle
+raised, which is what ``ProcessPoolExecutor`` raises, marked with
+``exc.pgexecutor_stage`` (a key of :data:`PICKLING_STAGES`) and a note. Only when
+that exception cannot travel from the worker either is it a :class:`TaskPicklingError`.
 """
 
 from __future__ import annotations
@@ -50,8 +56,27 @@ def _innermost_frame(stack: str | None) -> str | None:
         # name the user's own line that called into it.
         caller = next((f for f in frames[1:] if not _is_library_frame(f)), None)
         if caller is not None:
-            return f"{innermost}, called from {caller}"
-    return innermost
+            return f"{innermost}, called from {_with_source(caller)}"
+    return _with_source(innermost)
+
+
+def _with_source(frame: str) -> str:
+    """``File "...", line N in f`` followed by that line's source, as a traceback shows it.
+
+    faulthandler prints no source (it runs in a signal handler). The worker ran on this
+    machine, so the file is read here; a file that is gone leaves the frame as it is.
+    """
+    head, sep, rest = frame.partition('", line ')
+    if not sep or not head.startswith('File "'):
+        return frame
+    path, number = head[len('File "') :], rest.split(" ", 1)[0]
+    if not number.isdigit() or path.startswith("<"):
+        return frame
+    import linecache
+
+    linecache.checkcache(path)  # the file may have changed since this process read it
+    source = linecache.getline(path, int(number)).strip()
+    return f"{frame}: {source}" if source else frame
 
 
 def _is_library_frame(frame: str) -> bool:
@@ -219,20 +244,44 @@ class RemoteTaskError(Exception):
         )
 
 
-class TaskPicklingError(Exception):
-    """The task, its arguments or its result could not be (un)pickled.
+#: Where a task's arguments or result failed to cross between processes, as
+#: ``pgexecutor_stage`` names it on the exception, and the note it adds there.
+PICKLING_STAGES = {
+    "pickle-arguments": "pickling the task's arguments in the caller failed; nothing was sent",
+    "unpickle-arguments": "unpickling the task's arguments in the worker failed; the task did not run",
+    "pickle-result": "pickling the task's result in the worker failed; the task ran",
+    "unpickle-result": "unpickling the task's result in the parent failed; the task ran",
+}
 
-    ``stage`` says which: ``"arguments"`` (pickling in the caller or unpickling in the
-    worker) or ``"result"`` (pickling in the worker or unpickling here).
+
+class TaskPicklingError(RemoteTaskError):
+    """A pickling fault whose own exception could not travel back either.
+
+    When a task's arguments or result fail to pickle or unpickle, the future fails
+    with the very exception pickle raised (``pickle.PicklingError``, ``TypeError:
+    cannot pickle '_thread.lock' object``, your ``__reduce__``'s error, ...), as with
+    ``ProcessPoolExecutor``, and ``exc.pgexecutor_stage`` says which step failed.
+    Only if that exception, raised in the worker, cannot itself be pickled there or
+    unpickled here does the future fail with this instead: ``stage`` is that step (a
+    key of PICKLING_STAGES), ``type_name`` names the original exception's class and
+    ``remote_traceback`` holds its traceback text.
     """
 
-    def __init__(self, stage: str, detail: str) -> None:
-        self.stage = stage
-        self.detail = detail
-        super().__init__(stage, detail)
+    def __init__(self, stage: str, type_name: str, message: str, remote_traceback: str) -> None:
+        super().__init__(type_name, message, remote_traceback)
+        self.stage = self.pgexecutor_stage = stage
+        self.args = (stage, type_name, message, remote_traceback)
+
+    def __reduce__(self):  # type: ignore[override]
+        return (type(self), self.args)
 
     def __str__(self) -> str:
-        return f"could not transfer the task's {self.stage}: {self.detail}"
+        what = PICKLING_STAGES.get(self.stage, self.stage)
+        return (
+            f"{self.type_name}: {self.message}\n\n"
+            f"(pgexecutor: {what}, and that exception could not be transferred from the "
+            f"worker either; remote traceback:)\n{self.remote_traceback}"
+        )
 
 
 # ---------------------------------------------------------------- journals (issue 14)

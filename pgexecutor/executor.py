@@ -473,10 +473,19 @@ def _journal_map(*args: Any) -> Iterator[Any]:
 
 def _unpicklable_arguments(exc: BaseException) -> Future[Any]:
     """The future ``submit()`` returns when a task's arguments do not pickle: already
-    failed, so the caller learns it at once and nothing reaches a worker."""
+    failed, so the caller learns it at once and nothing reaches a worker.
+
+    It fails with pickle's own exception, as ProcessPoolExecutor's future does, marked
+    with its stage (see _protocol.mark_pickling_fault). A KeyboardInterrupt is not a
+    pickling fault but the user's Ctrl-C, which arrives in whatever the main thread
+    runs (here: a long pickle): it propagates from submit() instead of being kept in
+    a future nobody may look at.
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        raise exc
     fut: Future[Any] = Future()
     fut.set_running_or_notify_cancel()
-    fut.set_exception(proto.pickling_error("arguments", "pickling them in the caller failed", exc))
+    fut.set_exception(proto.mark_pickling_fault(exc, proto.PICKLE_ARGUMENTS))
     return fut
 
 

@@ -73,7 +73,6 @@ from .errors import (
     MemoryLimitError,
     QuarantinedError,
     RemoteTaskError,
-    TaskPicklingError,
     TaskTimeoutError,
     WorkerCrashedError,
     WorkerInitializerError,
@@ -1016,11 +1015,14 @@ def _answer(
             try:
                 return True, proto.loads(blob or b"")
             except Exception as exc:
-                return False, TaskPicklingError(
-                    "result",
-                    f"its result stored in journal {session.path!r} could not be unpickled: "
-                    f"{type(exc).__name__}: {exc}",
-                )
+                # As for a result that does not unpickle when it arrives: unpickling's
+                # own exception, marked with its stage and a note (PEP 678, 3.11+).
+                exc.pgexecutor_stage = "unpickle-result"  # type: ignore[attr-defined]
+                note = f"pgexecutor: the result stored in journal {session.path!r} could not be unpickled"
+                add_note = getattr(exc, "add_note", None)
+                if add_note is not None:
+                    add_note(note)
+                return False, exc
         try:
             return False, proto.load_exception(blob or b"")
         except Exception:

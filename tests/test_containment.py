@@ -112,7 +112,26 @@ def kill_groups_left(pgids) -> None:
                 pass
 
 
-def start_driver(name: str, tmp_path, *args: str, **popen_kw) -> tuple[subprocess.Popen, str, str]:
+#: Sets SIGINT and SIGQUIT to ``sys.argv[1]`` ("default" or "ignored"), then execs the
+#: driver in the same process (ignored dispositions survive exec; handlers do not).
+_LAUNCHER = (
+    "import os, signal, sys\n"
+    "how = signal.SIG_IGN if sys.argv[1] == 'ignored' else signal.SIG_DFL\n"
+    "signal.signal(signal.SIGINT, how)\n"
+    "signal.signal(signal.SIGQUIT, how)\n"
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n"
+)
+
+
+def start_driver(
+    name: str, tmp_path, *args: str, started: str = "terminal", **popen_kw
+) -> tuple[subprocess.Popen, str, str]:
+    """Run tests/scripts/``name`` in a session of its own.
+
+    ``started`` fixes the SIGINT/SIGQUIT dispositions the driver starts with, whatever
+    this test run inherited: "terminal" (default, as from an interactive shell) or
+    "background" (ignored, as a shell's ``cmd &`` job or a CI runner starts it).
+    """
     out = str(tmp_path / f"{name}.out")
     err = str(tmp_path / f"{name}.err")
     env = dict(os.environ)
@@ -120,9 +139,10 @@ def start_driver(name: str, tmp_path, *args: str, **popen_kw) -> tuple[subproces
     env["PYTHONUNBUFFERED"] = "1"
     popen_kw.setdefault("stdin", subprocess.DEVNULL)
     popen_kw.setdefault("start_new_session", True)
+    how = {"terminal": "default", "background": "ignored"}[started]
     with open(out, "w") as fo, open(err, "w") as fe:
         proc = subprocess.Popen(
-            [sys.executable, os.path.join(SCRIPTS, name), *args],
+            [sys.executable, "-c", _LAUNCHER, how, os.path.join(SCRIPTS, name), *args],
             stdout=fo, stderr=fe, env=env, **popen_kw,
         )
     return proc, out, err
@@ -336,12 +356,23 @@ def test_queued_task_is_not_held_behind_a_hung_one(tmp_path):
 # ----------------------------------------------------------------- 1. parent death
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGINT", "os._exit"])
-def test_parent_death_kills_every_worker_group(how, tmp_path):
+@pytest.mark.parametrize(
+    "how, started",
+    [
+        ("SIGKILL", "terminal"),
+        ("SIGTERM", "terminal"),
+        ("SIGINT", "terminal"),
+        ("SIGINT", "background"),  # SIGINT ignored at start: the driver must undo that
+        ("os._exit", "terminal"),
+    ],
+)
+def test_parent_death_kills_every_worker_group(how, started, tmp_path):
     report_dir = tmp_path / "reports"
     report_dir.mkdir()
     mode = "exit" if how == "os._exit" else "wait"
-    drv, out, err = start_driver("parent_death_driver.py", tmp_path, str(report_dir), mode)
+    drv, out, err = start_driver(
+        "parent_death_driver.py", tmp_path, str(report_dir), mode, started=started
+    )
     pgids: set[int] = set()
     tracked: list[psutil.Process] = []
     try:
@@ -395,11 +426,14 @@ def test_parent_death_kills_every_worker_group(how, tmp_path):
 
 
 
+@pytest.mark.parametrize("started", ["terminal", "background"])
 @pytest.mark.parametrize("mode", ["with-map", "bare"])
-def test_ctrl_c_ends_program_and_leaves_nothing(mode, tmp_path):
+def test_ctrl_c_ends_program_and_leaves_nothing(mode, started, tmp_path):
     report_dir = tmp_path / "reports"
     report_dir.mkdir()
-    drv, out, err = start_driver("ctrl_c_driver.py", tmp_path, str(report_dir), mode)
+    drv, out, err = start_driver(
+        "ctrl_c_driver.py", tmp_path, str(report_dir), mode, started=started
+    )
     pgids: set[int] = set()
     tracked: list[psutil.Process] = []
     try:
@@ -541,11 +575,24 @@ def test_guardian_spares_a_group_that_reuses_a_dead_workers_pgid():
         stranger.wait()
 
 
+def _pipe_fds() -> set[tuple[int, str]]:
+    """This process's pipe fds as (fd, "pipe:[inode]") (listdir's own fd is no pipe)."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("pipe:"):
+            out.add((int(fd), target))
+    return out
+
+
 def test_shut_down_executor_never_writes_to_a_recycled_fd(tmp_path):
     """The fd analogue of a recycled pgid: once closed, a number belongs to someone else."""
-    before = set(os.listdir("/proc/self/fd"))
+    before = _pipe_fds()
     ex = ProcessGroupExecutor(1)
-    ours = {int(fd) for fd in set(os.listdir("/proc/self/fd")) - before}  # its wake-up pipe
+    ours = {fd for fd, _ in _pipe_fds() - before}  # its wake-up pipe
     assert ours, "an executor opens its wake-up pipe when it is made"
     _shutdown_bounded(ex)  # closes the wake-up pipe
     files = []

@@ -12,6 +12,7 @@ import gc
 import logging
 import multiprocessing
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -25,7 +26,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import psutil
 import pytest
-from conftest import alive, wait_gone
+from conftest import alive, run_main_script, wait_gone
 
 from pgexecutor import (
     ProcessGroupExecutor,
@@ -383,41 +384,295 @@ def test_exception_that_fails_to_pickle_arrives_as_remote_error():
         assert "raise_exception_holding_lock" in exc.remote_traceback
 
 
+_MAIN_TASKS = """
+import threading, traceback
+from pgexecutor import ProcessGroupExecutor
+
+def fail_here(x):
+    raise ValueError(f"bad {x}")  # MARK-RAISE
+
+class Boom:
+    def explode(self):
+        raise KeyError("boom")  # MARK-METHOD
+
+class HoldsLockHere(Exception):
+    def __init__(self):
+        super().__init__("cannot travel")
+        self.lock = threading.Lock()
+
+def raise_unpicklable():
+    raise HoldsLockHere()  # MARK-UNPICKLABLE
+
+def hang_here():
+    threading.Event().wait()  # MARK-HANG
+
+def text(exc):
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+if __name__ == "__main__":
+    with ProcessGroupExecutor(1, task_timeout=3, kill_grace=0.2) as ex:
+        out = {
+            "function": text(ex.submit(fail_here, 3).exception()),
+            "method": text(ex.submit(Boom().explode).exception()),
+            # formatted in the worker: RemoteTaskError's text
+            "remote": ex.submit(raise_unpicklable).exception().remote_traceback,
+        }
+        hung = ex.submit(hang_here).exception()
+        out["stack"], out["where"] = hung.stack, str(hung)
+    print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def _line_with(script_text, marker):
+    lines = script_text.splitlines()
+    number = next(i for i, ln in enumerate(lines, 1) if marker in ln)
+    return number, lines[number - 1].strip()
+
+
+def test_tasks_defined_in_a_script_show_its_file_line_and_source(tmp_path):
+    # Functions and classes of __main__ travel by value; their frames must still name
+    # the script, as ProcessPoolExecutor's do (cloudpickle writes "<dynamic-code>").
+    out = run_main_script(tmp_path, "", _MAIN_TASKS, [], timeout=90)
+    script = str(tmp_path / "driver_script.py")
+    source = (tmp_path / "driver_script.py").read_text()
+    for key, fn, marker in [
+        ("function", "fail_here", "MARK-RAISE"),
+        ("method", "explode", "MARK-METHOD"),
+        ("remote", "raise_unpicklable", "MARK-UNPICKLABLE"),
+    ]:
+        line, code = _line_with(source, marker)
+        assert f'File "{script}", line {line}, in {fn}\n    {code}\n' in out[key], out[key]
+        assert "<dynamic-code>" not in out[key]
+    line, code = _line_with(source, "MARK-HANG")
+    frame = f'File "{script}", line {line} in hang_here'
+    assert frame in out["stack"], out["stack"]
+    assert f"{frame}: {code}" in out["where"], out["where"]
+
+
+def test_tasks_defined_with_python_c_show_their_line(tmp_path):
+    code = (
+        "from pgexecutor import ProcessGroupExecutor\n"
+        "import traceback\n"
+        "def fail_here():\n"
+        "    raise ValueError('from -c')\n"
+        "with ProcessGroupExecutor(1) as ex:\n"
+        "    e = ex.submit(fail_here).exception()\n"
+        "print(''.join(traceback.format_exception(type(e), e, e.__traceback__)))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=90, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert 'File "<string>", line 4, in fail_here' in proc.stdout, proc.stdout
+
+
 # ----------------------------------------------------------------- 8. pickling faults
+#
+# An argument or a result that fails to cross gives the exception pickle raised, of
+# the type ProcessPoolExecutor gives in the same case; ``pgexecutor_stage`` and a note
+# say which crossing failed; worker-side failures chain the worker's traceback as
+# ``__cause__``, as ProcessPoolExecutor does. Only that future fails.
 
 
-def test_unpicklable_argument_fails_only_its_future():
+class ErrorAtPickle:
+    """As in CPython's test_concurrent_futures/test_deadlock.py."""
+
+    def __reduce__(self):
+        raise pickle.PicklingError("Error in pickle")
+
+
+class CustomPickleError(Exception):
+    pass
+
+
+class CustomErrorAtPickle:
+    def __reduce__(self):
+        raise CustomPickleError("my reducer says no")
+
+
+class ExitAtPickle:
+    def __reduce__(self):
+        sys.exit(7)
+
+
+class InterruptAtPickle:
+    def __reduce__(self):
+        raise KeyboardInterrupt
+
+
+class RaisesAtPickle:
+    """Pickling raises ``exc`` (built in the process that pickles)."""
+
+    def __init__(self, make_exc):
+        self.make_exc = make_exc
+
+    def __reduce__(self):
+        raise self.make_exc()
+
+
+class BadStr(Exception):
+    def __str__(self):
+        raise RuntimeError("no str for you")
+
+
+class SubclassOfBase(BaseException):
+    pass
+
+
+def needs_two_args():
+    return NeedsTwoArgs("first", "second")
+
+
+def bad_str():
+    return BadStr("ignored")
+
+
+def subclass_of_base():
+    return SubclassOfBase("not an Exception")
+
+
+def huge_message():
+    return ValueError("x" * (8 << 20))
+
+
+def make(factory, *args):
+    return factory(*args)
+
+
+def lock_at(i, bad):
+    return threading.Lock() if i == bad else i
+
+
+def assert_marked(exc, stage, worker_side):
+    """``exc`` says which crossing failed and, from a worker, carries its traceback."""
+    assert exc.pgexecutor_stage == stage
+    note = {
+        "pickle-arguments": "pgexecutor: pickling the task's arguments in the caller failed",
+        "unpickle-arguments": "pgexecutor: unpickling the task's arguments in the worker failed",
+        "pickle-result": "pgexecutor: pickling the task's result in the worker failed",
+        "unpickle-result": "pgexecutor: unpickling the task's result in the parent failed",
+    }[stage]
+    assert len([n for n in exc.__notes__ if n.startswith(note)]) == 1, exc.__notes__
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if sys.version_info >= (3, 11):
+        assert note in text  # tracebacks print notes from 3.11 on
+    if worker_side:
+        # ProcessPoolExecutor's _RemoteTraceback: the worker's traceback, as text
+        assert type(exc.__cause__).__name__ == "_RemoteTraceback"
+        assert "Traceback (most recent call last)" in str(exc.__cause__)
+        assert str(exc.__cause__) in text
+    else:
+        assert exc.__cause__ is None
+    return text
+
+
+@pytest.mark.parametrize(
+    "arg, expected, message",
+    [
+        (threading.Lock(), TypeError, "cannot pickle '_thread.lock' object"),
+        (ErrorAtPickle(), pickle.PicklingError, "Error in pickle"),
+        (CustomErrorAtPickle(), CustomPickleError, "my reducer says no"),
+        (Unpicklable(), TypeError, "I refuse to be pickled"),
+        (ExitAtPickle(), SystemExit, "7"),
+    ],
+    ids=["lock", "PicklingError", "custom", "TypeError-from-reduce", "SystemExit"],
+)
+def test_unpicklable_argument_fails_only_its_future_with_picklings_own_error(
+    arg, expected, message
+):
     with ProcessGroupExecutor(1) as ex:
-        bad = ex.submit(add, threading.Lock(), 1)
-        exc = bad.exception(timeout=30)
-        assert isinstance(exc, TaskPicklingError) and exc.stage == "arguments"
-        assert "lock" in str(exc).lower()
-        bad2 = ex.submit(add, Unpicklable(), 1)
-        assert "refuse" in str(bad2.exception(timeout=30))
+        before = ex.submit(add, 1, 1)
+        bad = ex.submit(add, arg, 1)
+        assert bad.done()  # failed in submit(): nothing reached a worker
+        exc = bad.exception()
+        assert type(exc) is expected and str(exc) == message
+        with pytest.raises(expected):
+            bad.result()
+        assert_marked(exc, "pickle-arguments", worker_side=False)
+        assert before.result(timeout=30) == 2
+        assert ex.submit(add, 2, 2).result(timeout=30) == 4
+
+
+def test_keyboard_interrupt_while_pickling_an_argument_propagates_from_submit():
+    # Ctrl-C lands in whatever the main thread runs, a long pickle in submit() too: it
+    # must interrupt the program, not wait in a future nobody may look at.
+    with ProcessGroupExecutor(1) as ex:
+        with pytest.raises(KeyboardInterrupt):
+            ex.submit(add, InterruptAtPickle(), 1)
         assert ex.submit(add, 1, 1).result(timeout=30) == 2
 
 
-def test_result_that_fails_to_pickle():
+@pytest.mark.parametrize(
+    "factory, expected, message",
+    [
+        (threading.Lock, TypeError, "cannot pickle '_thread.lock' object"),
+        (ErrorAtPickle, pickle.PicklingError, "Error in pickle"),
+        (CustomErrorAtPickle, CustomPickleError, "my reducer says no"),
+        (ExitAtPickle, SystemExit, "7"),
+    ],
+    ids=["lock", "PicklingError", "custom", "SystemExit"],
+)
+def test_result_that_fails_to_pickle_gives_picklings_own_error(factory, expected, message):
     with ProcessGroupExecutor(1) as ex:
-        exc = ex.submit(return_lock).exception(timeout=30)
-        assert isinstance(exc, TaskPicklingError) and exc.stage == "result"
-        assert "pickl" in str(exc)
+        fut = ex.submit(make, factory)
+        exc = fut.exception(timeout=30)
+        assert type(exc) is expected and str(exc) == message
+        with pytest.raises(expected):
+            fut.result()
+        text = assert_marked(exc, "pickle-result", worker_side=True)
+        if factory is not threading.Lock:  # the reducer that raised is in the worker's traceback
+            assert "__reduce__" in str(exc.__cause__) and "test_faults.py" in text
         assert ex.submit(add, 1, 1).result(timeout=30) == 2
 
 
-def test_result_that_fails_to_unpickle_in_parent():
+@pytest.mark.parametrize(
+    "make_exc, check",
+    [
+        # __init__ takes two arguments, args holds one: plain pickle could not rebuild it
+        (needs_two_args, lambda e: e.args == ("first",) and e.b == "second"),
+        (bad_str, lambda e: e.args == ("ignored",)),
+        (subclass_of_base, lambda e: e.args == ("not an Exception",)),
+        (huge_message, lambda e: len(e.args[0]) == 8 << 20),
+    ],
+    ids=["odd-init", "broken-str", "BaseException-subclass", "huge-message"],
+)
+def test_odd_exception_raised_while_pickling_a_result_arrives_as_itself(make_exc, check):
     with ProcessGroupExecutor(1) as ex:
-        exc = ex.submit(return_bad_unpickle).exception(timeout=30)
-        assert isinstance(exc, TaskPicklingError) and exc.stage == "result"
-        assert "cannot rebuild me here" in str(exc)
+        exc = ex.submit(make, RaisesAtPickle, make_exc).exception(timeout=60)
+        assert type(exc) is type(make_exc()) and check(exc)
+        assert_marked(exc, "pickle-result", worker_side=True)
         assert ex.submit(add, 1, 1).result(timeout=30) == 2
 
 
-def test_argument_that_fails_to_unpickle_in_worker():
+def test_pickling_fault_whose_exception_cannot_travel_gives_task_pickling_error():
+    # The result's reducer raises an exception that holds a lock: it cannot be sent
+    # back either, so its text travels, in a TaskPicklingError (a RemoteTaskError).
+    with ProcessGroupExecutor(1) as ex:
+        exc = ex.submit(make, RaisesAtPickle, HoldsLock).exception(timeout=30)
+        assert type(exc) is TaskPicklingError and isinstance(exc, RemoteTaskError)
+        assert exc.stage == exc.pgexecutor_stage == "pickle-result"
+        assert exc.type_name.endswith("HoldsLock")
+        assert "__reduce__" in exc.remote_traceback and "holds a lock" in exc.remote_traceback
+        assert "pickling the task's result in the worker failed" in str(exc)
+        assert pickle.loads(pickle.dumps(exc)).args == exc.args
+        assert ex.submit(add, 1, 1).result(timeout=30) == 2
+
+
+def test_result_that_fails_to_unpickle_in_parent_gives_its_own_error():
+    with ProcessGroupExecutor(1) as ex:
+        fut = ex.submit(return_bad_unpickle)
+        exc = fut.exception(timeout=30)
+        assert type(exc) is RuntimeError and str(exc) == "cannot rebuild me here"
+        assert_marked(exc, "unpickle-result", worker_side=False)
+        assert ex.submit(add, 1, 1).result(timeout=30) == 2
+
+
+def test_argument_that_fails_to_unpickle_in_worker_gives_its_own_error():
     with ProcessGroupExecutor(1) as ex:
         exc = ex.submit(add, _BadReducer(), 1).exception(timeout=30)
-        assert isinstance(exc, TaskPicklingError) and exc.stage == "arguments"
-        assert "not a number" in str(exc)
+        assert type(exc) is ValueError and "not a number" in str(exc)
+        assert_marked(exc, "unpickle-arguments", worker_side=True)
+        assert "_run_one" in str(exc.__cause__)
         assert ex.submit(add, 1, 1).result(timeout=30) == 2
 
 
@@ -431,6 +686,49 @@ def test_argument_whose_unpickling_kills_the_worker():
         assert ei.value.exitcode == 9
         assert before.result(timeout=30) == 2
         assert [f.result(timeout=30) for f in after] == [4, 4, 4]
+
+
+def test_chunked_map_fails_only_the_items_whose_result_does_not_pickle():
+    with ProcessGroupExecutor(1) as ex:
+        out = list(ex.map(lock_at, range(5), [2] * 5, chunksize=5, return_exceptions=True))
+        assert out[:2] == [0, 1] and out[3:] == [3, 4]
+        assert type(out[2]) is TypeError
+        assert_marked(out[2], "pickle-result", worker_side=True)
+        it = ex.map(lock_at, range(5), [3] * 5, chunksize=5)
+        assert [next(it), next(it), next(it)] == [0, 1, 2]
+        with pytest.raises(TypeError, match="cannot pickle"):
+            next(it)
+
+
+def _outcome(fut):
+    try:
+        fut.result(timeout=60)
+    except BaseException as exc:  # SystemExit included
+        return type(exc)
+    return None
+
+
+def test_pickling_faults_raise_what_process_pool_executor_raises():
+    # Side by side, the cases where ProcessPoolExecutor keeps working: each future
+    # fails with the same exception type in both.
+    from concurrent.futures import ProcessPoolExecutor
+
+    cases = [
+        (add, (threading.Lock(), 1)),
+        (add, (ErrorAtPickle(), 1)),
+        (add, (CustomErrorAtPickle(), 1)),
+        (make, (threading.Lock,)),
+        (make, (ErrorAtPickle,)),
+        (make, (CustomErrorAtPickle,)),
+        (make, (ExitAtPickle,)),
+    ]
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=ctx) as ppe:
+        theirs = [_outcome(ppe.submit(fn, *args)) for fn, args in cases]
+    with ProcessGroupExecutor(1) as ex:
+        ours = [_outcome(ex.submit(fn, *args)) for fn, args in cases]
+    assert ours == theirs
+    assert theirs == [TypeError, pickle.PicklingError, CustomPickleError] * 2 + [SystemExit]
 
 
 # ----------------------------------------------------------------- 9. return_exceptions

@@ -19,7 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, CancelledError, wait
 import pytest
 from conftest import alive, format_survivors, survivors_of
 
-from pgexecutor import ProcessGroupExecutor, TaskTimeoutError
+from pgexecutor import ProcessGroupExecutor, TaskTimeoutError, WorkerInitializerError
 
 #: What every script starts with: the helpers it needs and a SIGINT handler (a
 #: background job inherits SIGINT ignored; these programs must act as if run by hand).
@@ -495,6 +495,64 @@ def test_a_forked_child_gets_a_clear_error_and_the_parent_is_untouched(tmp_path,
     assert data["child"]["map"] == "refused"
     assert data["child"]["own"] == 9
     assert data["after"] == [1, 2, 4, 8, 16]
+
+
+def test_a_forked_child_never_writes_into_the_parents_pipes(tmp_path):
+    """The child's copies of an executor's wake-up pipe are closed at the fork; the
+    numbers then belong to the child's own files. The executor's finalizer, run in the
+    child when it drops the executor (or at its exit), must not write there."""
+    data = run_program(tmp_path, """
+        import gc
+        def pipes():  # (fd, "pipe:[inode]"): listdir's own fd is no pipe
+            out = set()
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    target = os.readlink(f"/proc/self/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("pipe:"):
+                    out.add((int(fd), target))
+            return out
+        before = pipes()
+        ex = ProcessGroupExecutor(max_workers=1)  # never used: no manager thread
+        ours = {fd for fd, _ in pipes() - before}
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            files = []
+            while not ours <= {f.fileno() for f in files} and len(files) < 100:
+                files.append(open(f"f{len(files)}", "w+b"))
+            del ex
+            gc.collect()  # the finalizer posts a shutdown
+            written = []
+            for f in files:
+                f.seek(0)
+                written.append(len(f.read()))
+            os.write(w, json.dumps({"reused": ours <= {f.fileno() for f in files},
+                                    "written": sum(written)}).encode())
+            os._exit(0)
+        os.close(w)
+        child = json.loads(os.read(r, 65536).decode())
+        os.waitpid(pid, 0)
+        ex.shutdown()
+        report(child=child, ours=len(ours))
+    """)
+    assert data["ours"] >= 1 and data["child"]["reused"]
+    assert data["child"]["written"] == 0
+
+
+def test_futures_failed_together_get_exceptions_of_their_own():
+    """An initializer that fails fails every queued task, each with its own error
+    object (one shared instance would share, and grow, one traceback)."""
+    with ProcessGroupExecutor(max_workers=1, initializer=_failing_initializer) as ex:
+        futures = [ex.submit(abs, -i) for i in range(5)]
+        errors = [f.exception(timeout=60) for f in futures]
+    assert all(isinstance(e, WorkerInitializerError) for e in errors)
+    assert len({id(e) for e in errors}) == 5
+
+
+def _failing_initializer():
+    raise ValueError("no")
 
 
 # ------------------------------------------------------------------ interpreter exit

@@ -119,45 +119,28 @@ NOT_APPLICABLE: dict[tuple[str, str], str] = {
     ("ExecutorDeadlockTest", "test_shutdown_deadlock_pickle"): _PRIVATE.format(
         "_executor_manager_thread"
     ),
+    ("ExecutorDeadlockTest", "test_error_at_task_unpickle"): _BREAKS.format(
+        "BrokenProcessPool when a worker cannot unpickle its call; here that future fails "
+        "with the UnpicklingError itself, its stage noted"
+    ),
+    ("ExecutorDeadlockTest", "test_exit_at_task_unpickle"): _BREAKS.format(
+        "BrokenProcessPool when unpickling the call raises SystemExit in the worker; here "
+        "that future fails with the SystemExit"
+    ),
+    ("ExecutorDeadlockTest", "test_error_during_result_unpickle_in_result_handler"): (
+        _BREAKS.format("BrokenProcessPool when the parent cannot unpickle a result; here "
+                       "that future fails with the UnpicklingError")
+    ),
+    ("ExecutorDeadlockTest", "test_exit_during_result_unpickle_in_result_handler"): (
+        _BREAKS.format("BrokenProcessPool when unpickling a result raises SystemExit in "
+                       "the parent; here that future fails with the SystemExit")
+    ),
 }
 
-_PICKLING = (
-    "pickling errors (errors.py/_protocol.py/_worker.py): the future fails with "
-    "TaskPicklingError, CPython expects {} here"
-)
 #: (CPython test class, test name) -> the bug (and where it is) that makes it fail
 #: today. Marked expectedFailure, so the day it passes it fails as an "unexpected
 #: success" and its entry must go. Each one is a bug to fix, not a difference to keep.
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("ProcessPoolExecutorTest", "test_traceback"): (
-        "_protocol.load_exception: the task's exception arrives with a tblib traceback "
-        "but no __cause__; CPython chains a concurrent.futures.process._RemoteTraceback "
-        "whose .tb holds the worker's formatted traceback"
-    ),
-    ("ExecutorDeadlockTest", "test_error_at_task_pickle"): _PICKLING.format(
-        "the pickle.PicklingError itself (raised while pickling the arguments)"
-    ),
-    ("ExecutorDeadlockTest", "test_error_at_task_unpickle"): _PICKLING.format(
-        "BrokenProcessPool (UnpicklingError while the worker unpickles the arguments)"
-    ),
-    ("ExecutorDeadlockTest", "test_exit_at_task_unpickle"): _PICKLING.format(
-        "BrokenProcessPool (SystemExit while the worker unpickles the arguments)"
-    ),
-    ("ExecutorDeadlockTest", "test_error_during_result_pickle_on_worker"): _PICKLING.format(
-        "the pickle.PicklingError itself (raised while the worker pickles the result)"
-    ),
-    ("ExecutorDeadlockTest", "test_exit_during_result_pickle_on_worker"): _PICKLING.format(
-        "SystemExit itself (raised while the worker pickles the result)"
-    ),
-    ("ExecutorDeadlockTest", "test_error_during_result_unpickle_in_result_handler"): (
-        _PICKLING.format("BrokenProcessPool (UnpicklingError while the parent unpickles "
-                         "the result)")
-    ),
-    ("ExecutorDeadlockTest", "test_exit_during_result_unpickle_in_result_handler"): (
-        _PICKLING.format("BrokenProcessPool (SystemExit while the parent unpickles the "
-                         "result)")
-    ),
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 #: Known failures that hang instead of failing: skipped, so the run ends. Same rule.
 KNOWN_HANGS: dict[tuple[str, str], str] = {}

@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import psutil
+
+
+def restore_sigint() -> None:
+    """Make Ctrl-C raise KeyboardInterrupt here, however the test run was started.
+
+    A job a shell starts in the background (``cmd &``, a CI runner's non-interactive
+    shell) inherits SIGINT and SIGQUIT ignored, and a disposition ignored at exec stays
+    ignored: Python then installs no KeyboardInterrupt handler, so the Ctrl-C our test
+    sends (and the SIGINT that is meant to kill us) would simply be dropped. Every
+    driver calls this first, so that it behaves as a program started from a terminal.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def live_members(pgid: int) -> list[int]:

@@ -11,7 +11,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import report  # noqa: E402
+from _common import report, restore_sigint  # noqa: E402
 
 from pgexecutor import ProcessGroupExecutor  # noqa: E402
 
@@ -36,4 +36,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    restore_sigint()
     main()

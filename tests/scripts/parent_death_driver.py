@@ -19,7 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import psutil  # noqa: E402
-from _common import report, wait_reports  # noqa: E402
+from _common import report, restore_sigint, wait_reports  # noqa: E402
 
 from pgexecutor import ProcessGroupExecutor  # noqa: E402
 
@@ -78,4 +78,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    restore_sigint()
     main()

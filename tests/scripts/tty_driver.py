@@ -18,7 +18,7 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import report, wait_reports  # noqa: E402
+from _common import report, restore_sigint, wait_reports  # noqa: E402
 
 from pgexecutor import ProcessGroupExecutor, TaskTimeoutError  # noqa: E402
 
@@ -58,4 +58,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    restore_sigint()
     main()
