@@ -8,7 +8,9 @@ import logging as _logging
 
 from ._manager import TaskInfo
 from .errors import (
+    JournalError,
     MemoryLimitError,
+    QuarantinedError,
     RemoteTaskError,
     TaskPicklingError,
     TaskTimeoutError,
@@ -29,8 +31,21 @@ __all__ = [
     "TaskInfo",
     "task_info",
     "spawned_groups",
+    "Journal",
+    "JournalError",
+    "QuarantinedError",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # Journal on first use: a worker imports this package, and need not import sqlite3.
+    if name == "Journal":
+        from .journal import Journal
+
+        return Journal
+    raise AttributeError(f"module 'pgexecutor' has no attribute {name!r}")
+
 
 # A library logs, the application decides where it goes: without this, Python's
 # last-resort handler would print every timeout warning to stderr.

@@ -282,3 +282,49 @@ class TaskPicklingError(RemoteTaskError):
             f"(pgexecutor: {what}, and that exception could not be transferred from the "
             f"worker either; remote traceback:)\n{self.remote_traceback}"
         )
+
+
+# ---------------------------------------------------------------- journals (issue 14)
+# Kept at the end of the module (with their own __all__ entries) to ease merging.
+
+__all__ += ["JournalError", "QuarantinedError"]
+
+
+class JournalError(RuntimeError):
+    """A ``map(..., journal=...)`` could not use its journal.
+
+    Raised by the ``map()`` call itself, before any task runs: the path cannot be
+    created or written, the file is not a pgexecutor journal (it is left untouched),
+    another running map holds the journal, or an input's key cannot be made. Raised by
+    the map's iterator if writing to the journal fails later (disk full, say).
+    """
+
+
+class QuarantinedError(Exception):
+    """The input killed its worker (timeout, crash, memory) ``quarantine_after`` times
+    across runs of a journaled ``map``, so it was not run again.
+
+    ``key`` is the input's key in the journal, ``failures`` the earlier failures, oldest
+    first, each a dict with ``outcome`` (``"timeout"``, ``"crashed"``, ``"memory"``),
+    ``error`` (its summary), ``kills`` (workers it killed in that run: more than one
+    with ``retries``) and ``at`` (a Unix time). To try it again, delete its row
+    (``DELETE FROM inputs WHERE key = ...``), use a new journal, or raise
+    ``quarantine_after``.
+    """
+
+    def __init__(self, key: str, failures: list[dict[str, object]] | None = None) -> None:
+        self.key = key
+        self.failures = list(failures or [])
+        super().__init__(key, self.failures)
+
+    def __reduce__(self):  # type: ignore[override]
+        return (type(self), (self.key, self.failures))
+
+    def __str__(self) -> str:
+        n = sum(int(f.get("kills", 1)) for f in self.failures)  # type: ignore[call-overload]
+        msg = f"input {self.key!r} is quarantined: it killed its worker {n} time{'s' * (n != 1)}"
+        if self.failures:
+            msg += " (" + "; ".join(
+                f"{f.get('outcome')}: {f.get('error')}" for f in self.failures
+            ) + ")"
+        return msg + "; it was not run again"

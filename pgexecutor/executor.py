@@ -232,6 +232,7 @@ class ProcessGroupExecutor(Executor):
         buffersize: int | None = None,
         return_exceptions: bool = False,
         progress: Any = False,
+        journal: Any = None,
     ) -> Iterator[Any]:
         """Like ``Executor.map``; ``return_exceptions=True`` yields errors in place.
 
@@ -250,9 +251,14 @@ class ProcessGroupExecutor(Executor):
         iteration ends. Pass your own ``tqdm(...)`` (or any object with ``update(n)``
         and ``set_postfix(mapping, refresh=...)``) to choose where and how it draws;
         that bar is yours to close.
+
+        ``journal="sweep.db"`` (or a :class:`pgexecutor.Journal`) records each input's
+        outcome in an SQLite file; the same map run again yields the recorded results
+        and runs only the rest (see ``pgexecutor/journal.py``).
         """
         return self._map(
-            fn, iterables, timeout, chunksize, return_exceptions, self._settings, progress, buffersize
+            fn, iterables, timeout, chunksize, return_exceptions, self._settings, progress, buffersize,
+            journal,
         )
 
     def _map(
@@ -265,10 +271,16 @@ class ProcessGroupExecutor(Executor):
         settings: TaskSettings,
         progress: Any = False,
         buffersize: int | None = None,
+        journal: Any = None,
     ) -> Iterator[Any]:
         def submit(f: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
             return self._submit(f, args, {}, settings)
 
+        if journal is not None:
+            return _journal_map(
+                submit, fn, iterables, timeout, chunksize, return_exceptions, progress, buffersize,
+                journal,
+            )
         return _map_via(
             submit, fn, iterables, timeout, chunksize, return_exceptions, progress, buffersize
         )
@@ -430,12 +442,13 @@ class ExecutorOptions:
         buffersize: int | None = None,
         return_exceptions: bool = False,
         progress: Any = False,
+        journal: Any = None,
     ) -> Iterator[Any]:
-        """``ProcessGroupExecutor.map`` with this view's settings (``buffersize`` and
-        ``progress`` too)."""
+        """``ProcessGroupExecutor.map`` with this view's settings (``buffersize``,
+        ``progress`` and ``journal`` too)."""
         return self._executor._map(
             fn, iterables, timeout, chunksize, return_exceptions, self.task_settings, progress,
-            buffersize,
+            buffersize, journal,
         )
 
     def options(
@@ -449,6 +462,13 @@ class ExecutorOptions:
         return ExecutorOptions(
             self._executor, self.task_settings.updated(task_timeout, max_memory, retries)
         )
+
+
+def _journal_map(*args: Any) -> Iterator[Any]:
+    """``map(..., journal=...)``: imported on use, so workers never import sqlite3."""
+    from .journal import journal_map
+
+    return journal_map(*args)
 
 
 def _unpicklable_arguments(exc: BaseException) -> Future[Any]:

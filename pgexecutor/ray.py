@@ -76,6 +76,7 @@ from .executor import (
     ExecutorOptions,
     ProcessGroupExecutor,
     _check_grace,
+    _journal_map,
     _map_via,
     _unpicklable_arguments,
 )
@@ -310,11 +311,14 @@ class RayExecutor(Executor):
         buffersize: int | None = None,
         return_exceptions: bool = False,
         progress: Any = False,
+        journal: Any = None,
     ) -> Iterator[Any]:
         """Like ``ProcessGroupExecutor.map`` (``chunksize``, ``buffersize``,
-        ``return_exceptions``, ``progress``)."""
+        ``return_exceptions``, ``progress``, ``journal``: the journal lives where this
+        driver runs)."""
         return self._map(
-            fn, iterables, timeout, chunksize, return_exceptions, self._settings, progress, buffersize
+            fn, iterables, timeout, chunksize, return_exceptions, self._settings, progress, buffersize,
+            journal,
         )
 
     def _map(
@@ -327,10 +331,16 @@ class RayExecutor(Executor):
         settings: TaskSettings,
         progress: Any = False,
         buffersize: int | None = None,
+        journal: Any = None,
     ) -> Iterator[Any]:
         def submit(f: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
             return self._submit(f, args, {}, settings)
 
+        if journal is not None:
+            return _journal_map(
+                submit, fn, iterables, timeout, chunksize, return_exceptions, progress, buffersize,
+                journal,
+            )
         return _map_via(
             submit, fn, iterables, timeout, chunksize, return_exceptions, progress, buffersize
         )

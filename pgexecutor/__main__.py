@@ -1,0 +1,56 @@
+"""``python -m pgexecutor journal PATH [--json] [--top N] [--unlock]``.
+
+Prints what a journaled ``map`` recorded: counts per outcome, the slowest inputs, and
+each failed or quarantined input with its key, input and error. Exit status 0; 2 for a
+missing file or one that is not a journal (1 for ``--unlock`` refused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pgexecutor")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("journal", help="summarize a map's journal (an SQLite file)")
+    p.add_argument("path", help="the journal file")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--top", type=int, default=10, help="how many slowest inputs (default 10)")
+    p.add_argument(
+        "--unlock",
+        action="store_true",
+        help="drop the lock of a map that died on another host (a dead map's lock on "
+        "this host is taken over anyway)",
+    )
+    args = parser.parse_args(argv)
+
+    from .errors import JournalError
+    from .journal import format_summary, summarize, unlock
+
+    try:
+        if args.unlock:
+            owner = unlock(args.path)
+            print("not locked" if owner is None else f"unlocked (was held by {owner})")
+            return 0
+        summary = summarize(args.path, top=args.top)
+    except JournalError as exc:
+        print(f"python -m pgexecutor journal: error: {exc}", file=sys.stderr)
+        return 1 if args.unlock and "in use" in str(exc) else 2
+    try:
+        if args.json:
+            json.dump(summary, sys.stdout, indent=2, default=str)
+            print()
+        else:
+            print(format_summary(summary))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `... | head`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
