@@ -6,6 +6,7 @@ everything it spawned; only its own future fails, and the pool keeps going.
 
 import logging as _logging
 
+from ._frontend import ExecutorOptions
 from ._manager import TaskInfo
 from .errors import (
     JournalError,
@@ -17,7 +18,7 @@ from .errors import (
     WorkerCrashedError,
     WorkerInitializerError,
 )
-from .executor import ExecutorOptions, ProcessGroupExecutor, spawned_groups, task_info
+from .executor import ProcessGroupExecutor, spawned_groups, task_info
 
 __all__ = [
     "ProcessGroupExecutor",

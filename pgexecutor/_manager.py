@@ -561,7 +561,9 @@ class Manager:
         elif kind == proto.UNPICKLED:
             head = w.head()
             if head is not None and head.task_id == ident:
-                head.started = time.monotonic()  # its imports were not its run time
+                # Its imports were not its run time: its clock starts that much later.
+                (took,) = proto.SECONDS.unpack(payload)
+                head.started += max(0.0, min(took, time.monotonic() - head.started))
         elif kind == proto.READY:
             if w.state is State.STARTING:
                 w.state = State.READY

@@ -61,8 +61,9 @@ RESULT = 12  #: payload: pickled result
 ERROR = 13  #: payload: an encoded exception (see dump_exception)
 RESULT_OOB = 14  #: RESULT whose pickle has out-of-band buffers (see OOBPayload)
 RESULT_SHM = 15  #: RESULT_OOB whose buffers are in a memfd sent on the fd channel
-#: ident: task id; its call took long to unpickle (imports): its clock starts now
+#: ident: task id; payload: SECONDS its call took to unpickle (imports, not its run)
 UNPICKLED = 16
+SECONDS = struct.Struct("<d")
 #: Unpickling a call slower than this (seconds: a first import of the task's module on
 #: a fresh worker) is not the task's own time: the worker says UNPICKLED (see _worker).
 SLOW_UNPICKLE = 0.01
@@ -499,7 +500,7 @@ def loads(data: bytes | bytearray) -> Any:
     return _plain_loads(data)
 
 
-def _safe_str(exc: BaseException) -> str:
+def safe_str(exc: BaseException) -> str:
     try:
         return str(exc)
     except Exception:  # a broken __str__ must not hide the real error
@@ -519,7 +520,7 @@ def format_exception_text(exc: BaseException) -> str:
 
         return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     except Exception:
-        return f"{_qualified_name(type(exc))}: {_safe_str(exc)}\n"
+        return f"{_qualified_name(type(exc))}: {safe_str(exc)}\n"
 
 
 def dump_exception(exc: BaseException, stage: str | None = None) -> bytes:
@@ -547,7 +548,7 @@ def dump_exception(exc: BaseException, stage: str | None = None) -> bytes:
     except Exception:
         blob = None
     return _plain_dumps(
-        (_qualified_name(type(exc)), _safe_str(exc), text, blob, stage), PICKLE_PROTOCOL
+        (_qualified_name(type(exc)), safe_str(exc), text, blob, stage), PICKLE_PROTOCOL
     )
 
 
@@ -567,7 +568,7 @@ def load_exception(payload: bytes | bytearray) -> BaseException:
             exc = _plain_loads(blob)
         except BaseException as err:
             _reraise_interrupt(err)
-            problem = f"{_qualified_name(type(err))}: {_safe_str(err)}"
+            problem = f"{_qualified_name(type(err))}: {safe_str(err)}"
         else:
             if isinstance(exc, BaseException):
                 if stage is not None:

@@ -342,11 +342,13 @@ def _run_one(chan: _Channel, task_id: int, payload: bytes | bytearray, oob: bool
     except BaseException as exc:
         chan.send(proto.ERROR, task_id, proto.dump_exception(exc, proto.UNPICKLE_ARGUMENTS))
         return
-    if _monotonic() - begun > proto.SLOW_UNPICKLE:
+    took = _monotonic() - begun
+    if took > proto.SLOW_UNPICKLE:
         # Importing the task's module (the first task of its kind on a fresh worker:
-        # a test module, torch, gmsh) is not the task's own time: the manager starts
-        # its clock again. A hung import still times out: the clock ran meanwhile.
-        chan.send(proto.UNPICKLED, task_id)
+        # a test module, torch, gmsh) is not the task's own time: the manager moves
+        # its clock's start by this much. A hung import still times out: the clock
+        # ran meanwhile.
+        chan.send(proto.UNPICKLED, task_id, proto.SECONDS.pack(took))
     chunked = fn is run_chunk
     try:
         result = fn(*args, **kwargs)

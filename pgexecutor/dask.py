@@ -52,13 +52,8 @@ from typing import Any
 import dask.utils
 from distributed import Reschedule, WorkerPlugin
 
-from .executor import (
-    ProcessGroupExecutor,
-    _check_grace,
-    _check_memory,
-    _check_retries,
-    _check_timeout,
-)
+from ._settings import check_grace, check_memory, check_retries, check_timeout
+from .executor import ProcessGroupExecutor
 
 try:
     from dask._task_spec import GraphNode, Task
@@ -78,13 +73,13 @@ logger = logging.getLogger("pgexecutor")
 def _timeout(value: Any, name: str = "task_timeout") -> float | None:
     if isinstance(value, str):
         value = dask.utils.parse_timedelta(value)
-    return _check_timeout(value, name)
+    return check_timeout(value, name)
 
 
 def _memory(value: Any) -> int | None:
     if isinstance(value, str):
         value = dask.utils.parse_bytes(value)
-    return _check_memory(value)
+    return check_memory(value)
 
 
 class ProcessGroupPlugin(WorkerPlugin):
@@ -123,8 +118,8 @@ class ProcessGroupPlugin(WorkerPlugin):
     ) -> None:
         self.task_timeout = _timeout(task_timeout)
         self.max_memory = _memory(max_memory)
-        self.kill_grace = _check_grace(kill_grace)
-        self.retries = _check_retries(retries)
+        self.kill_grace = check_grace(kill_grace)
+        self.retries = check_retries(retries)
         self.max_tasks_per_child = max_tasks_per_child
         self.threads_executor = threads_executor
         self._executor: DaskProcessGroupExecutor | None = None

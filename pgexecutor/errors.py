@@ -284,7 +284,7 @@ class TaskPicklingError(RemoteTaskError):
         )
 
 
-# ---------------------------------------------------------------- journals (issue 14)
+# ---------------------------------------------------------------- journals
 # Kept at the end of the module (with their own __all__ entries) to ease merging.
 
 __all__ += ["JournalError", "QuarantinedError"]

@@ -67,6 +67,7 @@ import psutil
 
 from . import _progress
 from . import _protocol as proto
+from ._frontend import check_buffersize
 from ._journal_chunk import run_chunk_timed
 from .errors import (
     JournalError,
@@ -77,7 +78,7 @@ from .errors import (
     WorkerCrashedError,
     WorkerInitializerError,
 )
-from .executor import _check_buffersize, task_info
+from .executor import task_info
 
 __all__ = ["Journal", "summarize", "format_summary"]
 
@@ -756,7 +757,7 @@ def _outcome(exc: BaseException) -> str | None:
 
 
 def _summary(exc: BaseException) -> str:
-    text = proto._safe_str(exc).strip().split("\n\n")[0].replace("\n", " ")
+    text = proto.safe_str(exc).strip().split("\n\n")[0].replace("\n", " ")
     summary = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return summary if len(summary) <= _ERROR_CHARS else summary[: _ERROR_CHARS - 3] + "..."
 
@@ -819,7 +820,7 @@ def journal_map(
     """
     if chunksize < 1:
         raise ValueError("chunksize must be >= 1.")
-    _check_buffersize(buffersize)
+    check_buffersize(buffersize)
     journal = _as_journal(journal)
     make_bar = _progress.resolve(progress)
     if timeout is not None and math.isinf(timeout) and timeout > 0:

@@ -60,26 +60,19 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import ray
 
 from . import _protocol as proto
+from ._frontend import PoolFrontEnd, unpicklable_arguments
 from ._future import TaskFuture, end_cancelled
 from ._ray_host import host_call
-from ._settings import TaskSettings
+from ._settings import TaskSettings, check_grace
 from .errors import TaskTimeoutError, WorkerCrashedError
-from .executor import (
-    _UNSET,
-    ExecutorOptions,
-    ProcessGroupExecutor,
-    _check_grace,
-    _journal_map,
-    _map_via,
-    _unpicklable_arguments,
-)
+from .executor import ProcessGroupExecutor
 
 __all__ = ["RayExecutor"]
 
@@ -175,7 +168,7 @@ class _Item:
         self.reason: str | None = None  # why *we* force-cancelled it: "timeout" or "terminate"
 
 
-class RayExecutor(Executor):
+class RayExecutor(PoolFrontEnd):
     """A ``concurrent.futures.Executor`` that runs tasks on Ray, each in a process group.
 
     Same errors and ``options()`` as :class:`~pgexecutor.ProcessGroupExecutor`:
@@ -219,7 +212,7 @@ class RayExecutor(Executor):
         require_process_groups: bool = False,
         backstop_margin: float = 30.0,
     ) -> None:
-        kill_grace = _check_grace(kill_grace)
+        kill_grace = check_grace(kill_grace)
         self._settings = TaskSettings.checked(task_timeout, max_memory, retries)
         self._kill_grace = kill_grace
         self._backstop_margin = float(backstop_margin)
@@ -277,9 +270,6 @@ class RayExecutor(Executor):
 
     # ------------------------------------------------------------ Executor API
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._submit(fn, args, kwargs, self._settings)
-
     def _submit(
         self,
         fn: Callable[..., Any],
@@ -293,7 +283,7 @@ class RayExecutor(Executor):
             try:
                 payload = proto.dumps((fn, args, kwargs))
             except BaseException as exc:
-                return _unpicklable_arguments(exc)
+                return unpicklable_arguments(exc)
             # A cancel() wakes the manager, which tells the waiters (see _launch).
             fut: Future[Any] = TaskFuture(self._note_cancel, self._thread)
             _post(
@@ -301,59 +291,6 @@ class RayExecutor(Executor):
                 _Item(fut, payload, settings.timeout, settings.max_memory, settings.retries),
             )
             return fut
-
-    def map(  # type: ignore[override]
-        self,
-        fn: Callable[..., Any],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int = 1,
-        buffersize: int | None = None,
-        return_exceptions: bool = False,
-        progress: Any = False,
-        journal: Any = None,
-    ) -> Iterator[Any]:
-        """Like ``ProcessGroupExecutor.map`` (``chunksize``, ``buffersize``,
-        ``return_exceptions``, ``progress``, ``journal``: the journal lives where this
-        driver runs)."""
-        return self._map(
-            fn, iterables, timeout, chunksize, return_exceptions, self._settings, progress, buffersize,
-            journal,
-        )
-
-    def _map(
-        self,
-        fn: Callable[..., Any],
-        iterables: tuple[Iterable[Any], ...],
-        timeout: float | None,
-        chunksize: int,
-        return_exceptions: bool,
-        settings: TaskSettings,
-        progress: Any = False,
-        buffersize: int | None = None,
-        journal: Any = None,
-    ) -> Iterator[Any]:
-        def submit(f: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
-            return self._submit(f, args, {}, settings)
-
-        if journal is not None:
-            return _journal_map(
-                submit, fn, iterables, timeout, chunksize, return_exceptions, progress, buffersize,
-                journal,
-            )
-        return _map_via(
-            submit, fn, iterables, timeout, chunksize, return_exceptions, progress, buffersize
-        )
-
-    def options(
-        self,
-        *,
-        task_timeout: float | None = _UNSET,
-        retries: int = _UNSET,
-        max_memory: int | None = _UNSET,
-    ) -> ExecutorOptions:
-        """A view whose ``submit``/``map`` use these settings (see ProcessGroupExecutor)."""
-        return ExecutorOptions(self, self._settings.updated(task_timeout, max_memory, retries))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
@@ -557,12 +494,6 @@ class RayExecutor(Executor):
                 self._on_ray_failure(item, RuntimeError("the force-cancel was never confirmed"))
 
     # ------------------------------------------------------------ context manager
-
-    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
-        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
-            self.terminate_workers()
-            return
-        self.shutdown(wait=True)
 
 
 def _post(inbox: deque[Any], wake: threading.Event, msg: Any) -> None:

@@ -1,4 +1,4 @@
-"""Issue 4: per-task control. Memory limit over the whole group, retries, options(),
+"""Per-task control. Memory limit over the whole group, retries, options(),
 task_info(), stats() and map progress bars.
 
 Every test starts real processes and allocates real memory (every page written, so it
@@ -227,7 +227,7 @@ def wait_until(cond, timeout=T):
     return cond()
 
 
-# ----------------------------------------------------------------- 1. max_memory
+# ----------------------------------------------------------------- max_memory
 
 
 @pytest.mark.parametrize("how", [children_grow, forked_children_grow], ids=["spawned", "forked"])
@@ -326,7 +326,7 @@ def test_memory_limit_per_task_leaves_others_alone():
         assert task_info(big_ok).peak_memory is None
 
 
-# ----------------------------------------------------------------- 2. retries
+# ----------------------------------------------------------------- retries
 
 
 @pytest.mark.parametrize(
@@ -426,7 +426,7 @@ def test_retry_still_runs_while_executor_shuts_down(tmp_path):
     assert task_info(fut).attempts == 2
 
 
-# ----------------------------------------------------------------- 3. options()
+# ----------------------------------------------------------------- options()
 
 
 def test_options_apply_per_task_and_leave_defaults_untouched():
@@ -479,7 +479,7 @@ def test_options_map_applies_settings(tmp_path):
         assert out[:2] == [1, 2] and isinstance(out[2], TaskTimeoutError)
 
 
-# ----------------------------------------------------------------- 4. task_info, stats
+# ----------------------------------------------------------------- task_info, stats
 
 
 def test_task_info_for_each_outcome():
@@ -589,7 +589,7 @@ def test_stats_counters_exact(tmp_path):
     assert ex.stats() == zero
 
 
-# ----------------------------------------------------------------- 5. progress
+# ----------------------------------------------------------------- progress
 
 
 def _postfix_counts(bar):

@@ -1,4 +1,4 @@
-"""Issue 7, Dask: ProcessGroupPlugin on a LocalCluster(processes=True).
+"""Dask: ProcessGroupPlugin on a LocalCluster(processes=True).
 
 Every guarantee is checked against the processes the task itself started: tasks from
 tests/_cluster_tasks.py write the pids (and create times) of their whole tree, and the

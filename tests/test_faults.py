@@ -1,4 +1,4 @@
-"""Issue 2, items 4-11: timeouts, crashes, forks, exceptions, pickling faults,
+"""Faults: timeouts, crashes, forks, exceptions, pickling faults,
 return_exceptions, terminate/kill, and what shutdown leaves behind.
 
 Every test here starts real processes; the autouse fixture in conftest.py proves after
@@ -183,7 +183,7 @@ def check_pgid():
 
 
 
-# ----------------------------------------------------------------- 4. timeouts
+# ----------------------------------------------------------------- timeouts
 
 
 @pytest.mark.parametrize(
@@ -300,7 +300,7 @@ def test_timeout_kills_children_in_group(tmp_path):
         assert wait_gone(child)
 
 
-# ----------------------------------------------------------------- 5. crashes
+# ----------------------------------------------------------------- crashes
 
 
 @pytest.mark.parametrize(
@@ -364,7 +364,7 @@ def test_idle_worker_killed_from_outside_is_replaced():
         assert pids  # sanity
 
 
-# ----------------------------------------------------------------- 6. forks
+# ----------------------------------------------------------------- forks
 
 
 @pytest.mark.parametrize("action", ["crash", "hang"])
@@ -384,7 +384,7 @@ def test_death_noticed_with_fork_pool_alive():
         assert ei.value.exitcode == 5
 
 
-# ----------------------------------------------------------------- 7. exceptions
+# ----------------------------------------------------------------- exceptions
 
 
 def test_exception_type_args_and_traceback_through_worker_frames():
@@ -520,7 +520,7 @@ def test_tasks_defined_with_python_c_show_their_line(tmp_path):
     assert 'File "<string>", line 4, in fail_here' in proc.stdout, proc.stdout
 
 
-# ----------------------------------------------------------------- 8. pickling faults
+# ----------------------------------------------------------------- pickling faults
 #
 # An argument or a result that fails to cross gives the exception pickle raised, of
 # the type ProcessPoolExecutor gives in the same case; ``pgexecutor_stage`` and a note
@@ -785,7 +785,7 @@ def test_pickling_faults_raise_what_process_pool_executor_raises():
     assert theirs == [TypeError, pickle.PicklingError, CustomPickleError] * 2 + [SystemExit]
 
 
-# ----------------------------------------------------------------- 9. return_exceptions
+# ----------------------------------------------------------------- return_exceptions
 
 
 @pytest.mark.parametrize("chunksize", [1, 2])
@@ -811,7 +811,7 @@ def test_map_without_return_exceptions_raises_crash_at_position():
             next(it)
 
 
-# ----------------------------------------------------------------- 10. terminate / kill
+# ----------------------------------------------------------------- terminate / kill
 
 
 @pytest.mark.parametrize("method", ["terminate_workers", "kill_workers"])
@@ -845,7 +845,7 @@ def test_terminate_and_kill_workers(method, tmp_path):
         ex.submit(add, 1, 1)
 
 
-# ----------------------------------------------------------------- 11. after shutdown
+# ----------------------------------------------------------------- after shutdown
 
 
 def test_shutdown_kills_background_children_of_finished_tasks(tmp_path):

@@ -1,4 +1,4 @@
-"""Issue 14: ``map(..., journal=...)``, sweeps that survive a killed parent and reruns.
+"""Journals: ``map(..., journal=...)``, sweeps that survive a killed parent and reruns.
 
 Tasks append their input to a side file (named by an environment variable the
 workers inherit) as they start, so a test can prove which inputs ran, and how often.
@@ -108,7 +108,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-# ---------------------------------------------------------------- 1. the file
+# ---------------------------------------------------------------- the file
 
 
 def test_journal_is_wal_sqlite_with_each_outcome_and_default_key(ex, side, tmp_path):
@@ -155,7 +155,7 @@ def test_each_outcome_is_committed_while_the_map_still_runs(ex, side, tmp_path):
     assert owner(path) is None
 
 
-# ---------------------------------------------------------------- 2. resuming
+# ---------------------------------------------------------------- resuming
 
 
 def test_rerun_yields_stored_results_in_order_without_running_them(ex, side, tmp_path):
@@ -275,7 +275,7 @@ def _driver_key(x) -> str:
     return digest.hexdigest()[:32]
 
 
-# ---------------------------------------------------------------- 3. final vs rerun, quarantine
+# ---------------------------------------------------------------- final vs rerun, quarantine
 
 
 def test_errors_are_final_kills_rerun_until_quarantined(ex, side, tmp_path):
@@ -332,7 +332,7 @@ def test_workers_stopped_by_the_user_are_not_blamed_on_the_input(side, tmp_path)
     assert rows(path) == {}
 
 
-# ---------------------------------------------------------------- 4. the command line
+# ---------------------------------------------------------------- the command line
 
 
 def test_cli_summary_json_and_exit_codes(ex, side, tmp_path):
@@ -375,7 +375,7 @@ def test_cli_summary_json_and_exit_codes(ex, side, tmp_path):
     assert bad.returncode == 2 and "not a pgexecutor journal" in bad.stderr
 
 
-# ---------------------------------------------------------------- 5. bad input
+# ---------------------------------------------------------------- bad input
 
 
 def test_bad_journal_paths_fail_at_the_map_call_before_any_task(ex, side, tmp_path):
@@ -705,7 +705,7 @@ def test_package_exports():
         Journal("x.db", key="id")
 
 
-# ---------------------------------------------------------------- 6. Ray
+# ---------------------------------------------------------------- Ray
 
 
 def test_ray_executor_journals_where_the_driver_runs(side, tmp_path):

@@ -1,4 +1,4 @@
-"""Issue 7, Ray: RayExecutor on a local ``ray.init(num_cpus=2)``, started once per session.
+"""Ray: RayExecutor on a local ``ray.init(num_cpus=2)``, started once per session.
 
 As in test_dask.py, tasks from tests/_cluster_tasks.py report the pids (and create
 times) of the whole tree they start, and the tests poll with psutil until exactly those
