@@ -26,12 +26,9 @@ from ._settings import UNSET, TaskSettings
 from ._worker import run_chunk
 
 
-class PoolFrontEnd(Executor):
-    """``concurrent.futures.Executor`` plus per-task settings, for every executor here.
-
-    A subclass sets ``_settings`` (its defaults, a TaskSettings) and defines
-    ``_submit``, ``shutdown`` and ``terminate_workers``.
-    """
+class TaskSubmitter:
+    """``submit``, ``map`` and ``options`` on one hook, ``_submit``, with the per-task
+    settings in ``_settings``: what an executor and its ``options()`` views share."""
 
     _settings: TaskSettings
 
@@ -40,9 +37,6 @@ class PoolFrontEnd(Executor):
         settings: TaskSettings,
     ) -> Future[Any]:
         """Submit one call with these per-task settings (the one hook)."""
-        raise NotImplementedError
-
-    def terminate_workers(self) -> None:
         raise NotImplementedError
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
@@ -132,6 +126,17 @@ class PoolFrontEnd(Executor):
         """
         return ExecutorOptions(self, self._settings.updated(task_timeout, max_memory, retries))
 
+
+class PoolFrontEnd(TaskSubmitter, Executor):
+    """``concurrent.futures.Executor`` plus per-task settings, for every executor here.
+
+    A subclass sets ``_settings`` (its defaults, a TaskSettings) and defines
+    ``_submit``, ``shutdown`` and ``terminate_workers``.
+    """
+
+    def terminate_workers(self) -> None:
+        raise NotImplementedError
+
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> Literal[False]:
         """Shut down and wait, as ``Executor``; a with block left by Ctrl-C stops its
         tasks instead of waiting for them (``_interrupted``)."""
@@ -145,57 +150,31 @@ class PoolFrontEnd(Executor):
         self.terminate_workers()
 
 
-class ExecutorOptions:
-    """What :meth:`ProcessGroupExecutor.options` returns: per-task settings."""
+class ExecutorOptions(TaskSubmitter):
+    """What ``options()`` returns: the executor's ``submit``/``map``/``options`` with
+    other per-task settings (a view: it owns nothing, shutting down is the executor's)."""
 
-    def __init__(self, executor: Any, settings: TaskSettings) -> None:
+    def __init__(self, executor: TaskSubmitter, settings: TaskSettings) -> None:
         self._executor = executor
-        self.task_settings = settings
+        self._settings = settings
+
+    def _submit(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+        settings: TaskSettings,
+    ) -> Future[Any]:
+        return self._executor._submit(fn, args, kwargs, settings)
 
     @property
     def task_timeout(self) -> float | None:
-        return self.task_settings.timeout
+        return self._settings.timeout
 
     @property
     def max_memory(self) -> int | None:
-        return self.task_settings.max_memory
+        return self._settings.max_memory
 
     @property
     def retries(self) -> int:
-        return self.task_settings.retries
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._executor._submit(fn, args, kwargs, self.task_settings)
-
-    def map(
-        self,
-        fn: Callable[..., Any],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int = 1,
-        buffersize: int | None = None,
-        return_exceptions: bool = False,
-        progress: Any = False,
-        journal: Any = None,
-    ) -> Iterator[Any]:
-        """``ProcessGroupExecutor.map`` with this view's settings (``buffersize``,
-        ``progress`` and ``journal`` too)."""
-        return self._executor._map(
-            fn, iterables, timeout, chunksize, return_exceptions, self.task_settings, progress,
-            buffersize, journal,
-        )
-
-    def options(
-        self,
-        *,
-        task_timeout: float | None = UNSET,
-        retries: int = UNSET,
-        max_memory: int | None = UNSET,
-    ) -> ExecutorOptions:
-        """A view on this view: unset settings keep this view's values."""
-        return ExecutorOptions(
-            self._executor, self.task_settings.updated(task_timeout, max_memory, retries)
-        )
+        return self._settings.retries
 
 
 def journal_map(*args: Any) -> Iterator[Any]:

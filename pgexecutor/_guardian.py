@@ -105,13 +105,16 @@ def _send_locked(line: str) -> bool:
         return False
 
 
-def _close_locked() -> None:
-    wfd = _state["wfd"]
-    if isinstance(wfd, int):
+def _close_quietly(fd: object) -> None:
+    if isinstance(fd, int):
         try:
-            os.close(wfd)
+            os.close(fd)
         except OSError:
             pass
+
+
+def _close_locked() -> None:
+    _close_quietly(_state["wfd"])
     pid = _state["pid"]
     if isinstance(pid, int) and _state["owner"] == os.getpid():
         _exiting.append(pid)  # our child: reaped now if it already exited, else later
@@ -200,12 +203,7 @@ def guardian_pid() -> int | None:
 def _after_fork_in_child() -> None:
     # A forked child holding our write end would keep the guardian's EOF from ever
     # arriving. Drop it (the fd, not the guardian: it is the parent's).
-    wfd = _state["wfd"]
-    if isinstance(wfd, int):
-        try:
-            os.close(wfd)
-        except OSError:
-            pass
+    _close_quietly(_state["wfd"])
     _state.update(pid=None, owner=None, wfd=None)
     _registry.clear()
     global _lock, _holds

@@ -17,6 +17,8 @@ import threading
 from typing import Any
 
 from . import _protocol as proto
+from ._frontend import ExecutorOptions
+from ._settings import TaskSettings
 from .executor import ProcessGroupExecutor
 
 _pools: dict[float, ProcessGroupExecutor] = {}
@@ -41,20 +43,11 @@ def call_pickled(payload: bytes) -> Any:
     return fn(*args, **kwargs)
 
 
-def host_call(
-    payload: bytes,
-    timeout: float | None,
-    max_memory: int | None,
-    retries: int,
-    kill_grace: float,
-) -> Any:
+def host_call(payload: bytes, settings: TaskSettings, kill_grace: float) -> Any:
     """In the host: run the call in the task process with the task's limits, and wait.
 
     TaskTimeoutError, WorkerCrashedError, MemoryLimitError or the call's own exception
     is raised from here as itself, and travels back to the Ray worker the same way.
     """
-    pool = pool_for(kill_grace)
-    fut = pool.options(task_timeout=timeout, max_memory=max_memory, retries=retries).submit(
-        call_pickled, payload
-    )
-    return fut.result()
+    view = ExecutorOptions(pool_for(kill_grace), settings)
+    return view.submit(call_pickled, payload).result()

@@ -69,10 +69,9 @@ import ray
 from . import _protocol as proto
 from ._frontend import PoolFrontEnd, unpicklable_arguments
 from ._future import TaskFuture, end_cancelled
-from ._ray_host import host_call
+from ._ray_host import host_call, pool_for
 from ._settings import TaskSettings, check_grace
 from .errors import TaskTimeoutError, WorkerCrashedError
-from .executor import ProcessGroupExecutor
 
 __all__ = ["RayExecutor"]
 
@@ -91,30 +90,16 @@ ENABLE_HINT = (
 
 # ====================================================================== Ray worker side
 
-_hosts: dict[float, ProcessGroupExecutor] = {}
-_hosts_lock = threading.Lock()
-
-
-def _host_for(kill_grace: float) -> ProcessGroupExecutor:
-    """This Ray worker's host: a one-process pool whose worker runs ``host_call``
-    (created on first use, then reused; see pgexecutor/_ray_host.py for why)."""
-    with _hosts_lock:
-        host = _hosts.get(kill_grace)
-        if host is None:
-            host = _hosts[kill_grace] = ProcessGroupExecutor(max_workers=1, kill_grace=kill_grace)
-        return host
 
 
 def _run_task(
-    payload: bytes,
-    timeout: float | None,
-    max_memory: int | None,
-    retries: int,
-    kill_grace: float,
+    payload: bytes, settings: TaskSettings, kill_grace: float
 ) -> Iterator[tuple[Any, ...]]:
-    """The Ray task: hand the call to the host; stream its start, then its outcome."""
-    host = _host_for(kill_grace)
-    fut = host.submit(host_call, payload, timeout, max_memory, retries, kill_grace)
+    """The Ray task: hand the call to this Ray worker's host (a one-process pool whose
+    worker runs ``host_call``; see pgexecutor/_ray_host.py for why); stream its start,
+    then its outcome."""
+    host = pool_for(kill_grace)
+    fut = host.submit(host_call, payload, settings, kill_grace)
     try:
         # RUNNING once the host has the call; the task process gets it right after
         # (first use: once it has started) and task_timeout counts from then.
@@ -144,19 +129,16 @@ def _probe() -> tuple[int, int]:
 
 class _Item:
     __slots__ = (
-        "future", "payload", "timeout", "max_memory", "retries", "attempts", "gen",
+        "future", "payload", "settings", "attempts", "gen",
         "started", "pid", "node", "task_pids", "backstop", "cancelled_at", "reason",
     )
 
     def __init__(
-        self, future: Future[Any], payload: bytes, timeout: float | None,
-        max_memory: int | None, retries: int,
+        self, future: Future[Any], payload: bytes, settings: TaskSettings
     ) -> None:
         self.future = future
         self.payload = payload
-        self.timeout = timeout
-        self.max_memory = max_memory
-        self.retries = retries
+        self.settings = settings
         self.attempts = 0
         self.gen: Any = None
         self.started: float | None = None
@@ -288,7 +270,7 @@ class RayExecutor(PoolFrontEnd):
             fut: Future[Any] = TaskFuture(self._note_cancel, self._thread)
             _post(
                 self._inbox, self._wake,
-                _Item(fut, payload, settings.timeout, settings.max_memory, settings.retries),
+                _Item(fut, payload, settings),
             )
             return fut
 
@@ -412,7 +394,7 @@ class RayExecutor(PoolFrontEnd):
             item.started = item.backstop = item.cancelled_at = None
             item.reason = None
             item.gen = self._remote.remote(
-                item.payload, item.timeout, item.max_memory, item.retries, self._kill_grace
+                item.payload, item.settings, self._kill_grace
             )
             self._running[id(item.gen)] = item
 
@@ -435,10 +417,10 @@ class RayExecutor(PoolFrontEnd):
         if kind == "started":
             item.pid, item.node, item.task_pids = msg[1], msg[2], msg[3]
             item.started = time.monotonic()
-            if item.timeout is not None:
-                per_attempt = item.timeout + self._kill_grace
+            if item.settings.timeout is not None:
+                per_attempt = item.settings.timeout + self._kill_grace
                 item.backstop = (
-                    item.started + (item.retries + 1) * per_attempt + self._backstop_margin
+                    item.started + (item.settings.retries + 1) * per_attempt + self._backstop_margin
                 )
         elif kind == "ok":
             self._finish(item, value=msg[1])
@@ -448,8 +430,8 @@ class RayExecutor(PoolFrontEnd):
     def _on_ray_failure(self, item: _Item, err: BaseException) -> None:
         """Ray says the task did not finish: we cancelled it, or its Ray worker died."""
         if item.reason == "timeout":
-            assert item.timeout is not None
-            exc: BaseException = TaskTimeoutError(item.timeout, item.pid, None, item.attempts)
+            assert item.settings.timeout is not None
+            exc: BaseException = TaskTimeoutError(item.settings.timeout, item.pid, None, item.attempts)
             self._finish(item, exc=exc)
             return
         if item.reason == "terminate":
@@ -459,7 +441,7 @@ class RayExecutor(PoolFrontEnd):
         reason = f"the Ray worker was lost ({type(err).__name__}: {first})"
         if isinstance(err, ray.exceptions.OutOfMemoryError):
             reason = f"Ray's memory monitor killed the Ray worker: {first}"
-        if item.attempts <= item.retries and not self._stopping:
+        if item.attempts <= item.settings.retries and not self._stopping:
             logger.info("retrying a task after %s (attempt %d)", reason, item.attempts + 1)
             del self._running[id(item.gen)]
             self._queue.appendleft(item)
