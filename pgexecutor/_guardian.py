@@ -38,6 +38,8 @@ import sys
 import threading
 import time
 
+from . import _platform
+
 logger = logging.getLogger("pgexecutor")
 
 _MAX_GRACE = 1.0
@@ -54,8 +56,6 @@ _registry: dict[int, tuple[float, float]] = {}
 _holds = 0
 #: guardians we told to exit (pipe closed) but have not reaped yet
 _exiting: list[int] = []
-#: how long release() waits for a guardian told to exit (it exits within ms)
-_EXIT_WAIT = 1.0
 
 
 def _start_locked() -> None:
@@ -164,17 +164,37 @@ def release() -> None:
         if _holds or _registry or not isinstance(pid, int) or _state["owner"] != os.getpid():
             return
         _close_locked()
-    # Wait outside the lock: a new executor may start meanwhile (with a new guardian).
-    deadline = time.monotonic() + _EXIT_WAIT
-    delay = 0.0005
+        if pid not in _exiting:
+            return  # it had exited already and was reaped just now
+    # Reaped by a thread of its own, so that shutdown does not wait for it: a guardian
+    # idle in its read exits within ms, but one still starting (an executor that lived
+    # a few ms) must finish its interpreter's start-up (~0.1-0.2 s) before it reads
+    # EOF. The thread blocks in waitpid() holding no lock and ends with the guardian.
+    threading.Thread(
+        target=_reap_when_gone, args=(pid,), name="pgexecutor-guardian-reaper", daemon=True
+    ).start()
+
+
+def _reap_when_gone(pid: int) -> None:
+    """Wait for the guardian's exit without reaping it, then reap it under the lock:
+    once reaped its pid may be recycled (a new worker, even), so the reap and the
+    removal from ``_exiting`` must be one step for ``hold()``'s reaping too."""
+    if _platform.HAS_WAITID:
+        try:
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:
+            pass  # reaped already (by hold(), or a waitpid(-1) of the program's)
+        with _lock:
+            if pid in _exiting:
+                _reap_locked(pid)
+        return
+    delay = 0.001
     while True:
         with _lock:
             if pid not in _exiting or _reap_locked(pid):
                 return
-        if time.monotonic() >= deadline:
-            return  # reaped later: by the next hold() or at exit
         time.sleep(delay)
-        delay = min(delay * 2, 0.02)
+        delay = min(delay * 2, 0.05)
 
 
 def _reap_locked(pid: int) -> bool:
