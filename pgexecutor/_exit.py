@@ -32,19 +32,28 @@ _live: weakref.WeakSet[Manager] = weakref.WeakSet()  # started managers
 _EXIT_NOTICE_AFTER = 10.0  # seconds of waiting at exit before saying why
 _global_shutdown = False
 _exit_lock = threading.Lock()
+_forks = 0  # incremented in every forked child (fork_generation)
 
 
 def interpreter_exiting() -> bool:
-    """True once interpreter exit began: no new work is taken."""
-    with _exit_lock:
-        return _global_shutdown
+    """True once interpreter exit began: no new work is taken. (A bool read needs no
+    lock; the lock orders the write against the exit hook's posts.)"""
+    return _global_shutdown
+
+
+def fork_generation() -> int:
+    """How many forks separate this process from the one that imported pgexecutor:
+    an object made at generation N is its maker's when the number is still N. Cheaper
+    than os.getpid(), which is a system call on every glibc since 2.25."""
+    return _forks
 
 
 def _after_fork_in_child() -> None:
     """The parent's managers are not the child's: their threads do not exist in a
     forked child, and its exit must not post to (or wait for) them. The exit lock may
     have been copied held."""
-    global _exit_lock
+    global _exit_lock, _forks
+    _forks += 1
     for m in list(_live):
         m.abandon_after_fork()
     _live.clear()

@@ -20,6 +20,7 @@ pool needs and the base class cannot give through its public protocol:
 from __future__ import annotations
 
 import threading
+from _thread import get_ident
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
@@ -37,23 +38,28 @@ class TaskFuture(Future[Any]):
         super().__init__()
         self._on_cancel = on_cancel
         # The thread that resolves it (the manager's): done-callbacks run there, and a
-        # wait for an unfinished future from there could never end.
+        # wait for an unfinished future from there could never end. Compared by
+        # ident: result() is on every caller's hot path.
         self._resolver = resolver
         #: the task's TaskInfo once it ended (pgexecutor.task_info reads it)
         self.info: Any = None
 
     def result(self, timeout: float | None = None) -> Any:
-        self._refuse_self_wait("result")
-        return super().result(timeout)
+        resolver = self._resolver
+        if resolver is not None and resolver.ident == get_ident():
+            self._refuse_self_wait("result")
+        return Future.result(self, timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._refuse_self_wait("exception")
-        return super().exception(timeout)
+        resolver = self._resolver
+        if resolver is not None and resolver.ident == get_ident():
+            self._refuse_self_wait("exception")
+        return Future.exception(self, timeout)
 
     def _refuse_self_wait(self, what: str) -> None:
         """A done-callback (it runs in the manager's thread) that waits for a future
         the same manager has yet to resolve would wait forever: say so instead."""
-        if self._resolver is not None and threading.current_thread() is self._resolver and not self.done():
+        if not self.done():
             raise RuntimeError(
                 f"{what}() of an unfinished future called from a done-callback: callbacks "
                 "run in the executor's manager thread, which would wait for itself. Wait "

@@ -121,23 +121,30 @@ class WorkerHandle:
                 return item
         return None
 
+    # Each timer is defined once, on the running task (``_*_of``); ``*_at`` and
+    # ``next_due`` only find that task first.
+
+    def _timeout_of(self, head: WorkItem) -> float | None:
+        timeout = head.settings.timeout
+        return None if timeout is None else head.started + timeout
+
+    def _revoke_of(self, head: WorkItem) -> float | None:
+        return head.started + REVOKE_AFTER if len(self.inflight) > 1 else None
+
+    def _memory_of(self, head: WorkItem) -> float | None:
+        return None if head.settings.max_memory is None else self.next_memory
+
     def timeout_at(self) -> float | None:
         head = self.head()
-        if head is None or head.settings.timeout is None:
-            return None
-        return head.started + head.settings.timeout
+        return None if head is None else self._timeout_of(head)
 
     def revoke_at(self) -> float | None:
         head = self.head()
-        if head is None or len(self.inflight) < 2:
-            return None
-        return head.started + REVOKE_AFTER
+        return None if head is None else self._revoke_of(head)
 
     def memory_at(self) -> float | None:
         head = self.head()
-        if head is None or head.settings.max_memory is None:
-            return None
-        return self.next_memory
+        return None if head is None else self._memory_of(head)
 
     def escalate_at(self) -> float | None:
         if self.state is State.KILLING and not self.kill_sent:
@@ -148,9 +155,13 @@ class WorkerHandle:
         return self.next_check if self.state is State.DEAD else None
 
     def next_due(self) -> float | None:
-        """The nearest of this worker's timers, or None."""
-        best: float | None = None
-        for t in (self.timeout_at(), self.revoke_at(), self.memory_at(), self.escalate_at(), self.check_at()):
+        """The nearest of this worker's timers, or None. (On the hot path: the loop
+        asks every worker on every pass, so the running task is found once.)"""
+        head = self.head()
+        if head is None:
+            return self.escalate_at() if self.state is State.KILLING else self.check_at()
+        best = self._timeout_of(head)
+        for t in (self._revoke_of(head), self._memory_of(head)):
             if t is not None and (best is None or t < best):
                 best = t
         return best

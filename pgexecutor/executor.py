@@ -138,6 +138,7 @@ class ProcessGroupExecutor(PoolFrontEnd):
         # The process whose executor this is: a forked child inherits the object, but
         # not the manager thread, and the workers are the parent's (see _forked).
         self._owner_pid = os.getpid()
+        self._generation = _exit.fork_generation()
         # If the executor is dropped without shutdown, finish its work and clean up,
         # as shutdown(wait=False) would. The finalizer must not reference self.
         weakref.finalize(self, self._manager.post, Shutdown(False))
@@ -151,8 +152,10 @@ class ProcessGroupExecutor(PoolFrontEnd):
         kwargs: dict[str, Any],
         settings: TaskSettings,
     ) -> Future[Any]:
-        self._refuse_if_forked("submit to")
-        self._refuse_if_shut_down()  # before pickling: a closed pool says so first
+        if self._generation != _exit.fork_generation():
+            self._refuse_if_forked("submit to")
+        if self._shutdown or _exit.interpreter_exiting():
+            self._refuse_if_shut_down()  # before pickling: a closed pool says so first
         # Pickled outside the lock: submitting threads do not wait on each other's
         # pickling (a large argument can take a while).
         try:
@@ -186,7 +189,7 @@ class ProcessGroupExecutor(PoolFrontEnd):
 
     def _forked(self) -> bool:
         """True in a child forked from the process that made this executor."""
-        return os.getpid() != self._owner_pid
+        return _exit.fork_generation() != self._generation
 
     def _refuse_if_forked(self, action: str) -> None:
         """A forked child must not use its parent's executor: the workers, their
