@@ -28,8 +28,10 @@ Data flow (one way, like CPython's ``concurrent/futures/process.py``)::
 The parts, each in its own module: ``_mailbox`` (how other threads reach this one),
 ``_worker_handle`` (one worker: state, pipes, timers, its group), ``_scheduling``
 (how many workers, how deep each pipe), ``_ledger`` (outcomes, counters, TaskInfo),
-``_process`` (POSIX: start, signal, reap) and ``_guardian`` (the parent's death).
-This module joins them: the loop, the events, the commands, shutdown.
+``_process`` (POSIX: start, signal, reap), ``_platform`` (pidfd or polling),
+``_guardian`` (the parent's death) and ``_exit`` (interpreter exit, fork). This module
+joins them: the loop, the events, the commands, supervision (timeouts, memory, death,
+reaping) and shutdown.
 
 Ownership (who may write what):
 
@@ -40,6 +42,7 @@ state                          owner
 worker handles, ``scheduler``, which lets go only while it sleeps in poll(); then a
 ``ledger``/stats, ``pids``     caller may take it without waiting (``try_dispatch``)
 ``mailbox.inbox``              any thread appends; the manager pops
+``mailbox.sweep_due``          any thread sets (a cancel); the manager clears
 ``mailbox`` wake/close         ``Mailbox._lock``
 ``shutting_down``              the manager thread
 executor ``_shutdown``,        ``ProcessGroupExecutor._shutdown_lock``
