@@ -56,6 +56,8 @@ _registry: dict[int, tuple[float, float]] = {}
 _holds = 0
 #: guardians we told to exit (pipe closed) but have not reaped yet
 _exiting: list[int] = []
+#: how long release() waits itself for a guardian told to exit, before a thread does
+_QUICK_EXIT = 0.006
 
 
 def _start_locked() -> None:
@@ -174,6 +176,14 @@ def release() -> None:
         _close_locked()
         if pid not in _exiting:
             return  # it had exited already and was reaped just now
+    # Usually it is idle in its read and exits within a few ms: reap it here, so that
+    # no thread of ours outlives the shutdown.
+    deadline = time.monotonic() + _QUICK_EXIT
+    while time.monotonic() < deadline:
+        time.sleep(0.002)
+        with _lock:
+            if pid not in _exiting or _reap_locked(pid):
+                return
     # Reaped by a thread of its own, so that shutdown does not wait for it: a guardian
     # idle in its read exits within ms, but one still starting (an executor that lived
     # a few ms) must finish its interpreter's start-up (~0.1-0.2 s) before it reads
