@@ -9,17 +9,19 @@ can never block it).
 Payloads are pickles. Tasks go through cloudpickle, so lambdas, closures and classes
 defined in ``__main__`` travel by value. Results go through plain pickle first and
 cloudpickle only when plain pickle refuses (see :func:`dumps_result`). A task's
-exception is sent as its traceback text plus, when it pickles, the exception itself
-with its traceback made picklable by tblib; the text is the fallback when the
-exception cannot be pickled in the worker or unpickled here.
+exception is sent as its traceback text plus, when it pickles, the exception itself,
+as pickle reduces it plus its traceback and chain (a private Pickler: see "task
+exceptions" below; nothing is registered with the process-wide ``copyreg``); the text
+is the fallback when the exception cannot be pickled in the worker or unpickled here.
 
 When the arguments or the result themselves fail to cross (a "pickling fault"), the
 exception that pickle raised is what the caller gets, as with ProcessPoolExecutor,
 marked with the stage that failed (see :func:`mark_pickling_fault`).
 
 Workers import this module before anything else, so it imports nothing it does not
-need on every task: no ``pickle`` (it drags in ``re``), no cloudpickle, tblib,
-traceback or ``typing`` until an error or a by-value object calls for them. Every
+need on every task: no ``pickle`` (it drags in ``re``), no cloudpickle, traceback
+or ``typing`` until an error or a by-value object calls for them (tblib: only the
+parent, to rebuild a traceback). Every
 import here is paid again by each worker at startup.
 """
 
