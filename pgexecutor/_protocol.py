@@ -638,10 +638,11 @@ def _set_exception_state(exc: BaseException, state: Any) -> None:
     """Apply the reduction's own state as pickle's BUILD would, then what pickle
     drops (see _reduce_exception)."""
     inner, setter, (tb, cause, context, suppress) = state
-    if setter is not None:
-        setter(exc, inner)
-    elif inner is not None:
-        _build(exc, inner)
+    if inner is not None:  # pickle applies no state (nor calls the setter) for None
+        if setter is not None:
+            setter(exc, inner)
+        else:
+            _build(exc, inner)
     _set(exc, "__traceback__", tb)
     _set(exc, "__cause__", cause)
     _set(exc, "__context__", context)

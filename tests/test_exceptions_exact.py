@@ -65,6 +65,23 @@ class ExtraAttributes(ValueError):
     pass
 
 
+def _restore_kind(exc, state):
+    exc.kind = state["kind"].upper()  # visibly this setter's work
+
+
+class WithStateSetter(Exception):
+    """A __reduce__ with a state setter (the 6-tuple form)."""
+
+    def __reduce__(self):
+        return (WithStateSetter, self.args, {"kind": self.kind}, None, None, _restore_kind)
+
+
+def _state_setter():
+    exc = WithStateSetter("set")
+    exc.kind = "kind"
+    return exc
+
+
 class WithSlots(Exception):
     __slots__ = ("kept_by_pickle",)  # pickle drops slots of exceptions: so must we
 
@@ -144,6 +161,7 @@ TABLE = {
     "ValueError-notes": _with_notes,
     "custom-two-arg-init": lambda: TwoArgs("one", 2),
     "custom-reduce": _own_reduce,
+    "custom-state-setter": _state_setter,
     "custom-extra-attributes": _extra_attributes,
     "custom-slots": _with_slots,
     "custom-BaseException": lambda: CustomBase(9),
