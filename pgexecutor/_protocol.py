@@ -689,13 +689,6 @@ def _reduce_traceback(tb: Any) -> Any:
     return _rebuild_traceback, (tuple(entries),)
 
 
-class _Namespace:
-    """Just the attributes of a traceback, frame or code object that tblib reads."""
-
-    def __init__(self, **attrs: Any) -> None:
-        self.__dict__.update(attrs)
-
-
 def _rebuild_traceback(entries: tuple[tuple[str, str, int, dict[str, str]], ...]) -> Any:
     """A real traceback object from _reduce_traceback's entries (tblib makes the
     frames: code named and placed like the worker's, raising at the worker's line), or
@@ -707,13 +700,16 @@ def _rebuild_traceback(entries: tuple[tuple[str, str, int, dict[str, str]], ...]
     if not entries:
         return None
     try:
+        from types import SimpleNamespace as Attrs  # what tblib reads of tb, frame, code
+
         from tblib import Traceback
 
         chain = None
         for filename, name, lineno, names in reversed(entries):
-            code = _Namespace(co_filename=filename, co_name=name)
-            frame = _Namespace(f_globals=dict(names), f_code=code, f_lineno=max(lineno, 1))
-            chain = _Namespace(tb_frame=frame, tb_lineno=max(lineno, 1), tb_next=chain)
+            line = max(lineno, 1)
+            code = Attrs(co_filename=filename, co_name=name)
+            frame = Attrs(f_globals=names, f_code=code, f_lineno=line)
+            chain = Attrs(tb_frame=frame, tb_lineno=line, tb_next=chain)
         tb = Traceback(chain).as_traceback()
     except Exception:
         return None
