@@ -22,6 +22,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from ._mailbox import Shutdown, Terminate
+from ._protocol import came_from_worker
 
 if TYPE_CHECKING:
     from ._manager import Manager
@@ -69,8 +70,10 @@ def track(manager: Manager) -> None:
 
 
 def _exiting_on_interrupt() -> bool:
+    """The program dies of a Ctrl-C: not of a KeyboardInterrupt a task raised, which
+    ``result()`` raised again here (that is an ordinary uncaught task exception)."""
     last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
-    return isinstance(last, KeyboardInterrupt)
+    return isinstance(last, KeyboardInterrupt) and not came_from_worker(last)
 
 
 def _python_exit() -> None:

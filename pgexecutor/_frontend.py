@@ -139,8 +139,17 @@ class PoolFrontEnd(TaskSubmitter, Executor):
 
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> Literal[False]:
         """Shut down and wait, as ``Executor``; a with block left by Ctrl-C stops its
-        tasks instead of waiting for them (``_interrupted``)."""
-        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+        tasks instead of waiting for them (``_interrupted``).
+
+        A KeyboardInterrupt that a task raised (``result()`` raises it again here) is
+        that task's outcome, not the user's Ctrl-C: it leaves the block as any other
+        task exception does, and the other tasks finish.
+        """
+        if (
+            exc_type is not None
+            and issubclass(exc_type, KeyboardInterrupt)
+            and not proto.came_from_worker(exc_val)
+        ):
             self._interrupted()
         else:
             self.shutdown(wait=True)
@@ -289,7 +298,16 @@ def map_via(
     return _progress.watch(tracker, results)
 
 
-def _result_or_exception(fut: Future[Any], timeout: float | None) -> tuple[bool, Any]:
+def result_or_exception(fut: Future[Any], timeout: float | None) -> tuple[bool, Any]:
+    """``(True, result)`` or ``(False, exception)`` of ``fut``: ``map``'s
+    ``return_exceptions=True`` (the journal's map uses it too).
+
+    Any exception the future holds is its outcome, SystemExit, KeyboardInterrupt and
+    GeneratorExit of a task included. What is raised *while waiting* is not: the
+    map's own timeout, or the caller's Ctrl-C, which interrupts the wait with a
+    KeyboardInterrupt that is not the future's (``result()`` raises the very object
+    the future holds, so identity tells them apart).
+    """
     try:
         return True, fut.result(timeout)
     except FuturesTimeoutError:
@@ -298,6 +316,10 @@ def _result_or_exception(fut: Future[Any], timeout: float | None) -> tuple[bool,
         return False, fut.exception()
     except Exception as exc:
         return False, exc
+    except BaseException as exc:
+        if fut.done() and not fut.cancelled() and fut.exception(0) is exc:
+            return False, exc
+        raise
 
 
 def _pop_result(
@@ -307,7 +329,7 @@ def _pop_result(
     fut = fs.pop()
     timeout = None if end_time is None else max(0.0, end_time - time.monotonic())
     if return_exceptions:
-        return _result_or_exception(fut, timeout)
+        return result_or_exception(fut, timeout)
     return True, fut.result(timeout)
 
 

@@ -27,7 +27,7 @@ def run_chunk_timed(
         t0 = time.perf_counter()
         try:
             value = fn(*args)
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit too: the item's outcome (see run_chunk)
             if errors is None:
                 errors = {}
             errors[len(values)] = proto.dump_exception(exc)

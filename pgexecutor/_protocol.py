@@ -9,17 +9,19 @@ can never block it).
 Payloads are pickles. Tasks go through cloudpickle, so lambdas, closures and classes
 defined in ``__main__`` travel by value. Results go through plain pickle first and
 cloudpickle only when plain pickle refuses (see :func:`dumps_result`). A task's
-exception is sent as its traceback text plus, when it pickles, the exception itself
-with its traceback made picklable by tblib; the text is the fallback when the
-exception cannot be pickled in the worker or unpickled here.
+exception is sent as its traceback text plus, when it pickles, the exception itself,
+as pickle reduces it plus its traceback and chain (a private Pickler: see "task
+exceptions" below; nothing is registered with the process-wide ``copyreg``); the text
+is the fallback when the exception cannot be pickled in the worker or unpickled here.
 
 When the arguments or the result themselves fail to cross (a "pickling fault"), the
 exception that pickle raised is what the caller gets, as with ProcessPoolExecutor,
 marked with the stage that failed (see :func:`mark_pickling_fault`).
 
 Workers import this module before anything else, so it imports nothing it does not
-need on every task: no ``pickle`` (it drags in ``re``), no cloudpickle, tblib,
-traceback or ``typing`` until an error or a by-value object calls for them. Every
+need on every task: no ``pickle`` (it drags in ``re``), no cloudpickle, traceback
+or ``typing`` until an error or a by-value object calls for them (tblib: only the
+parent, to rebuild a traceback). Every
 import here is paid again by each worker at startup.
 """
 
@@ -503,50 +505,275 @@ def loads(data: bytes | bytearray) -> Any:
 def safe_str(exc: BaseException) -> str:
     try:
         return str(exc)
-    except Exception:  # a broken __str__ must not hide the real error
+    except BaseException:  # a broken __str__ (even one that exits) must not hide the error
         return f"<{type(exc).__name__} with an unprintable message>"
 
 
 def _qualified_name(cls: type) -> str:
-    module = getattr(cls, "__module__", None)
-    name = getattr(cls, "__qualname__", cls.__name__)
+    try:
+        module = getattr(cls, "__module__", None)
+        name = getattr(cls, "__qualname__", cls.__name__)
+    except BaseException:  # a hostile metaclass
+        return "<an exception class>"
     return name if module in (None, "builtins") else f"{module}.{name}"
 
 
 def format_exception_text(exc: BaseException) -> str:
-    """The traceback text, as ``traceback`` prints it, never raising."""
+    """The traceback text, as ``traceback`` prints it, never raising (not even the
+    SystemExit of a hostile ``__str__``: the worker must survive it)."""
     try:
         import traceback
 
         return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    except Exception:
+    except BaseException:
         return f"{_qualified_name(type(exc))}: {safe_str(exc)}\n"
 
 
+# ---------------------------------------------------------------- task exceptions
+#
+# A task's exception travels as pickle would send it, plus what pickle drops: its
+# traceback, ``__cause__``, ``__context__`` and ``__suppress_context__``, at every
+# level (the chain, the members of an exception group, exceptions in its args). This
+# is done by a private Pickler (_exception_pickler) and never through ``copyreg``:
+# copyreg is process-wide, so registering a reducer there (as tblib's
+# ``pickling_support.install`` does) would change how the worker then pickles task
+# *results* and, where the parent encodes (journals), how the user's own code
+# pickles in the parent, for good.
+
+
+#: Key set in the globals of every frame rebuilt from a worker's traceback (see
+#: came_from_worker): a Ctrl-C raised in this process never runs in such a frame.
+_WORKER_FRAME = "__pgexecutor_worker_frame__"
+
+_exception_pickler_class: Any = None
+
+
+def _exception_pickler() -> Any:
+    """The Pickler that encodes a task's exception: _pickler_class's (cloudpickle: an
+    exception class of ``__main__`` travels by value) plus tracebacks and chains.
+
+    Exceptions go through ``reducer_override`` (pickle asks it before anything else,
+    for every object but a few builtin types), tracebacks through this class's own
+    ``dispatch_table``; the process-wide ``copyreg`` table is only read (a reducer
+    the user registered there is honoured, as pickle honours it).
+    """
+    global _exception_pickler_class
+    if _exception_pickler_class is not None:
+        return _exception_pickler_class
+    from collections import ChainMap
+    from types import TracebackType
+
+    base = _pickler_class()
+    table: Any = getattr(base, "dispatch_table", None)
+    if table is None:
+        import copyreg
+
+        table = copyreg.dispatch_table
+    maps = table.maps if isinstance(table, ChainMap) else [table]
+    base_override = getattr(base, "reducer_override", None)
+
+    class ExceptionPickler(base):  # type: ignore[misc, valid-type]
+        dispatch_table = ChainMap({TracebackType: _reduce_traceback}, *maps)
+        chainless: Any = None  # the exception whose cause and context stay behind
+
+        def reducer_override(self, obj: Any) -> Any:
+            if issubclass(type(obj), BaseException):
+                return _reduce_exception(self, obj)
+            if base_override is None:
+                return NotImplemented
+            return base_override(self, obj)
+
+    _exception_pickler_class = ExceptionPickler
+    return ExceptionPickler
+
+
+def _reduce_exception(pickler: Any, exc: BaseException) -> Any:
+    """Reduce ``exc`` as pickle would (its dispatch_table entry, else its
+    ``__reduce_ex__``), with what pickle drops added to the state.
+
+    The extra state is set by a state setter, after pickle memoized the object, so
+    chains that loop back (a context that refers to an outer exception) pickle as
+    pickle pickles any cycle through ``__dict__``.
+    """
+    reduce = pickler.dispatch_table.get(type(exc))
+    rv = reduce(exc) if reduce is not None else exc.__reduce_ex__(PICKLE_PROTOCOL)
+    if isinstance(rv, str) or not isinstance(rv, tuple) or not 2 <= len(rv) <= 6:
+        return NotImplemented  # a global, or something pickle will reject itself
+    func, args, state, items, dict_items, setter = rv + (None,) * (6 - len(rv))
+    top = exc is pickler.chainless
+    extras = (
+        exc.__traceback__,
+        None if top else exc.__cause__,
+        None if top else exc.__context__,
+        exc.__suppress_context__,
+    )
+    return (
+        _rebuild_exception, (func, args), (state, setter, extras), items, dict_items,
+        _set_exception_state,
+    )
+
+
+def _rebuild_exception(func: Any, args: Any) -> Any:
+    """Call what the exception's reduction named, as unpickling does.
+
+    An exception class whose ``__init__`` does not take its own ``args`` back (a
+    common mistake: ``super().__init__(message)`` after taking two parameters) pickles
+    but does not unpickle. Rather than lose the exception, it is then made as
+    ``BaseException`` makes it, without ``__init__``: its ``args`` and, from the state
+    that follows, its ``__dict__``.
+    """
+    try:
+        return func(*args)
+    except Exception:
+        if not (isinstance(func, type) and issubclass(func, BaseException)):
+            raise
+        try:
+            return func.__new__(func, *args)
+        except Exception:
+            pass
+        raise
+
+
+def _set_exception_state(exc: BaseException, state: Any) -> None:
+    """Apply the reduction's own state as pickle's BUILD would, then what pickle
+    drops (see _reduce_exception)."""
+    inner, setter, (tb, cause, context, suppress) = state
+    if inner is not None:  # pickle applies no state (nor calls the setter) for None
+        if setter is not None:
+            setter(exc, inner)
+        else:
+            _build(exc, inner)
+    _set(exc, "__traceback__", tb)
+    _set(exc, "__cause__", cause)
+    _set(exc, "__context__", context)
+    _set(exc, "__suppress_context__", suppress)
+
+
+def _build(obj: Any, state: Any) -> None:
+    """What pickle's BUILD opcode does with ``state``."""
+    setstate = getattr(obj, "__setstate__", None)
+    if setstate is not None:
+        setstate(state)
+        return
+    slots = None
+    if isinstance(state, tuple) and len(state) == 2:
+        state, slots = state
+    if state:
+        obj.__dict__.update(state)
+    if slots:
+        for name, value in slots.items():
+            setattr(obj, name, value)
+
+
+def _reduce_traceback(tb: Any) -> Any:
+    """A traceback as a flat tuple of (file, function, line, module globals) entries.
+
+    Flat, not nested: a RecursionError's thousand frames must not make pickle recurse
+    a thousand levels (it would fail with a RecursionError of its own). No locals
+    travel (they may not pickle, and may be large).
+    """
+    entries = []
+    while tb is not None:
+        frame = tb.tb_frame
+        code = frame.f_code
+        lineno = tb.tb_lineno
+        names = {
+            k: v
+            for k, v in frame.f_globals.items()
+            if k in ("__name__", "__file__") and isinstance(v, str)
+        }
+        entries.append(
+            (code.co_filename, code.co_name, lineno if isinstance(lineno, int) else 0, names)
+        )
+        tb = tb.tb_next
+    return _rebuild_traceback, (tuple(entries),)
+
+
+def _rebuild_traceback(entries: tuple[tuple[str, str, int, dict[str, str]], ...]) -> Any:
+    """A real traceback object from _reduce_traceback's entries (tblib makes the
+    frames: code named and placed like the worker's, raising at the worker's line), or
+    None if it cannot be made here: the exception is worth more than its frames.
+
+    Each frame's globals are marked (see came_from_worker) only once the whole chain
+    exists: a Ctrl-C that lands while tblib runs its frames must stay a Ctrl-C.
+    """
+    if not entries:
+        return None
+    try:
+        from types import SimpleNamespace as Attrs  # what tblib reads of tb, frame, code
+
+        from tblib import Traceback
+
+        chain = None
+        for filename, name, lineno, names in reversed(entries):
+            line = max(lineno, 1)
+            code = Attrs(co_filename=filename, co_name=name)
+            frame = Attrs(f_globals=names, f_code=code, f_lineno=line)
+            chain = Attrs(tb_frame=frame, tb_lineno=line, tb_next=chain)
+        tb = Traceback(chain).as_traceback()
+    except Exception:
+        return None
+    node = tb
+    while node is not None:
+        node.tb_frame.f_globals[_WORKER_FRAME] = True
+        node = node.tb_next
+    return tb
+
+
+def came_from_worker(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is an exception a task raised in a worker (decoded by
+    load_exception, perhaps raised again here by ``Future.result()``), as opposed to
+    one raised in this process: its traceback runs through a frame rebuilt from the
+    worker's. How a ``with`` block tells a task's KeyboardInterrupt from the user's
+    Ctrl-C, which only ever interrupts frames of this process.
+    """
+    tb = getattr(exc, "__traceback__", None)
+    while tb is not None:
+        try:
+            if tb.tb_frame.f_globals.get(_WORKER_FRAME) is True:
+                return True
+        except Exception:
+            return False
+        tb = tb.tb_next
+    return False
+
+
+def _pickle_exception(exc: BaseException, keep_chain: bool) -> bytes | None:
+    """``exc`` through the exception Pickler; None if anything in it fails to pickle
+    (a hostile ``__reduce__`` that exits included: this runs in the worker's loop)."""
+    import io
+
+    try:
+        with io.BytesIO() as file:
+            pickler = _exception_pickler()(file, protocol=PICKLE_PROTOCOL)
+            if not keep_chain:
+                pickler.chainless = exc
+            pickler.dump(exc)
+            return file.getvalue()
+    except BaseException:
+        return None
+
+
 def dump_exception(exc: BaseException, stage: str | None = None) -> bytes:
-    """Encode a task's exception in the worker.
+    """Encode a task's exception (in the worker; in the parent for a journal).
 
-    The exception is pickled with its traceback (tblib turns the frames into plain
-    data), so the caller's ``traceback.format_exception`` shows the task's own lines.
-    If that fails, only the text travels and the caller gets a RemoteTaskError.
+    The exception is pickled as pickle would pickle it, plus its traceback and chain at
+    every level (see _reduce_exception), so that the caller gets the attributes pickle
+    keeps and ``traceback.format_exception`` shows the task's own lines. If that fails,
+    it goes without its chain (which its traceback text shows anyway); if that fails
+    too, only the text travels and the caller gets a RemoteTaskError.
 
-    ``stage`` marks a pickling fault (UNPICKLE_ARGUMENTS or PICKLE_RESULT). Then, as
-    ProcessPoolExecutor does, the worker's traceback travels only as text, to be
-    chained as ``__cause__`` (see load_exception); the exception goes without its
-    frames and chain, which that text shows and which might not pickle themselves.
+    ``stage`` marks a pickling fault (UNPICKLE_ARGUMENTS or PICKLE_RESULT): the
+    exception pickle raised goes without its chain, as with ProcessPoolExecutor, whose
+    text is chained as ``__cause__`` (see load_exception).
+
+    Never raises, whatever the exception's class does: the worker sends this and
+    carries on with its next task.
     """
     text = format_exception_text(exc)
-    if stage is not None:
-        for name in ("__traceback__", "__cause__", "__context__"):
-            _set(exc, name, None)
-    blob: bytes | None
-    try:
-        from tblib import pickling_support
-
-        pickling_support.install(exc)
-        blob = dumps(exc)
-    except Exception:
-        blob = None
+    blob = None if stage is not None else _pickle_exception(exc, keep_chain=True)
+    if blob is None:
+        blob = _pickle_exception(exc, keep_chain=False)
     return _plain_dumps(
         (_qualified_name(type(exc)), safe_str(exc), text, blob, stage), PICKLE_PROTOCOL
     )
@@ -601,11 +828,14 @@ def _reraise_interrupt(err: BaseException) -> None:
 
 def _chain_remote_traceback(exc: BaseException, text: str) -> None:
     """Chain the worker's traceback text as ``exc.__cause__``, as ProcessPoolExecutor
-    does: ``traceback.print_exception`` then shows it above the exception."""
+    does: ``traceback.print_exception`` then shows it above the exception. Setting a
+    cause sets ``__suppress_context__``; the task's own value is put back."""
     from concurrent.futures.process import _RemoteTraceback
 
+    suppress = exc.__suppress_context__
     # (typeshed says it takes a traceback object: CPython passes the text, as here)
     _set(exc, "__cause__", _RemoteTraceback(f'\n"""\n{text}"""'))  # type: ignore[arg-type]
+    _set(exc, "__suppress_context__", suppress)
 
 
 def mark_pickling_fault(exc: BaseException, stage: str) -> BaseException:

@@ -404,13 +404,17 @@ def run_chunk(
     captured on its own, so ``map`` can yield the results before it and raise (or,
     with ``return_exceptions``, yield) the error in place; and a chunk without errors
     is one plain list, the cheapest thing to pickle and to iterate.
+
+    Every BaseException is the item's own outcome, SystemExit and KeyboardInterrupt
+    too: a worker leads its own process group, so no Ctrl-C of a terminal reaches it,
+    and one item's ``sys.exit()`` must not fail the items after it.
     """
     values: list[Any] = []
     errors: dict[int, bytes] | None = None
     for args in chunk:
         try:
             values.append(fn(*args))
-        except Exception as exc:
+        except BaseException as exc:
             if errors is None:
                 errors = {}
             errors[len(values)] = proto.dump_exception(exc)

@@ -30,7 +30,7 @@ from typing import Any
 
 import cloudpickle  # noqa: F401
 import psutil  # noqa: F401
-from tblib import pickling_support  # noqa: F401
+import tblib  # noqa: F401  (the manager thread rebuilds tracebacks with it)
 
 from . import _exit, _process, _settings
 from . import _protocol as proto

@@ -782,7 +782,7 @@ def test_parent_imports_up_front_what_its_threads_use_later():
     """A fork by one thread while another is inside an import leaves that module's
     import lock held in the child forever; so nothing the manager thread needs may be
     imported lazily in the parent."""
-    needed = ["cloudpickle", "psutil", "tblib.pickling_support", "fcntl", "mmap", "socket",
+    needed = ["cloudpickle", "psutil", "tblib", "fcntl", "mmap", "socket",
               "traceback", "multiprocessing.connection"]
     code = (
         "import sys, pgexecutor; "
