@@ -119,6 +119,10 @@ class ManagerConfig:
     kill_grace: float
 
 
+def _cancels_queue(msg: Command) -> bool:
+    return type(msg) is Shutdown and msg.cancel_futures
+
+
 class Manager:
     """Owns the workers and the queue; runs in its own thread (see module docstring)."""
 
@@ -322,7 +326,9 @@ class Manager:
             # started for them, still starting included): a shutdown with
             # cancel_futures right after a burst of submits cancels only what no
             # worker took, as with the standard library's call queue.
-            if self.queue and not self.shutting_down:
+            # (Not before a shutdown that cancels: what it would hand out, it would
+            # take back and cancel at once.)
+            if self.queue and not self.shutting_down and not _cancels_queue(msg):
                 self._dispatch()
             self._command(msg)
 
@@ -330,6 +336,12 @@ class Manager:
         if isinstance(cmd, Shutdown):
             self.shutting_down = True
             if cmd.cancel_futures:
+                # Tasks written ahead into a worker's pipe (behind a running task, or
+                # to a worker still starting) have not begun: take back every one
+                # whose permit is unclaimed, so that they are cancelled too.
+                for w in list(self.workers.values()):
+                    if w.state in SERVING:
+                        self._revoke(w, everything=True)
                 self._cancel_queue(running_too=False)
         elif isinstance(cmd, Terminate):
             self._terminate(cmd.hard, cmd.reason)
@@ -359,15 +371,18 @@ class Manager:
                     w.reap_deadline = now
 
     def _cancel_queue(self, running_too: bool) -> None:
-        """Cancel the queued tasks no worker has been handed yet, as the standard
-        library's ``shutdown(cancel_futures=True)`` does. A task that was handed to a
-        worker and is queued again (its worker died and a retry follows, or it was
-        taken back from a busy worker) is RUNNING: it runs to completion, unless
-        ``running_too`` (terminate/kill: nothing more runs)."""
+        """Cancel the queued tasks that no worker has begun, as the standard
+        library's ``shutdown(cancel_futures=True)`` does, and more: a task that was
+        handed to a worker and came back unbegun (taken back from its pipe, or its
+        worker was killed before reaching it) is cancelled too, although its future
+        said RUNNING (the pool ends it cancelled: TaskFuture.cancel_running). Only a
+        task that began once and is queued again for a retry keeps running: it
+        began, and a begun task runs to completion. ``running_too``
+        (terminate/kill): nothing more runs, retries included."""
         now = time.monotonic()
         keep: deque[WorkItem] = deque()
         for item in self.queue:
-            if item.sent and not running_too:
+            if item.attempts and not running_too:
                 keep.append(item)
             else:
                 self.ledger.fail(item, CancelledError(), "cancelled", now)

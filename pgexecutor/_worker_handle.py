@@ -273,7 +273,7 @@ class WorkerHandle:
                 # clock had started, but that was no attempt.
                 item.started = 0.0
                 item.attempts -= 1
-        if self.state is State.READY:
+        if self.state in (State.STARTING, State.READY):  # (RETIRING: its EXIT is sent)
             self.tasks_sent -= count
         return back
 
