@@ -117,6 +117,8 @@ class ManagerConfig:
     init_payload: bytes
     max_tasks_per_child: int | None
     kill_grace: float
+    #: seconds a worker's initializer may run (from INIT_BEGUN), or None
+    init_timeout: float | None = None
 
 
 def _cancels_queue(msg: Command) -> bool:
@@ -429,9 +431,28 @@ class Manager:
         them their first task at once (handed over is handed over: a shutdown with
         cancel_futures right after still lets it run, as the standard library's call
         queue does)."""
+        if not self.queue:
+            self._move_from_starting()
         self._hand_out()
         if self._adjust_workers() and self.queue:
             self._hand_out()
+
+    def _move_from_starting(self) -> None:
+        """A ready worker has nothing to do while tasks wait in the pipe of one still
+        starting (a slow or hung initializer): take them back, so that the ready one
+        runs them. Without this, an initializer that hangs (and has no
+        initializer_timeout) would hold those tasks, and shutdown, forever although
+        another worker is free; with it, the starting worker is left with nothing to
+        do, and a shutdown stops it (_finish_shutdown)."""
+        loaded = [w for w in self.workers.values() if w.state is State.STARTING and w.inflight]
+        if not loaded:
+            return
+        if not any(w.state is State.READY and not w.inflight for w in self.workers.values()):
+            return
+        for w in loaded:
+            back = w.take_back(everything=True)
+            if back:
+                self.queue.extendleft(back)  # newest first: extendleft restores the order
 
     def _hand_out(self) -> None:
         if not self.queue:
@@ -582,6 +603,8 @@ class Manager:
                 # Its imports were not its run time: its clock starts that much later.
                 (took,) = proto.SECONDS.unpack(payload)
                 head.started += max(0.0, min(took, time.monotonic() - head.started))
+        elif kind == proto.INIT_BEGUN:
+            w.initializer_began(time.monotonic(), self.cfg.init_timeout)
         elif kind == proto.READY:
             if w.state is State.STARTING:
                 w.state = State.READY
@@ -630,6 +653,10 @@ class Manager:
 
     def _on_timer(self, w: WorkerHandle, now: float) -> None:
         """One of ``w``'s timers is due (see WorkerHandle: each state's timers)."""
+        t = w.init_at()
+        if t is not None and now >= t:
+            self._on_init_timeout(w, now)
+            return
         t = w.timeout_at()
         if t is not None and now >= t:
             self._on_timeout(w, now)
@@ -666,6 +693,35 @@ class Manager:
         self._kill(w, "timeout", hard=False, now=now)
         err = TaskTimeoutError(timeout, w.pid, stack, item.attempts)
         self._retry_or_fail(item, err, "timeout", time.monotonic())
+
+    def _on_init_timeout(self, w: WorkerHandle, now: float) -> None:
+        """A worker's initializer ran past ``initializer_timeout``: kill its group and
+        fail what waits for it, as a failing initializer does (INIT_FAILED): the
+        tasks handed to it and the queue fail with WorkerInitializerError and no
+        replacement starts until new work comes. Why not retry on a fresh worker:
+        the initializer runs the same code in every worker, so one that hung is
+        likely to hang again, and each retry would hold the queue for another whole
+        timeout; the standard library, too, gives up on the pool when an initializer
+        fails. New submissions start a fresh worker (which may succeed)."""
+        self._read_results(w)  # READY or INIT_FAILED may be waiting in the pipe
+        t = w.init_at()
+        if t is None or now < t:
+            return
+        timeout = self.cfg.init_timeout
+        stack = w.collect_stack()  # where it hangs: the error's "remote traceback"
+        logger.warning(
+            "initializer of worker pid=%d ran past initializer_timeout=%gs; killing its group",
+            w.pid, timeout,
+        )
+        message = (
+            f"the executor's initializer did not finish within initializer_timeout={timeout:g}s "
+            f"in a new worker (pid {w.pid}); its process group was killed"
+        )
+        w.init_failed = True
+        self._kill(w, "initializer timeout", hard=False, now=now)  # requeues its tasks
+        text = None if stack is None else "Stack of the worker when it was killed:\n" + stack
+        self._fail_queue(partial(WorkerInitializerError, message, text))
+        self.scheduler.stop_growing()  # do not restart workers to hang again
 
     def _sample_memory(self, w: WorkerHandle, now: float) -> None:
         item = w.head()

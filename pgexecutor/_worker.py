@@ -284,6 +284,10 @@ def _serve(
         _apply_config(config)
         initializer = config.get("initializer")
         if initializer is not None:
+            # The manager's initializer_timeout counts from here: the interpreter's
+            # start (slow on a loaded machine) is not the initializer's time, but
+            # unpickling it (which imports its module) is.
+            chan.send(proto.INIT_BEGUN, os.getpid())
             initializer, initargs = proto.loads(initializer)
             initializer(*initargs)
     except BaseException as exc:

@@ -8,7 +8,7 @@ Lifecycle::
                       (timeout, memory, cancel, terminate: group signalled)
 
 STARTING: spawned, INIT written; tasks may be handed to it already (they begin once
-the initializer ran). RETIRING: EXIT is queued behind its tasks (max_tasks_per_child
+the initializer ran); its one timer is ``initializer_timeout``, from INIT_BEGUN on. RETIRING: EXIT is queued behind its tasks (max_tasks_per_child
 or shutdown). KILLING: its group got SIGTERM+SIGCONT (SIGKILL at ``kill_deadline``).
 DEAD: the leader exited but is not reaped, so its pgid stays reserved and the group can
 still be signalled safely; it is reaped once the group is empty or ``reap_deadline``
@@ -85,6 +85,7 @@ class WorkerHandle:
         "reap_deadline",
         "next_check",
         "next_memory",
+        "init_deadline",
     )
 
     def __init__(self, proc: _process.WorkerProcess) -> None:
@@ -109,6 +110,7 @@ class WorkerHandle:
         self.reap_deadline: float | None = None  # DEAD: reap then, members or not
         self.next_check = 0.0  # DEAD: next look at the group's members
         self.next_memory = 0.0
+        self.init_deadline: float | None = None  # STARTING: its initializer must end by then
 
     # ------------------------------------------------------------ timers
 
@@ -146,6 +148,18 @@ class WorkerHandle:
         head = self.head()
         return None if head is None else self._memory_of(head)
 
+    def init_at(self) -> float | None:
+        """STARTING: when its initializer overruns ``initializer_timeout``, if it has
+        begun one and that has a limit."""
+        if self.state is State.STARTING and not self.ready_seen and not self.init_failed:
+            return self.init_deadline
+        return None
+
+    def initializer_began(self, now: float, timeout: float | None) -> None:
+        """The worker says it begins its initializer: the initializer's clock starts."""
+        if timeout is not None and self.state is State.STARTING:
+            self.init_deadline = now + timeout
+
     def escalate_at(self) -> float | None:
         if self.state is State.KILLING and not self.kill_sent:
             return self.kill_deadline
@@ -159,6 +173,8 @@ class WorkerHandle:
         asks every worker on every pass, so the running task is found once.)"""
         head = self.head()
         if head is None:
+            if self.state is State.STARTING:
+                return self.init_at()
             return self.escalate_at() if self.state is State.KILLING else self.check_at()
         best = self._timeout_of(head)
         for t in (self._revoke_of(head), self._memory_of(head)):

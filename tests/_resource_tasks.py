@@ -40,3 +40,11 @@ def hang_forever(*_args):
 def mark_init(directory):
     """An initializer that records which worker ran it."""
     touch(os.path.join(directory, str(os.getpid())))
+
+
+def hang_unless_first(path):
+    """An initializer that returns in the first worker to run it and hangs in the rest."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        hang_forever()

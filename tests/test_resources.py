@@ -9,7 +9,7 @@ in the test process itself.
 from __future__ import annotations
 
 import os
-import time
+import threading
 from concurrent.futures import wait
 
 import pytest
@@ -18,6 +18,19 @@ from _resource_tasks import gated, noop, touch, wait_path
 from pgexecutor import ProcessGroupExecutor
 
 T = 60  # generous bound for anything that should take well under a second
+
+
+def shutdown_within(ex: ProcessGroupExecutor, seconds: float) -> bool:
+    """shutdown(wait=True) from a thread; False (and the workers killed) if it is
+    still waiting after ``seconds``."""
+    t = threading.Thread(target=ex.shutdown, kwargs={"wait": True}, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        ex.kill_workers()
+        t.join(T)
+        return False
+    return True
 
 # ----------------------------------------------------------------- cancel_futures
 
@@ -48,3 +61,80 @@ def test_shutdown_cancel_futures_cancels_every_task_not_yet_begun(tmp_path):
             assert ex.stats()["cancelled"] == 3
         finally:
             ex.shutdown(wait=True)
+
+
+# ----------------------------------------------------------------- initializer_timeout
+
+
+def test_hung_initializer_times_out_and_fails_the_waiting_task(tmp_path):
+    from _resource_tasks import hang_forever
+
+    from pgexecutor import WorkerInitializerError
+
+    ex = ProcessGroupExecutor(1, initializer=hang_forever, initializer_timeout=0.5)
+    try:
+        fs = [ex.submit(noop, i) for i in range(3)]
+        for f in fs:
+            err = f.exception(timeout=T)
+            assert isinstance(err, WorkerInitializerError), repr(err)
+            assert "initializer_timeout=0.5s" in str(err)
+        # where it hung: the worker's stack, taken just before the kill
+        assert "hang_forever" in (fs[0].exception().remote_traceback or "")
+    finally:
+        assert shutdown_within(ex, T)
+
+
+def test_initializer_timeout_defaults_to_task_timeout(tmp_path):
+    from _resource_tasks import hang_forever
+
+    from pgexecutor import WorkerInitializerError
+
+    ex = ProcessGroupExecutor(1, initializer=hang_forever, task_timeout=0.5)
+    try:
+        err = ex.submit(noop, 1).exception(timeout=T)
+        assert isinstance(err, WorkerInitializerError) and "initializer_timeout=0.5s" in str(err)
+    finally:
+        ex.shutdown(wait=True)
+
+
+def test_initializer_within_its_timeout_runs_tasks(tmp_path):
+    from _resource_tasks import mark_init
+
+    ex = ProcessGroupExecutor(2, initializer=mark_init, initargs=(str(tmp_path),),
+                              initializer_timeout=30)
+    with ex:
+        assert list(ex.map(noop, range(20))) == list(range(20))
+    assert os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "value, error",
+    [(float("nan"), ValueError), (-1, ValueError), (0, ValueError), (True, TypeError),
+     ("1", TypeError), (b"1", TypeError)],
+)
+def test_initializer_timeout_is_checked(value, error):
+    with pytest.raises(error, match="initializer_timeout"):
+        ProcessGroupExecutor(1, initializer=noop, initializer_timeout=value)
+
+
+def test_initializer_timeout_none_or_inf_means_no_limit():
+    for value in (None, float("inf")):
+        ex = ProcessGroupExecutor(1, task_timeout=5, initializer_timeout=value)
+        assert ex._manager.cfg.init_timeout is None
+        ex.shutdown()
+    ex = ProcessGroupExecutor(1, task_timeout=5)
+    assert ex._manager.cfg.init_timeout == 5
+    ex.shutdown()
+
+
+def test_shutdown_returns_although_one_initializer_hangs_without_a_timeout(tmp_path):
+    """No initializer_timeout: one worker's initializer hangs, the other's does not.
+    Its tasks move to the ready worker, and shutdown(wait=True) stops the worker still
+    starting (it has nothing to do) instead of waiting for it forever."""
+    from _resource_tasks import hang_unless_first
+
+    ex = ProcessGroupExecutor(2, initializer=hang_unless_first, initargs=(str(tmp_path / "first"),))
+    fs = [ex.submit(noop, i) for i in range(10)]
+    assert shutdown_within(ex, 30), "shutdown(wait=True) waited for a hung initializer"
+    results = [f.result(timeout=0) for f in fs]
+    assert results == list(range(10))
