@@ -67,6 +67,7 @@ manager knows the next one began.
 
 from __future__ import annotations
 
+import errno
 import logging
 import select
 import signal
@@ -85,7 +86,7 @@ from . import _process as proc_mod
 from . import _protocol as proto
 from ._ledger import Ledger, Stats, TaskInfo, WorkItem
 from ._mailbox import Command, KillTask, Mailbox, Shutdown, Terminate
-from ._scheduling import Scheduler
+from ._scheduling import SHORTAGE_ERRNOS, Scheduler
 from ._worker_handle import SERVING, State, WorkerHandle
 from .errors import (
     MemoryLimitError,
@@ -143,6 +144,8 @@ class Manager:
         self._fd_owner: dict[int, tuple[int, WorkerHandle | None]] = {}
         self._register(self.mailbox.wake_r, select.POLLIN, _WAKE, None)
         self._use_pidfd = _platform.USE_PIDFD  # False once a worker came without one
+        self._dump: tuple[int, int] | None = None  # the workers' stack-dump pipe (r, w)
+        self._refusals_logged: set[tuple[str, int | None]] = set()  # causes of failed starts
         self._next_exit_poll = 0.0  # without pidfds: next look for dead workers
         self._lock = threading.Lock()  # see the ownership table
         self._serving = False  # the loop runs: try_dispatch may act for it
@@ -534,29 +537,70 @@ class Manager:
         elif self.shutting_down:
             return False
         active = sum(1 for w in self.workers.values() if w.state in (State.STARTING, State.READY))
-        if active >= self.scheduler.target or self.scheduler.spawn_paused(time.monotonic()):
-            return False  # enough, or a caller was just woken: let it run first
+        if active >= self.scheduler.target:
+            return False
+        now = time.monotonic()
+        if active >= self.scheduler.limit(now) or self.scheduler.spawn_paused(now):
+            return False  # enough, backing off, or a caller was just woken: let it run first
         started = False
-        while active < self.scheduler.target:
+        while active < self.scheduler.limit(now):
             try:
                 self._spawn()
             except OSError as exc:
-                logger.error("could not start a worker: %s", exc)
-                reason = f"could not start a worker: {exc}"
-                self._fail_queue(partial(WorkerCrashedError, None, None, reason))
-                self.scheduler.stop_growing()
+                self._start_refused(exc, active, now)
                 return started
+            self.scheduler.start_succeeded()
             active += 1
             started = True
         return started
 
+    def _start_refused(self, exc: OSError, running: int, now: float) -> None:
+        """A worker could not start. Resources run short (fds, processes, memory):
+        run on the ``running`` workers there are and try again after a back-off;
+        the queue waits for them. Only with no worker at all, and once none could be
+        started for ``Scheduler.give_up_after`` seconds (at once if the cause will not pass by
+        waiting, such as a missing executable), do the queued tasks fail, with the
+        cause in their error. Logged once per cause (WARNING), not once per retry."""
+        sched = self.scheduler
+        sched.start_refused(now, running)
+        name = errno.errorcode.get(exc.errno or 0, "")
+        cause = f"{exc} ({name})" if name else str(exc)
+        key = (type(exc).__name__, exc.errno)
+        if key in self._refusals_logged:
+            logger.debug("could not start a worker (%s); retrying in %.2gs", cause, sched.backoff)
+        else:
+            self._refusals_logged.add(key)
+            logger.warning(
+                "could not start a worker (%s); running on %d worker(s) and trying again "
+                "with back-off (logged once)", cause, running,
+            )
+        if running:
+            return
+        shortage = exc.errno in SHORTAGE_ERRNOS
+        waited = sched.refused_for(now)
+        if shortage and waited < sched.give_up_after:
+            return
+        if shortage:
+            reason = f"no worker could be started for {waited:.0f}s: {cause}"
+        else:
+            reason = f"could not start a worker: {cause}"
+        self._fail_queue(partial(WorkerCrashedError, None, None, reason))
+        sched.stop_growing()
+
     def _spawn(self) -> None:
-        proc = proc_mod.spawn_worker(self.cfg.mp_context)
+        if self._dump is None:  # one stack-dump pipe for all the workers (see _process)
+            self._dump = proc_mod.dump_pipe()
+        proc = proc_mod.spawn_worker(self.cfg.mp_context, self._dump)
+        try:
+            _guardian.register(proc.pid, proc.create_time, self.cfg.kill_grace)
+        except OSError:  # the guardian could not start (fds short): nothing may run unguarded
+            _guardian.unregister(proc.pid)
+            proc_mod.abandon(proc)
+            raise
         w = WorkerHandle(proc)
         self.workers[w.pid] = w
         self._publish_pids()
         self.ledger.stats.workers_started += 1
-        _guardian.register(w.pid, proc.create_time, self.cfg.kill_grace)
         if proc.pidfd >= 0:
             self._register(proc.pidfd, select.POLLIN, _PIDFD, w)
         else:
@@ -793,17 +837,39 @@ class Manager:
             self._requeue(w.inflight)  # handed over, never begun
             w.inflight.clear()
             if head is None and not w.ready_seen and not w.init_failed:
-                logger.warning("worker pid=%d exited (code %s) before it was ready", w.pid, code)
-                if self.scheduler.start_failed():
-                    reason = f"workers exit before they are ready ({self.scheduler.start_failures} in a row)"
-                    self._fail_queue(partial(WorkerCrashedError, w.pid, code, reason))
-                    self.scheduler.stop_growing()
+                self._on_start_exit(w, code, now)
             elif head is None and w.state is State.READY and not self.shutting_down:
                 logger.warning("idle worker pid=%d died (exit code %s); replacing it", w.pid, code)
         w.mark_dead(now, self.cfg.kill_grace)
         self._publish_pids()
         if not w.group_lingers(now):
             self._reap(w)
+
+    def _on_start_exit(self, w: WorkerHandle, code: int | None, now: float) -> None:
+        """``w`` died before it was ready (its interpreter could not start: memory,
+        a broken executable, a module that fails at import). After MAX_START_FAILURES
+        in a row: with other workers ready, the pool runs on them and tries again
+        after a back-off (the queue is theirs: no task fails while a worker can run
+        it); with none, the queued tasks fail, with the exit code."""
+        sched = self.scheduler
+        first = sched.start_failures == 0
+        (logger.warning if first else logger.debug)(
+            "worker pid=%d exited (code %s) before it was ready", w.pid, code
+        )
+        if not sched.start_failed():
+            return
+        reason = f"workers exit before they are ready ({sched.start_failures} in a row)"
+        others = [
+            o for o in self.workers.values()
+            if o is not w and o.state in (State.STARTING, State.READY)
+        ]
+        if any(o.ready_seen for o in others):
+            if sched.cap is None:
+                logger.warning("%s; running on %d worker(s), trying again with back-off", reason, len(others))
+            sched.start_refused(now, len(others))
+            return
+        self._fail_queue(partial(WorkerCrashedError, w.pid, code, reason))
+        sched.stop_growing()
 
     def _reap(self, w: WorkerHandle) -> None:
         # The guardian forgets the group before the reap frees its number, so it never
@@ -846,7 +912,15 @@ class Manager:
             elif w.state is State.READY and not w.inflight:
                 w.retire()
                 self._flush(w)
-        return not self.workers
+        if self.workers:
+            return False
+        self._close_dump()
+        return True
+
+    def _close_dump(self) -> None:
+        if self._dump is not None:
+            proc_mod.close_dump_pipe(self._dump)
+            self._dump = None
 
     def _emergency_stop(self) -> None:
         """Last resort if the loop itself fails: kill every group, fail every future."""
@@ -866,6 +940,7 @@ class Manager:
                 logger.exception("could not clean up worker pid=%d", w.pid)
         self.workers.clear()
         self._publish_pids()
+        self._close_dump()
         inbox = self.mailbox.take()
         while inbox:
             msg = inbox.popleft()

@@ -343,10 +343,19 @@ class WorkerHandle:
     def group_lingers(self, now: float) -> bool:
         """DEAD: True while members live and the reap deadline has not passed."""
         assert self.reap_deadline is not None
-        if now < self.reap_deadline and _process.live_members(self.pid, exclude=self.pid):
+        if now < self.reap_deadline and self._members_live():
             self.next_check = now + _DEAD_CHECK
             return True
         return False
+
+    def _members_live(self) -> bool:
+        """Whether processes of the group other than the leader live. When /proc
+        cannot be listed (EMFILE: the process is out of fds) they may: True, and
+        the reap deadline's SIGKILL settles it."""
+        try:
+            return bool(_process.live_members(self.pid, exclude=self.pid))
+        except OSError:
+            return True
 
     def reap(self) -> tuple[bool, int | None]:
         """SIGKILL what is left of the group, reap the leader, close the fds.
@@ -355,7 +364,7 @@ class WorkerHandle:
         recycled: it is never signalled again. The caller unregisters it from the
         guardian first, so the guardian never holds a pgid that may be recycled.
         """
-        escalated = self.kill_sent or bool(_process.live_members(self.pid, exclude=self.pid))
+        escalated = self.kill_sent or self._members_live()
         _process.signal_group(self.pid, signal.SIGKILL)
         code = _process.reap(self.proc)
         self.proc.close_fds()

@@ -8,14 +8,18 @@ in the test process itself.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
 from concurrent.futures import wait
 
 import pytest
 from _resource_tasks import gated, noop, touch, wait_path
+from conftest import ROOT, format_survivors, survivors_of
 
-from pgexecutor import ProcessGroupExecutor
+from pgexecutor import ProcessGroupExecutor, _platform
 
 T = 60  # generous bound for anything that should take well under a second
 
@@ -138,3 +142,55 @@ def test_shutdown_returns_although_one_initializer_hangs_without_a_timeout(tmp_p
     assert shutdown_within(ex, 30), "shutdown(wait=True) waited for a hung initializer"
     results = [f.result(timeout=0) for f in fs]
     assert results == list(range(10))
+
+
+# ----------------------------------------------------------------- fd exhaustion
+
+
+def run_driver(name: str, *args: str, timeout: float = 240) -> dict:
+    """Run tests/scripts/``name`` (it lowers its own limits); return its RESULT data
+    after proving that no process of any worker group it created survived it."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "scripts", name), *args],
+        capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout + proc.stderr
+    data = json.loads(lines[-1][len("RESULT "):])
+    left = survivors_of(data["groups"])
+    assert not left, "worker processes survived the driver:\n" + format_survivors(left)
+    return data
+
+
+def test_fds_per_worker_are_what_the_readme_says(tmp_path):
+    data = run_driver("fd_limit_driver.py", "count", str(tmp_path))
+    assert data["workers"] == 5
+    expected = 4 + (1 if _platform.USE_PIDFD else 0) + (1 if _platform.HAS_MEMFD else 0)
+    assert data["per_worker"] == expected
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert f"{expected} per worker" in readme
+
+
+def test_too_few_fds_for_every_worker_runs_every_task_on_those_that_started():
+    """RLIMIT_NOFILE lets a few of 40 workers start: the pool runs on those, retries
+    with back-off, logs the cause once, and not one of the 40 tasks fails."""
+    data = run_driver("fd_limit_driver.py", "degrade")
+    assert data["ok"] == 40, data["errors"]
+    assert 1 < data["workers"] < 40
+    assert data["refusals"] >= 1
+    assert data["refusals_warned"] == 1
+
+
+def test_no_worker_can_start_fails_queued_tasks_naming_the_cause():
+    """No fd left for even one worker: after the give-up time (shortened by the
+    driver) the queued tasks fail with WorkerCrashedError naming EMFILE; once fds
+    are free again the same executor runs tasks."""
+    data = run_driver("fd_limit_driver.py", "none")
+    assert len(data["errors"]) == 3
+    for err in data["errors"]:
+        assert "WorkerCrashedError" in err and "EMFILE" in err and "no worker could be started" in err
+    assert data["after"] is True
+    assert data["refusals_warned"] == 1
