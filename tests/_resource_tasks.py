@@ -48,3 +48,34 @@ def hang_unless_first(path):
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         hang_forever()
+
+
+def call_setsid():
+    try:
+        os.setsid()
+    except PermissionError as exc:
+        return ["PermissionError", exc.errno, str(exc)]
+    return ["ok", os.getsid(0), os.getpid()]
+
+
+def setsid_in_forked_child():
+    """os.fork(), then setsid() in the child: that child is no group leader, so it
+    gets a session of its own; it reports whether it leads it."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            os.write(w, b"ok" if os.getsid(0) == os.getpid() else b"no")
+        except BaseException as exc:  # noqa: BLE001
+            os.write(w, repr(exc).encode()[:200])
+        os._exit(0)
+    os.close(w)
+    data = os.read(r, 4096)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return data.decode()
+
+
+def getpid_task(_i):
+    return os.getpid()

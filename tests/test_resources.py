@@ -8,8 +8,10 @@ in the test process itself.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -194,3 +196,44 @@ def test_no_worker_can_start_fails_queued_tasks_naming_the_cause():
         assert "WorkerCrashedError" in err and "EMFILE" in err and "no worker could be started" in err
     assert data["after"] is True
     assert data["refusals_warned"] == 1
+
+
+# ----------------------------------------------------------------- drop-in details
+
+
+def test_setsid_in_a_task_fails_with_a_message_that_says_what_to_do():
+    from _resource_tasks import call_setsid, setsid_in_forked_child
+
+    with ProcessGroupExecutor(1) as ex:
+        kind, code, message = ex.submit(call_setsid).result(timeout=T)
+        assert kind == "PermissionError" and code == errno.EPERM
+        assert "process group" in message and "start_new_session=True" in message
+        # a child the task forked is no group leader: setsid() works there
+        assert ex.submit(setsid_in_forked_child).result(timeout=T) == "ok"
+
+
+def test_multiprocessing_set_executable_is_honoured(tmp_path):
+    """An embedded Python sets the interpreter with multiprocessing.set_executable():
+    the default start uses it (a wrapper that records its pid, then execs Python)."""
+    import multiprocessing
+    from multiprocessing import spawn
+
+    from _resource_tasks import getpid_task
+
+    used = tmp_path / "used"
+    wrapper = tmp_path / "python-wrapper"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'echo "$$" >> {shlex.quote(str(used))}\n'
+        f'exec {shlex.quote(sys.executable)} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    old = spawn.get_executable()
+    multiprocessing.set_executable(str(wrapper))
+    try:
+        with ProcessGroupExecutor(2) as ex:
+            pids = set(ex.map(getpid_task, range(6)))
+    finally:
+        multiprocessing.set_executable(old)
+    started_by_wrapper = {int(p) for p in used.read_text().split()}
+    assert pids and pids <= started_by_wrapper
