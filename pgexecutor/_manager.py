@@ -447,15 +447,19 @@ class Manager:
         initializer_timeout) would hold those tasks, and shutdown, forever although
         another worker is free; with it, the starting worker is left with nothing to
         do, and a shutdown stops it (_finish_shutdown)."""
-        loaded = [w for w in self.workers.values() if w.state is State.STARTING and w.inflight]
-        if not loaded:
+        # (On every pass of the loop with an empty queue: a plain scan, rarely more.)
+        for w in self.workers.values():
+            if w.state is State.STARTING and w.inflight:
+                break
+        else:
             return
         if not any(w.state is State.READY and not w.inflight for w in self.workers.values()):
             return
-        for w in loaded:
-            back = w.take_back(everything=True)
-            if back:
-                self.queue.extendleft(back)  # newest first: extendleft restores the order
+        for w in list(self.workers.values()):
+            if w.state is State.STARTING and w.inflight:
+                back = w.take_back(everything=True)
+                if back:
+                    self.queue.extendleft(back)  # newest first: extendleft restores the order
 
     def _hand_out(self) -> None:
         if not self.queue:
