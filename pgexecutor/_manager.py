@@ -86,7 +86,7 @@ from . import _process as proc_mod
 from . import _protocol as proto
 from ._ledger import Ledger, Stats, TaskInfo, WorkItem
 from ._mailbox import Command, KillTask, Mailbox, Shutdown, Terminate
-from ._scheduling import SHORTAGE_ERRNOS, Scheduler
+from ._scheduling import MAX_START_FAILURES, SHORTAGE_ERRNOS, Scheduler
 from ._worker_handle import SERVING, State, WorkerHandle
 from .errors import (
     MemoryLimitError,
@@ -867,10 +867,12 @@ class Manager:
             o for o in self.workers.values()
             if o is not w and o.state in (State.STARTING, State.READY)
         ]
-        if any(o.ready_seen for o in others):
-            if sched.cap is None:
-                logger.warning("%s; running on %d worker(s), trying again with back-off", reason, len(others))
-            sched.start_refused(now, len(others))
+        ready = sum(1 for o in others if o.ready_seen)
+        if ready:
+            # Logged once per run of early deaths (a READY from any worker ends it).
+            log = logger.warning if sched.start_failures == MAX_START_FAILURES else logger.debug
+            log("%s; running on %d ready worker(s), trying again with back-off", reason, ready)
+            sched.start_refused(now, len(others), sched.start_failures - MAX_START_FAILURES + 1)
             return
         self._fail_queue(partial(WorkerCrashedError, w.pid, code, reason))
         sched.stop_growing()

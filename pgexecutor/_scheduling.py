@@ -48,20 +48,22 @@ class Scheduler:
         self.target = 0  # workers the pool should have now (grows with queued work)
         self.avg_run: float | None = None  # moving average of task run times (seconds)
         self.spawn_after = 0.0  # no worker starts before this monotonic time
-        self.start_failures = 0  # workers in a row that died before they were ready
+        # Workers in a row that died before they were ready (a READY resets it; a task
+        # that ends on another worker does not: the pool would respawn forever).
+        self.start_failures = 0
         # Back-off after a worker could not start (see start_refused): run at most
         # ``cap`` workers until ``retry_at``; ``refused_since`` is when the current
         # run of refusals began (None: the last start succeeded).
         self.cap: int | None = None
         self.retry_at = 0.0
         self.backoff = 0.0
+        self.refusals = 0  # spawns refused in a row
         self.refused_since: float | None = None
         self.give_up_after = START_GIVE_UP
 
     def observe_run(self, seconds: float) -> None:
         avg = self.avg_run
         self.avg_run = seconds if avg is None else avg + AVG_WEIGHT * (seconds - avg)
-        self.start_failures = 0
 
     def grow_for(self, queued: int, busy: int) -> None:
         """Queued work wants one worker per task, beside the busy ones, up to the max."""
@@ -76,20 +78,25 @@ class Scheduler:
             return min(self.target, self.cap)
         return self.target
 
-    def start_refused(self, now: float, running: int) -> None:
+    def start_refused(self, now: float, running: int, streak: int | None = None) -> None:
         """A worker could not start with ``running`` others running: hold the pool at
-        that size for a back-off, twice as long as the last one."""
+        that size for a back-off that doubles with each refusal in a row (``streak``:
+        the caller's count, for starts that fail after the spawn, see Manager.
+        _on_start_exit; else this class counts refused spawns)."""
+        if streak is None:
+            self.refusals += 1
+            streak = self.refusals
         self.cap = running
-        self.backoff = min(START_BACKOFF_MAX, max(START_BACKOFF_MIN, self.backoff * 2))
+        self.backoff = min(START_BACKOFF_MAX, START_BACKOFF_MIN * 2.0 ** min(max(streak - 1, 0), 16))
         self.retry_at = now + self.backoff
         if self.refused_since is None:
             self.refused_since = now
 
     def start_succeeded(self) -> None:
-        """A worker started: the shortage is over (the back-off shrinks again)."""
+        """A worker was spawned: the shortage of fds or processes is over."""
         self.cap = None
         self.refused_since = None
-        self.backoff /= 2
+        self.refusals = 0
 
     def refused_for(self, now: float) -> float:
         """Seconds since the current run of refused starts began (0 if none)."""

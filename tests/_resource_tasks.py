@@ -79,3 +79,17 @@ def setsid_in_forked_child():
 
 def getpid_task(_i):
     return os.getpid()
+
+
+def exit_unless_first(path):
+    """An initializer: the first worker to run it starts; every later one dies
+    before it is ready (os._exit, so no INIT_FAILED: a start that failed)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        os._exit(3)
+
+
+def short_sleep(i):
+    time.sleep(0.05)
+    return os.getpid()

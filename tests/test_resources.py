@@ -198,6 +198,28 @@ def test_no_worker_can_start_fails_queued_tasks_naming_the_cause():
     assert data["refusals_warned"] == 1
 
 
+
+def test_workers_dying_before_ready_do_not_fail_tasks_another_worker_runs(tmp_path, caplog):
+    """Every worker but the first dies before it is ready: the first runs all the
+    tasks; the replacements are retried with back-off (not in a busy loop), and no
+    task fails (before: the third early death failed the whole queue)."""
+    import logging
+
+    from _resource_tasks import exit_unless_first, short_sleep
+
+    caplog.set_level(logging.DEBUG, logger="pgexecutor")
+    ex = ProcessGroupExecutor(3, initializer=exit_unless_first, initargs=(str(tmp_path / "first"),))
+    with ex:
+        fs = [ex.submit(short_sleep, i) for i in range(30)]
+        pids = {f.result(timeout=T) for f in fs}
+    assert len(pids) == 1
+    started = ex.stats()["workers_started"]
+    # 30 tasks of 50 ms take ~1.5 s: at back-off pace that is a handful of restarts
+    assert started < 20, started
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) <= 2, [r.getMessage() for r in warned]
+
+
 # ----------------------------------------------------------------- drop-in details
 
 
