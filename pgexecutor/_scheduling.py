@@ -1,5 +1,7 @@
 """Scheduling policy: how many workers to run, how deep to fill each one's pipe, and
-when the next one may start. Numbers and decisions only: no I/O, no signals.
+when the next one may start (a back-off after starts that failed: the pool shrinks to
+what the machine gives it instead of failing work). Numbers and decisions only: no
+I/O, no signals.
 
 Owner: the manager thread (whoever holds ``Manager._lock``).
 """

