@@ -336,15 +336,16 @@ class Manager:
         if isinstance(cmd, Shutdown):
             self.shutting_down = True
             if cmd.cancel_futures:
-                # Tasks written ahead into a ready worker's pipe have not begun: take
-                # back every one whose permit is unclaimed, so that they are cancelled
-                # too. The one task handed to each worker still starting is kept, as
-                # the standard library keeps what its call queue holds (CPython's
-                # own test_cancel_futures requires that some of a burst submitted
-                # right before the shutdown completes).
+                # Tasks written ahead into a worker's pipe behind the one it runs (or
+                # is about to begin) have not begun: take back every one whose permit
+                # is unclaimed, so that they are cancelled too. Each worker's next
+                # task is kept, begun or not (a worker still starting holds just that
+                # one), as the standard library keeps what its call queue holds:
+                # CPython's own test_cancel_futures requires that some of a burst
+                # submitted right before the shutdown completes.
                 for w in list(self.workers.values()):
                     if w.state is State.READY or w.state is State.RETIRING:
-                        self._revoke(w, everything=True)
+                        self._revoke(w)
                 self._cancel_queue(running_too=False)
         elif isinstance(cmd, Terminate):
             self._terminate(cmd.hard, cmd.reason)
@@ -381,8 +382,8 @@ class Manager:
         said RUNNING (the pool ends it cancelled: TaskFuture.cancel_running). Only a
         task that began once and is queued again for a retry keeps running: it
         began, and a begun task runs to completion. ``running_too``
-        (terminate/kill): nothing more runs, retries included. (Tasks handed to a
-        worker still starting are not in the queue: they run, see _command.)"""
+        (terminate/kill): nothing more runs, retries included. (Each worker's next
+        task is not in the queue: it runs, see _command.)"""
         now = time.monotonic()
         keep: deque[WorkItem] = deque()
         for item in self.queue:

@@ -69,6 +69,26 @@ def test_shutdown_cancel_futures_cancels_every_task_not_yet_begun(tmp_path):
             ex.shutdown(wait=True)
 
 
+
+def test_shutdown_cancel_futures_keeps_each_workers_next_task():
+    """CPython's test_cancel_futures on a primed pool: of 50 sleeps submitted right
+    before shutdown(cancel_futures=True) most are cancelled, yet each worker's next
+    task (the call queue's counterpart) runs, so some complete, and nothing else."""
+    import time as _time
+
+    for _ in range(5):
+        ex = ProcessGroupExecutor(2)
+        for f in [ex.submit(_time.sleep, 0.1) for _ in range(2)]:
+            f.result(timeout=T)
+        fs = [ex.submit(_time.sleep, 0.1) for _ in range(50)]
+        ex.shutdown(cancel_futures=True)
+        cancelled = [f for f in fs if f.cancelled()]
+        others = [f for f in fs if not f.cancelled()]
+        assert len(cancelled) > 20
+        assert 0 < len(others) <= 2
+        assert all(f.done() and f.exception() is None for f in others)
+
+
 # ----------------------------------------------------------------- initializer_timeout
 
 
