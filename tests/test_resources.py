@@ -206,6 +206,13 @@ def test_too_few_fds_for_every_worker_runs_every_task_on_those_that_started():
     assert data["refusals_warned"] == 1
 
 
+def test_the_issues_example_macos_default_limit_and_40_workers():
+    """RLIMIT_NOFILE 256 (macOS's default), 40 workers, 40 tasks: all succeed."""
+    data = run_driver("fd_limit_driver.py", "256")
+    assert data["ok"] == 40, data["errors"]
+    assert data["refusals_warned"] <= 1
+
+
 def test_no_worker_can_start_fails_queued_tasks_naming_the_cause():
     """No fd left for even one worker: after the give-up time (shortened by the
     driver) the queued tasks fail with WorkerCrashedError naming EMFILE; once fds

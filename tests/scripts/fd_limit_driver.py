@@ -4,6 +4,8 @@ usage: fd_limit_driver.py MODE
 MODE "count": how many fds the parent holds per worker (5 workers running).
 MODE "degrade": the limit lets only a few of 40 workers start; every task must still
     succeed on the workers that did, and the failed start is logged once.
+MODE "256": macOS's default limit (256) and 40 workers, from a cold start: whether
+    or not every worker fits, every task succeeds.
 MODE "none": the limit lets no worker start; queued tasks fail (after a shortened
     give-up time) with an error naming the cause, and once the limit is raised again
     the same executor runs new tasks.
@@ -96,11 +98,12 @@ def count(tmp: str) -> dict:
     return {"per_worker": (with_five - with_one) / 4, "workers": len(pids)}
 
 
-def degrade(records: Records) -> dict:
+def degrade(records: Records, limit: int | None = None) -> dict:
     ex = ProcessGroupExecutor(max_workers=40)
-    ex.submit(short_task, 0).result(timeout=60)  # the guardian and one worker run
-    # Room for a few more workers (6 fds each on Linux, 8 while one starts).
-    limit = limit_with_room(6 * 4 + 3)
+    if limit is None:
+        ex.submit(short_task, 0).result(timeout=60)  # the guardian and one worker run
+        # Room for a few more workers (6 fds each on Linux, 8 while one starts).
+        limit = limit_with_room(6 * 4 + 3)
     soft, hard = lower_limit(limit)
     try:
         fs = [ex.submit(short_task, i) for i in range(40)]
@@ -145,6 +148,8 @@ def main() -> None:
         data = count(sys.argv[2])
     elif mode == "degrade":
         data = degrade(records)
+    elif mode == "256":
+        data = degrade(records, 256)
     else:
         data = none(records)
     data["refusals_warned"] = sum(
