@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         kill_grace=0.5,
         initializer=importlib.import_module,  # import gmsh once per worker, off the clock
         initargs=("gmsh",),
+        initializer_timeout=300,  # its own bound: the import may outlast task_timeout
     ) as ex:
         results = ex.map(mesh_case, [x["params"] for x in inputs], return_exceptions=True)
         for i, (inp, res) in enumerate(zip(inputs, results, strict=True)):

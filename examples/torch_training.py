@@ -249,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     outcomes: list[dict[str, Any]] = [{} for _ in tasks]
     t0 = time.monotonic()
     with ProcessGroupExecutor(
-        max_workers=2, task_timeout=timeout, kill_grace=grace, initializer=warm_up
+        max_workers=2, task_timeout=timeout, kill_grace=grace, initializer=warm_up,
+        # importing torch may take longer than a task may run: the initializer gets its
+        # own bound (by default it would get task_timeout)
+        initializer_timeout=300,
     ) as ex:
         futs: dict[Future[Any], int] = {}
         for i, spec in enumerate(tasks):

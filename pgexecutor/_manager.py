@@ -40,7 +40,8 @@ state                          owner
 ============================  =====================================================
 ``queue``, ``workers``,        whoever holds ``Manager._lock``: the manager thread,
 worker handles, ``scheduler``, which lets go only while it sleeps in poll(); then a
-``ledger``/stats, ``pids``     caller may take it without waiting (``try_dispatch``)
+``ledger``/stats, ``pids``,    caller may take it without waiting (``try_dispatch``)
+``_dump`` (stack-dump pipe)
 ``mailbox.inbox``              any thread appends; the manager pops
 ``mailbox.sweep_due``          any thread sets (a cancel); the manager clears
 ``mailbox`` wake/close         ``Mailbox._lock``
@@ -67,6 +68,7 @@ manager knows the next one began.
 
 from __future__ import annotations
 
+import errno
 import logging
 import select
 import signal
@@ -85,7 +87,7 @@ from . import _process as proc_mod
 from . import _protocol as proto
 from ._ledger import Ledger, Stats, TaskInfo, WorkItem
 from ._mailbox import Command, KillTask, Mailbox, Shutdown, Terminate
-from ._scheduling import Scheduler
+from ._scheduling import MAX_START_FAILURES, SHORTAGE_ERRNOS, Scheduler
 from ._worker_handle import SERVING, State, WorkerHandle
 from .errors import (
     MemoryLimitError,
@@ -117,6 +119,8 @@ class ManagerConfig:
     init_payload: bytes
     max_tasks_per_child: int | None
     kill_grace: float
+    #: seconds a worker's initializer may run (from INIT_BEGUN), or None
+    init_timeout: float | None = None
 
 
 class Manager:
@@ -137,6 +141,8 @@ class Manager:
         self._fd_owner: dict[int, tuple[int, WorkerHandle | None]] = {}
         self._register(self.mailbox.wake_r, select.POLLIN, _WAKE, None)
         self._use_pidfd = _platform.USE_PIDFD  # False once a worker came without one
+        self._dump: tuple[int, int] | None = None  # the workers' stack-dump pipe (r, w)
+        self._refusals_logged: set[tuple[str, int | None]] = set()  # causes of failed starts
         self._next_exit_poll = 0.0  # without pidfds: next look for dead workers
         self._lock = threading.Lock()  # see the ownership table
         self._serving = False  # the loop runs: try_dispatch may act for it
@@ -330,6 +336,16 @@ class Manager:
         if isinstance(cmd, Shutdown):
             self.shutting_down = True
             if cmd.cancel_futures:
+                # Tasks written ahead into a worker's pipe behind the one it runs (or
+                # is about to begin) have not begun: take back every one whose permit
+                # is unclaimed, so that they are cancelled too. Each worker's next
+                # task is kept, begun or not (a worker still starting holds just that
+                # one), as the standard library keeps what its call queue holds:
+                # CPython's own test_cancel_futures requires that some of a burst
+                # submitted right before the shutdown completes.
+                for w in list(self.workers.values()):
+                    if w.state is State.READY or w.state is State.RETIRING:
+                        self._revoke(w)
                 self._cancel_queue(running_too=False)
         elif isinstance(cmd, Terminate):
             self._terminate(cmd.hard, cmd.reason)
@@ -359,15 +375,19 @@ class Manager:
                     w.reap_deadline = now
 
     def _cancel_queue(self, running_too: bool) -> None:
-        """Cancel the queued tasks no worker has been handed yet, as the standard
-        library's ``shutdown(cancel_futures=True)`` does. A task that was handed to a
-        worker and is queued again (its worker died and a retry follows, or it was
-        taken back from a busy worker) is RUNNING: it runs to completion, unless
-        ``running_too`` (terminate/kill: nothing more runs)."""
+        """Cancel the queued tasks that no worker has begun, as the standard
+        library's ``shutdown(cancel_futures=True)`` does, and more: a task that was
+        handed to a worker and came back unbegun (taken back from its pipe, or its
+        worker was killed before reaching it) is cancelled too, although its future
+        said RUNNING (the pool ends it cancelled: TaskFuture.cancel_running). Only a
+        task that began once and is queued again for a retry keeps running: it
+        began, and a begun task runs to completion. ``running_too``
+        (terminate/kill): nothing more runs, retries included. (Each worker's next
+        task is not in the queue: it runs, see _command.)"""
         now = time.monotonic()
         keep: deque[WorkItem] = deque()
         for item in self.queue:
-            if item.sent and not running_too:
+            if item.attempts and not running_too:
                 keep.append(item)
             else:
                 self.ledger.fail(item, CancelledError(), "cancelled", now)
@@ -414,9 +434,32 @@ class Manager:
         them their first task at once (handed over is handed over: a shutdown with
         cancel_futures right after still lets it run, as the standard library's call
         queue does)."""
+        if not self.queue:
+            self._move_from_starting()
         self._hand_out()
         if self._adjust_workers() and self.queue:
             self._hand_out()
+
+    def _move_from_starting(self) -> None:
+        """A ready worker has nothing to do while tasks wait in the pipe of one still
+        starting (a slow or hung initializer): take them back, so that the ready one
+        runs them. Without this, an initializer that hangs (and has no
+        initializer_timeout) would hold those tasks, and shutdown, forever although
+        another worker is free; with it, the starting worker is left with nothing to
+        do, and a shutdown stops it (_finish_shutdown)."""
+        # (On every pass of the loop with an empty queue: a plain scan, rarely more.)
+        for w in self.workers.values():
+            if w.state is State.STARTING and w.inflight:
+                break
+        else:
+            return
+        if not any(w.state is State.READY and not w.inflight for w in self.workers.values()):
+            return
+        for w in list(self.workers.values()):
+            if w.state is State.STARTING and w.inflight:
+                back = w.take_back(everything=True)
+                if back:
+                    self.queue.extendleft(back)  # newest first: extendleft restores the order
 
     def _hand_out(self) -> None:
         if not self.queue:
@@ -498,29 +541,70 @@ class Manager:
         elif self.shutting_down:
             return False
         active = sum(1 for w in self.workers.values() if w.state in (State.STARTING, State.READY))
-        if active >= self.scheduler.target or self.scheduler.spawn_paused(time.monotonic()):
-            return False  # enough, or a caller was just woken: let it run first
+        if active >= self.scheduler.target:
+            return False
+        now = time.monotonic()
+        if active >= self.scheduler.limit(now) or self.scheduler.spawn_paused(now):
+            return False  # enough, backing off, or a caller was just woken: let it run first
         started = False
-        while active < self.scheduler.target:
+        while active < self.scheduler.limit(now):
             try:
                 self._spawn()
             except OSError as exc:
-                logger.error("could not start a worker: %s", exc)
-                reason = f"could not start a worker: {exc}"
-                self._fail_queue(partial(WorkerCrashedError, None, None, reason))
-                self.scheduler.stop_growing()
+                self._start_refused(exc, active, now)
                 return started
+            self.scheduler.start_succeeded()
             active += 1
             started = True
         return started
 
+    def _start_refused(self, exc: OSError, running: int, now: float) -> None:
+        """A worker could not start. Resources run short (fds, processes, memory):
+        run on the ``running`` workers there are and try again after a back-off;
+        the queue waits for them. Only with no worker at all, and once none could be
+        started for ``Scheduler.give_up_after`` seconds (at once if the cause will not pass by
+        waiting, such as a missing executable), do the queued tasks fail, with the
+        cause in their error. Logged once per cause (WARNING), not once per retry."""
+        sched = self.scheduler
+        sched.start_refused(now, running)
+        name = errno.errorcode.get(exc.errno or 0, "")
+        cause = f"{exc} ({name})" if name else str(exc)
+        key = (type(exc).__name__, exc.errno)
+        if key in self._refusals_logged:
+            logger.debug("could not start a worker (%s); retrying in %.2gs", cause, sched.backoff)
+        else:
+            self._refusals_logged.add(key)
+            logger.warning(
+                "could not start a worker (%s); running on %d worker(s) and trying again "
+                "with back-off (logged once)", cause, running,
+            )
+        if running:
+            return
+        shortage = exc.errno in SHORTAGE_ERRNOS
+        waited = sched.refused_for(now)
+        if shortage and waited < sched.give_up_after:
+            return
+        if shortage:
+            reason = f"no worker could be started for {waited:.0f}s: {cause}"
+        else:
+            reason = f"could not start a worker: {cause}"
+        self._fail_queue(partial(WorkerCrashedError, None, None, reason))
+        sched.stop_growing()
+
     def _spawn(self) -> None:
-        proc = proc_mod.spawn_worker(self.cfg.mp_context)
+        if self._dump is None:  # one stack-dump pipe for all the workers (see _process)
+            self._dump = proc_mod.dump_pipe()
+        proc = proc_mod.spawn_worker(self.cfg.mp_context, self._dump)
+        try:
+            _guardian.register(proc.pid, proc.create_time, self.cfg.kill_grace)
+        except OSError:  # the guardian could not start (fds short): nothing may run unguarded
+            _guardian.unregister(proc.pid)
+            proc_mod.abandon(proc)
+            raise
         w = WorkerHandle(proc)
         self.workers[w.pid] = w
         self._publish_pids()
         self.ledger.stats.workers_started += 1
-        _guardian.register(w.pid, proc.create_time, self.cfg.kill_grace)
         if proc.pidfd >= 0:
             self._register(proc.pidfd, select.POLLIN, _PIDFD, w)
         else:
@@ -567,6 +651,8 @@ class Manager:
                 # Its imports were not its run time: its clock starts that much later.
                 (took,) = proto.SECONDS.unpack(payload)
                 head.started += max(0.0, min(took, time.monotonic() - head.started))
+        elif kind == proto.INIT_BEGUN:
+            w.initializer_began(time.monotonic(), self.cfg.init_timeout)
         elif kind == proto.READY:
             if w.state is State.STARTING:
                 w.state = State.READY
@@ -615,6 +701,10 @@ class Manager:
 
     def _on_timer(self, w: WorkerHandle, now: float) -> None:
         """One of ``w``'s timers is due (see WorkerHandle: each state's timers)."""
+        t = w.init_at()
+        if t is not None and now >= t:
+            self._on_init_timeout(w, now)
+            return
         t = w.timeout_at()
         if t is not None and now >= t:
             self._on_timeout(w, now)
@@ -651,6 +741,35 @@ class Manager:
         self._kill(w, "timeout", hard=False, now=now)
         err = TaskTimeoutError(timeout, w.pid, stack, item.attempts)
         self._retry_or_fail(item, err, "timeout", time.monotonic())
+
+    def _on_init_timeout(self, w: WorkerHandle, now: float) -> None:
+        """A worker's initializer ran past ``initializer_timeout``: kill its group and
+        fail what waits for it, as a failing initializer does (INIT_FAILED): the
+        tasks handed to it and the queue fail with WorkerInitializerError and no
+        replacement starts until new work comes. Why not retry on a fresh worker:
+        the initializer runs the same code in every worker, so one that hung is
+        likely to hang again, and each retry would hold the queue for another whole
+        timeout; the standard library, too, gives up on the pool when an initializer
+        fails. New submissions start a fresh worker (which may succeed)."""
+        self._read_results(w)  # READY or INIT_FAILED may be waiting in the pipe
+        t = w.init_at()
+        if t is None or now < t:
+            return
+        timeout = self.cfg.init_timeout
+        stack = w.collect_stack()  # where it hangs: the error's "remote traceback"
+        logger.warning(
+            "initializer of worker pid=%d ran past initializer_timeout=%gs; killing its group",
+            w.pid, timeout,
+        )
+        message = (
+            f"the executor's initializer did not finish within initializer_timeout={timeout:g}s "
+            f"in a new worker (pid {w.pid}); its process group was killed"
+        )
+        w.init_failed = True
+        self._kill(w, "initializer timeout", hard=False, now=now)  # requeues its tasks
+        text = None if stack is None else "Stack of the worker when it was killed:\n" + stack
+        self._fail_queue(partial(WorkerInitializerError, message, text))
+        self.scheduler.stop_growing()  # do not restart workers to hang again
 
     def _sample_memory(self, w: WorkerHandle, now: float) -> None:
         item = w.head()
@@ -722,17 +841,41 @@ class Manager:
             self._requeue(w.inflight)  # handed over, never begun
             w.inflight.clear()
             if head is None and not w.ready_seen and not w.init_failed:
-                logger.warning("worker pid=%d exited (code %s) before it was ready", w.pid, code)
-                if self.scheduler.start_failed():
-                    reason = f"workers exit before they are ready ({self.scheduler.start_failures} in a row)"
-                    self._fail_queue(partial(WorkerCrashedError, w.pid, code, reason))
-                    self.scheduler.stop_growing()
+                self._on_start_exit(w, code, now)
             elif head is None and w.state is State.READY and not self.shutting_down:
                 logger.warning("idle worker pid=%d died (exit code %s); replacing it", w.pid, code)
         w.mark_dead(now, self.cfg.kill_grace)
         self._publish_pids()
         if not w.group_lingers(now):
             self._reap(w)
+
+    def _on_start_exit(self, w: WorkerHandle, code: int | None, now: float) -> None:
+        """``w`` died before it was ready (its interpreter could not start: memory,
+        a broken executable, a module that fails at import). After MAX_START_FAILURES
+        in a row: with other workers ready, the pool runs on them and tries again
+        after a back-off (the queue is theirs: no task fails while a worker can run
+        it); with none, the queued tasks fail, with the exit code."""
+        sched = self.scheduler
+        first = sched.start_failures == 0
+        (logger.warning if first else logger.debug)(
+            "worker pid=%d exited (code %s) before it was ready", w.pid, code
+        )
+        if not sched.start_failed():
+            return
+        reason = f"workers exit before they are ready ({sched.start_failures} in a row)"
+        others = [
+            o for o in self.workers.values()
+            if o is not w and o.state in (State.STARTING, State.READY)
+        ]
+        ready = sum(1 for o in others if o.ready_seen)
+        if ready:
+            # Logged once per run of early deaths (a READY from any worker ends it).
+            log = logger.warning if sched.start_failures == MAX_START_FAILURES else logger.debug
+            log("%s; running on %d ready worker(s), trying again with back-off", reason, ready)
+            sched.start_refused(now, len(others), sched.start_failures - MAX_START_FAILURES + 1)
+            return
+        self._fail_queue(partial(WorkerCrashedError, w.pid, code, reason))
+        sched.stop_growing()
 
     def _reap(self, w: WorkerHandle) -> None:
         # The guardian forgets the group before the reap frees its number, so it never
@@ -775,7 +918,15 @@ class Manager:
             elif w.state is State.READY and not w.inflight:
                 w.retire()
                 self._flush(w)
-        return not self.workers
+        if self.workers:
+            return False
+        self._close_dump()
+        return True
+
+    def _close_dump(self) -> None:
+        if self._dump is not None:
+            proc_mod.close_dump_pipe(self._dump)
+            self._dump = None
 
     def _emergency_stop(self) -> None:
         """Last resort if the loop itself fails: kill every group, fail every future."""
@@ -795,6 +946,7 @@ class Manager:
                 logger.exception("could not clean up worker pid=%d", w.pid)
         self.workers.clear()
         self._publish_pids()
+        self._close_dump()
         inbox = self.mailbox.take()
         while inbox:
             msg = inbox.popleft()

@@ -16,14 +16,22 @@ Everything POSIX lives here so that the manager reads as policy. The hazards:
 * **Pipe EOF is not death.** A task that forks copies the worker's pipe ends into its
   children, so EOF never comes while they live. Death is watched through a pidfd
   (Linux >= 5.3), which becomes readable when the process exits, whoever holds its pipes.
-* **fd inheritance.** Python creates fds close-on-exec; the child's three pipe ends
-  (and, on Linux, its end of the socket that carries memfds of large results) are
-  ``dup2``-ed onto 3, 4, 5 (and 6) by the spawn's file actions, which clears
-  close-on-exec on those copies only. So no worker inherits another worker's pipes, or the guardian's.
+* **fd inheritance.** Python creates fds close-on-exec; the child's pipe ends (and,
+  on Linux, its end of the socket that carries memfds of large results) are
+  ``dup2``-ed onto 3 to 7 by the spawn's file actions, which clears close-on-exec on
+  those copies only. So no worker inherits another worker's pipes, or the guardian's.
+* **fds are a budget** (RLIMIT_NOFILE: 256 by default on macOS). The parent keeps per
+  worker only what it must: the task pipe's write end, the result pipe's read end,
+  both ends of the permit pipe, the pidfd and (Linux) the memfd socket: 6 on Linux, 4
+  on macOS. The stack-dump pipe is one per pool (:func:`dump_pipe`), and the child's
+  ends are closed as soon as the child holds them. A start that finds the budget (or
+  the process table, or memory) exhausted raises OSError with nothing left open, and
+  the manager tries again later (see _scheduling.SHORTAGE_ERRNOS).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -101,7 +109,9 @@ class WorkerProcess:
     pid: int
     to_worker: int  # parent writes tasks here (non-blocking)
     from_worker: int  # parent reads results here (non-blocking)
-    dump: int  # parent reads faulthandler stack dumps here (non-blocking)
+    # Parent reads faulthandler stack dumps here (non-blocking). One pipe for all of
+    # a pool's workers (see dump_pipe): the pool owns it, close_fds leaves it open.
+    dump: int
     # Permits (see permit_pipe): the parent writes one per task and keeps a read end
     # to take unclaimed ones back; the worker holds the other read end.
     permits_w: int = -1
@@ -116,11 +126,12 @@ class WorkerProcess:
     _fds_open: bool = field(default=True, repr=False)
 
     def close_fds(self) -> None:
-        """Close the parent's ends of the pipes and the pidfd (idempotent)."""
+        """Close the parent's ends of the pipes and the pidfd (idempotent); not the
+        pool's dump pipe."""
         if not self._fds_open:
             return
         self._fds_open = False
-        fds = [self.to_worker, self.from_worker, self.dump, self.permits_w, self.permits_r, self.pidfd]
+        fds = [self.to_worker, self.from_worker, self.permits_w, self.permits_r, self.pidfd]
         unmark_parent_only(*fds)
         for fd in fds:
             if fd >= 0:
@@ -145,6 +156,30 @@ def _pipe() -> tuple[int, int]:
     return r, w
 
 
+def dump_pipe() -> tuple[int, int]:
+    """The pool's stack-dump pipe: ``(read end, write end)``, the read end non-blocking.
+
+    Every worker of a pool gets the write end (its faulthandler writes there when the
+    manager asks for its stack) and the manager reads the one read end: a dump is
+    asked for one worker at a time (the manager waits for it), and stale bytes are
+    dropped before each ask. One pipe per pool, not per worker, saves the parent an fd
+    per worker. The caller closes both ends (close_dump_pipe) when its pool is done.
+    """
+    r, w = _pipe()
+    os.set_blocking(r, False)
+    mark_parent_only(r, w)
+    return r, w
+
+
+def close_dump_pipe(fds: tuple[int, int]) -> None:
+    unmark_parent_only(*fds)
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def permit_pipe() -> tuple[int, int]:
     """A worker's permit pipe, both ends non-blocking: ``(read end, write end)``.
 
@@ -165,12 +200,21 @@ def permit_pipe() -> tuple[int, int]:
     return r, w
 
 
+#: errnos that mean "short of fds or memory now", not "no pidfds here"
+_SHORT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
 def _open_pidfd(pid: int) -> int:
+    """A pidfd for ``pid``, or -1 where the platform has none. Raises OSError when
+    fds or memory are short: the start fails (and is retried) rather than leave the
+    whole pool polling for exits."""
     if not _platform.USE_PIDFD:
         return -1
     try:
         return os.pidfd_open(pid)
-    except OSError:  # old kernel (< 5.3), or a sandbox that forbids it
+    except OSError as exc:  # old kernel (< 5.3), or a sandbox that forbids it
+        if exc.errno in _SHORT:
+            raise
         return -1
 
 
@@ -236,28 +280,58 @@ def _shm_channel() -> tuple[Any, Any]:
     return parent, child
 
 
-def _spawn_fresh(python: str) -> WorkerProcess:
-    """Start ``python -c bootstrap`` as a group leader with its pipes at fds 3-6."""
-    task_r, task_w = _pipe()
-    res_r, res_w = _pipe()
-    dump_r, dump_w = _pipe()
-    permits_r, permits_w = permit_pipe()
-    channel, channel_child = _shm_channel()
+def _close_all(fds: list[int], socks: tuple[Any, ...] = ()) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    for sock in socks:
+        if sock is not None:
+            sock.close()
+
+
+def _spawn_fresh(python: str, dump: tuple[int, int]) -> WorkerProcess:
+    """Start ``python -c bootstrap`` as a group leader with its pipes at fds 3-7.
+
+    Any fd allocation can fail (EMFILE at the fd limit): whatever was opened by then
+    is closed again before the OSError goes on.
+    """
+    dump_r, dump_w = dump
+    opened: list[int] = []
+    channel = channel_child = None
+    try:
+        task_r, task_w = _pipe()
+        opened += (task_r, task_w)
+        res_r, res_w = _pipe()
+        opened += (res_r, res_w)
+        permits_r, permits_w = permit_pipe()
+        opened += (permits_r, permits_w)
+        channel, channel_child = _shm_channel()
+    except BaseException:
+        _close_all(opened, (channel, channel_child))
+        raise
     child_ends = [task_r, res_w, dump_w, permits_r]
     targets = [CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD, CHILD_PERMIT_FD]
     if channel_child is not None:
         child_ends.append(channel_child.fileno())
         targets.append(CHILD_SHM_FD)
-    # dup2 through scratch fds above every source, so that no source is overwritten
-    # before it was copied (a source may already sit at 3 to 7).
-    scratch = max(max(child_ends), max(targets)) + 1
     actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
-    for i, fd in enumerate(child_ends):
-        actions.append((os.POSIX_SPAWN_DUP2, fd, scratch + i))
-    for i, target in enumerate(targets):
-        actions.append((os.POSIX_SPAWN_DUP2, scratch + i, target))
-    for i in range(len(child_ends)):
-        actions.append((os.POSIX_SPAWN_CLOSE, scratch + i))
+    if min(child_ends) > max(targets):
+        # The usual case: every source lies above 3-7, so no dup2 overwrites one.
+        # (No scratch fds above them: near the fd limit those would not exist.)
+        for fd, target in zip(child_ends, targets, strict=True):
+            actions.append((os.POSIX_SPAWN_DUP2, fd, target))
+    else:
+        # A source sits at 3 to 7: dup2 through scratch fds above every source, so
+        # that no source is overwritten before it was copied.
+        scratch = max(max(child_ends), max(targets)) + 1
+        for i, fd in enumerate(child_ends):
+            actions.append((os.POSIX_SPAWN_DUP2, fd, scratch + i))
+        for i, target in enumerate(targets):
+            actions.append((os.POSIX_SPAWN_DUP2, scratch + i, target))
+        for i in range(len(child_ends)):
+            actions.append((os.POSIX_SPAWN_CLOSE, scratch + i))
     try:
         pid = os.posix_spawn(
             python,
@@ -269,13 +343,9 @@ def _spawn_fresh(python: str) -> WorkerProcess:
             setsigdef=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE),
         )
     except BaseException:
-        for fd in (task_r, task_w, res_r, res_w, dump_r, dump_w, permits_r, permits_w):
-            os.close(fd)
-        for sock in (channel, channel_child):
-            if sock is not None:
-                sock.close()
+        _close_all(opened, (channel, channel_child))
         raise
-    for fd in (task_r, res_w, dump_w):
+    for fd in (task_r, res_w):  # the child's ends: close promptly (fds are a budget)
         os.close(fd)
     if channel_child is not None:
         channel_child.close()
@@ -286,26 +356,39 @@ def _spawn_fresh(python: str) -> WorkerProcess:
     )
 
 
-def _spawn_mp(ctx: Any) -> WorkerProcess:
+def _spawn_mp(ctx: Any, dump: tuple[int, int]) -> WorkerProcess:
     """Start a worker through a multiprocessing context (fork, spawn or forkserver)."""
     from multiprocessing import process as mp_process
     from multiprocessing.connection import Connection
 
     from . import _worker
 
-    task_r, task_w = _pipe()
-    res_r, res_w = _pipe()
-    dump_r, dump_w = _pipe()
-    permits_r, permits_w = permit_pipe()
-    # The child gets a copy of permits_r; the parent keeps its own (see permit_pipe).
-    child_permits = os.dup(permits_r)
+    dump_r = dump[0]
+    opened: list[int] = []
+    try:
+        task_r, task_w = _pipe()
+        opened += (task_r, task_w)
+        res_r, res_w = _pipe()
+        opened += (res_r, res_w)
+        permits_r, permits_w = permit_pipe()
+        opened += (permits_r, permits_w)
+        # The child gets a copy of permits_r; the parent keeps its own (see
+        # permit_pipe). It gets a copy of the pool's dump pipe too (the Connection
+        # closes its fd once the child started).
+        child_permits = os.dup(permits_r)
+        opened.append(child_permits)
+        dump_w = os.dup(dump[1])
+        opened.append(dump_w)
+    except BaseException:
+        _close_all(opened)
+        raise
     conns = (
         Connection(task_r, readable=True, writable=False),
         Connection(res_w, readable=False, writable=True),
         Connection(dump_w, readable=False, writable=True),
         Connection(child_permits, readable=True, writable=False),
     )
-    parent_ends = (task_w, res_r, dump_r, permits_w, permits_r)
+    parent_ends = (task_w, res_r, permits_w, permits_r)  # (the dump pipe is marked already)
     # A fork-started child closes the parent's fds itself (_after_fork_in_child), but
     # parent_ends are not marked yet: it gets their numbers. Only a fork copies them;
     # in a spawned child the same numbers may be other, live fds.
@@ -355,28 +438,51 @@ def _spawn_mp(ctx: Any) -> WorkerProcess:
     )
 
 
-def spawn_worker(mp_context: Any = None, python: str | None = None) -> WorkerProcess:
-    """Start one worker as the leader of a new process group.
+def executable() -> str:
+    """The interpreter a fresh worker runs: ``multiprocessing.set_executable()``'s if
+    the program set one (an embedded Python, whose ``sys.executable`` is the host
+    application), else ``sys.executable``, as the standard library's spawn does."""
+    spawn = sys.modules.get("multiprocessing.spawn")  # set_executable() imported it
+    exe = spawn.get_executable() if spawn is not None else None
+    return os.fsdecode(exe) if exe else sys.executable
+
+
+def spawn_worker(mp_context: Any, dump: tuple[int, int], python: str | None = None) -> WorkerProcess:
+    """Start one worker as the leader of a new process group; ``dump`` is the pool's
+    stack-dump pipe (:func:`dump_pipe`).
 
     The parent's ends of its pipes come back non-blocking: the manager must never
-    block on a worker.
+    block on a worker. Raises OSError if it cannot start (fds, processes or memory
+    short: see the module docstring), with nothing of it left open or running.
     """
     with _spawn_lock:  # one spawn at a time: keeps fd bookkeeping consistent
         if mp_context is None:
-            proc = _spawn_fresh(python or sys.executable)
+            proc = _spawn_fresh(python or executable(), dump)
         else:
-            proc = _spawn_mp(mp_context)
+            proc = _spawn_mp(mp_context, dump)
         _record(proc.pid)
-        mark_parent_only(proc.to_worker, proc.from_worker, proc.dump, proc.permits_w, proc.permits_r)
+        mark_parent_only(proc.to_worker, proc.from_worker, proc.permits_w, proc.permits_r)
         if proc.channel is not None:
             mark_parent_only(proc.channel.fileno())
-    for fd in (proc.to_worker, proc.from_worker, proc.dump):
+    for fd in (proc.to_worker, proc.from_worker):
         os.set_blocking(fd, False)
-    proc.pidfd = _open_pidfd(proc.pid)
+    try:
+        proc.pidfd = _open_pidfd(proc.pid)
+    except OSError:
+        abandon(proc)
+        raise
     if proc.pidfd >= 0:
         mark_parent_only(proc.pidfd)
     proc.create_time = process_create_time(proc.pid)
     return proc
+
+
+def abandon(proc: WorkerProcess) -> None:
+    """Undo a start that cannot be completed: SIGKILL the new group (its leader is
+    unreaped, so the pgid is still ours), reap the leader, close the parent's fds."""
+    signal_group(proc.pid, signal.SIGKILL)
+    reap(proc)
+    proc.close_fds()
 
 
 def process_create_time(pid: int) -> float:

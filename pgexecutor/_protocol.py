@@ -66,6 +66,9 @@ RESULT_SHM = 15  #: RESULT_OOB whose buffers are in a memfd sent on the fd chann
 #: ident: task id; payload: SECONDS its call took to unpickle (imports, not its run)
 UNPICKLED = 16
 SECONDS = struct.Struct("<d")
+#: ident: the worker's pid; it begins the initializer now (initializer_timeout counts
+#: from here, see Manager._on_init_timeout). Sent only when there is an initializer.
+INIT_BEGUN = 17
 #: Unpickling a call slower than this (seconds: a first import of the task's module on
 #: a fresh worker) is not the task's own time: the worker says UNPICKLED (see _worker).
 SLOW_UNPICKLE = 0.01

@@ -1,10 +1,14 @@
 """Scheduling policy: how many workers to run, how deep to fill each one's pipe, and
-when the next one may start. Numbers and decisions only: no I/O, no signals.
+when the next one may start (a back-off after starts that failed: the pool shrinks to
+what the machine gives it instead of failing work). Numbers and decisions only: no
+I/O, no signals.
 
 Owner: the manager thread (whoever holds ``Manager._lock``).
 """
 
 from __future__ import annotations
+
+import errno
 
 #: Tasks in flight per worker once the pool is full: the one running plus those
 #: waiting in its pipe (see depth()).
@@ -21,6 +25,21 @@ AVG_WEIGHT = 0.25  # weight of the newest run time in the moving average
 #: switch interval). A short poll hands it the GIL first.
 SPAWN_PAUSE = 0.002
 MAX_START_FAILURES = 3  # workers that died before READY in a row: stop retrying
+#: A worker that cannot be started (fds, processes or memory exhausted) is tried again
+#: after a back-off that doubles from START_BACKOFF_MIN up to START_BACKOFF_MAX; the
+#: pool runs on the workers it has meanwhile.
+START_BACKOFF_MIN = 0.05
+START_BACKOFF_MAX = 2.0
+#: With no worker at all, queued tasks fail once no worker could be started for this
+#: long (seconds): the shortage may pass (another program closes its files), but a
+#: caller must not wait forever either.
+START_GIVE_UP = 30.0
+#: errnos of a start that may succeed later: the machine or this process is short of
+#: something (EMFILE/ENFILE: fds; EAGAIN: processes, RLIMIT_NPROC; ENOMEM; ENOSPC).
+#: Any other (ENOENT: no such executable, EACCES, ...) will not pass by waiting.
+SHORTAGE_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM, errno.ENOSPC}
+)
 
 
 class Scheduler:
@@ -31,17 +50,59 @@ class Scheduler:
         self.target = 0  # workers the pool should have now (grows with queued work)
         self.avg_run: float | None = None  # moving average of task run times (seconds)
         self.spawn_after = 0.0  # no worker starts before this monotonic time
-        self.start_failures = 0  # workers in a row that died before they were ready
+        # Workers in a row that died before they were ready (a READY resets it; a task
+        # that ends on another worker does not: the pool would respawn forever).
+        self.start_failures = 0
+        # Back-off after a worker could not start (see start_refused): run at most
+        # ``cap`` workers until ``retry_at``; ``refused_since`` is when the current
+        # run of refusals began (None: the last start succeeded).
+        self.cap: int | None = None
+        self.retry_at = 0.0
+        self.backoff = 0.0
+        self.refusals = 0  # spawns refused in a row
+        self.refused_since: float | None = None
+        self.give_up_after = START_GIVE_UP
 
     def observe_run(self, seconds: float) -> None:
         avg = self.avg_run
         self.avg_run = seconds if avg is None else avg + AVG_WEIGHT * (seconds - avg)
-        self.start_failures = 0
 
     def grow_for(self, queued: int, busy: int) -> None:
         """Queued work wants one worker per task, beside the busy ones, up to the max."""
         if self.target < self.max_workers:
             self.target = max(self.target, min(self.max_workers, queued + busy))
+
+    def limit(self, now: float) -> int:
+        """How many workers may run now: the target, held at ``cap`` during a
+        back-off. Once the back-off is over, starts are tried up to the target again
+        (the first refusal caps it anew)."""
+        if self.cap is not None and now < self.retry_at:
+            return min(self.target, self.cap)
+        return self.target
+
+    def start_refused(self, now: float, running: int, streak: int | None = None) -> None:
+        """A worker could not start with ``running`` others running: hold the pool at
+        that size for a back-off that doubles with each refusal in a row (``streak``:
+        the caller's count, for starts that fail after the spawn, see Manager.
+        _on_start_exit; else this class counts refused spawns)."""
+        if streak is None:
+            self.refusals += 1
+            streak = self.refusals
+        self.cap = running
+        self.backoff = min(START_BACKOFF_MAX, START_BACKOFF_MIN * 2.0 ** min(max(streak - 1, 0), 16))
+        self.retry_at = now + self.backoff
+        if self.refused_since is None:
+            self.refused_since = now
+
+    def start_succeeded(self) -> None:
+        """A worker was spawned: the shortage of fds or processes is over."""
+        self.cap = None
+        self.refused_since = None
+        self.refusals = 0
+
+    def refused_for(self, now: float) -> float:
+        """Seconds since the current run of refused starts began (0 if none)."""
+        return 0.0 if self.refused_since is None else now - self.refused_since
 
     def stop_growing(self) -> None:
         """Workers fail to start (or to initialise): start none until new work comes."""
@@ -54,13 +115,17 @@ class Scheduler:
         return self.spawn_after > now
 
     def next_spawn(self, now: float) -> float | None:
-        """When a paused spawn is due (a wake-up for the loop), or None."""
-        if not self.spawn_after:
-            return None
-        if self.spawn_after > now:
-            return self.spawn_after
-        self.spawn_after = 0.0
-        return None
+        """When a paused spawn or a retry after a back-off is due (a wake-up for the
+        loop), or None."""
+        due = None
+        if self.spawn_after:
+            if self.spawn_after > now:
+                due = self.spawn_after
+            else:
+                self.spawn_after = 0.0
+        if self.cap is not None and self.cap < self.target and self.retry_at > now:
+            due = self.retry_at if due is None else min(due, self.retry_at)
+        return due
 
     def start_failed(self) -> bool:
         """A worker died before it was ready; True once that happened too often."""

@@ -59,6 +59,15 @@ def check_timeout(value: Any, name: str = "task_timeout") -> float | None:
     return None if math.isinf(number) else number
 
 
+def check_initializer_timeout(value: Any, task_timeout: float | None) -> float | None:
+    """initializer_timeout: checked like a task_timeout; not given (UNSET), it is the
+    executor's ``task_timeout`` (already checked), so a pool whose tasks are bounded
+    is not held forever by an initializer that hangs."""
+    if value is UNSET:
+        return task_timeout
+    return check_timeout(value, "initializer_timeout")
+
+
 def check_grace(value: Any) -> float:
     """kill_grace: finite and >= 0, or a SIGTERM-proof task would never be killed."""
     number = real(value, "kill_grace", "a finite number of seconds >= 0")

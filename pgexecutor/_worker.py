@@ -263,6 +263,37 @@ class _Channel:
         self.send(proto.RESULT_OOB, task_id, data)
 
 
+_SETSID_REFUSED = (
+    "os.setsid() is refused in a pgexecutor worker: the worker leads its own process "
+    "group (that is how the pool kills a task's whole process tree), and a process "
+    "group leader cannot start a session. To run a program in a session of its own, "
+    "start it with subprocess.Popen(..., start_new_session=True), or call os.setsid() "
+    "in a child after os.fork(); such a process leaves the worker's group and is not "
+    "killed with it (see README: the escape hatch)"
+)
+
+
+def _explain_setsid() -> None:
+    """Make ``os.setsid()`` in the worker itself fail with a message that says why.
+
+    Under ProcessPoolExecutor a worker is no group leader and setsid() works; here it
+    is one (the whole design rests on that), and the kernel answers a bare EPERM that
+    sends people looking in the wrong place. The error stays a PermissionError with
+    errno EPERM; in any other process (a child the task forked) setsid() is the real
+    one. (subprocess's start_new_session calls setsid() in C, untouched.)
+    """
+    real = os.setsid
+    worker_pid = os.getpid()
+
+    def setsid() -> None:
+        if os.getpid() == worker_pid:
+            raise PermissionError(1, _SETSID_REFUSED)  # 1: EPERM
+        real()
+
+    setsid.__doc__ = real.__doc__
+    os.setsid = setsid
+
+
 def _serve(
     rfd: int, wfd: int, dump_fd: int, permit_fd: int, shm_fd: int | None = None
 ) -> None:
@@ -271,6 +302,7 @@ def _serve(
     for fd in (rfd, wfd, dump_fd, permit_fd) if shm_fd is None else (rfd, wfd, dump_fd, permit_fd, shm_fd):
         os.set_inheritable(fd, False)
     chan = _Channel(rfd, wfd, shm_fd)
+    _explain_setsid()
     # A stack dump on demand, written by C code in the signal handler: it works even
     # while a task is stuck in C holding the GIL.
     faulthandler.register(DUMP_SIGNAL, file=dump_fd, all_threads=True, chain=False)
@@ -284,6 +316,10 @@ def _serve(
         _apply_config(config)
         initializer = config.get("initializer")
         if initializer is not None:
+            # The manager's initializer_timeout counts from here: the interpreter's
+            # start (slow on a loaded machine) is not the initializer's time, but
+            # unpickling it (which imports its module) is.
+            chan.send(proto.INIT_BEGUN, os.getpid())
             initializer, initargs = proto.loads(initializer)
             initializer(*initargs)
     except BaseException as exc:

@@ -8,7 +8,7 @@ Lifecycle::
                       (timeout, memory, cancel, terminate: group signalled)
 
 STARTING: spawned, INIT written; tasks may be handed to it already (they begin once
-the initializer ran). RETIRING: EXIT is queued behind its tasks (max_tasks_per_child
+the initializer ran); its one timer is ``initializer_timeout``, from INIT_BEGUN on. RETIRING: EXIT is queued behind its tasks (max_tasks_per_child
 or shutdown). KILLING: its group got SIGTERM+SIGCONT (SIGKILL at ``kill_deadline``).
 DEAD: the leader exited but is not reaped, so its pgid stays reserved and the group can
 still be signalled safely; it is reaped once the group is empty or ``reap_deadline``
@@ -85,6 +85,7 @@ class WorkerHandle:
         "reap_deadline",
         "next_check",
         "next_memory",
+        "init_deadline",
     )
 
     def __init__(self, proc: _process.WorkerProcess) -> None:
@@ -109,6 +110,7 @@ class WorkerHandle:
         self.reap_deadline: float | None = None  # DEAD: reap then, members or not
         self.next_check = 0.0  # DEAD: next look at the group's members
         self.next_memory = 0.0
+        self.init_deadline: float | None = None  # STARTING: its initializer must end by then
 
     # ------------------------------------------------------------ timers
 
@@ -146,6 +148,18 @@ class WorkerHandle:
         head = self.head()
         return None if head is None else self._memory_of(head)
 
+    def init_at(self) -> float | None:
+        """STARTING: when its initializer overruns ``initializer_timeout``, if it has
+        begun one and that has a limit."""
+        if self.state is State.STARTING and not self.ready_seen and not self.init_failed:
+            return self.init_deadline
+        return None
+
+    def initializer_began(self, now: float, timeout: float | None) -> None:
+        """The worker says it begins its initializer: the initializer's clock starts."""
+        if timeout is not None and self.state is State.STARTING:
+            self.init_deadline = now + timeout
+
     def escalate_at(self) -> float | None:
         if self.state is State.KILLING and not self.kill_sent:
             return self.kill_deadline
@@ -159,6 +173,8 @@ class WorkerHandle:
         asks every worker on every pass, so the running task is found once.)"""
         head = self.head()
         if head is None:
+            if self.state is State.STARTING:
+                return self.init_at()
             return self.escalate_at() if self.state is State.KILLING else self.check_at()
         best = self._timeout_of(head)
         for t in (self._revoke_of(head), self._memory_of(head)):
@@ -273,7 +289,7 @@ class WorkerHandle:
                 # clock had started, but that was no attempt.
                 item.started = 0.0
                 item.attempts -= 1
-        if self.state is State.READY:
+        if self.state in (State.STARTING, State.READY):  # (RETIRING: its EXIT is sent)
             self.tasks_sent -= count
         return back
 
@@ -327,10 +343,19 @@ class WorkerHandle:
     def group_lingers(self, now: float) -> bool:
         """DEAD: True while members live and the reap deadline has not passed."""
         assert self.reap_deadline is not None
-        if now < self.reap_deadline and _process.live_members(self.pid, exclude=self.pid):
+        if now < self.reap_deadline and self._members_live():
             self.next_check = now + _DEAD_CHECK
             return True
         return False
+
+    def _members_live(self) -> bool:
+        """Whether processes of the group other than the leader live. When /proc
+        cannot be listed (EMFILE: the process is out of fds) they may: True, and
+        the reap deadline's SIGKILL settles it."""
+        try:
+            return bool(_process.live_members(self.pid, exclude=self.pid))
+        except OSError:
+            return True
 
     def reap(self) -> tuple[bool, int | None]:
         """SIGKILL what is left of the group, reap the leader, close the fds.
@@ -339,7 +364,7 @@ class WorkerHandle:
         recycled: it is never signalled again. The caller unregisters it from the
         guardian first, so the guardian never holds a pgid that may be recycled.
         """
-        escalated = self.kill_sent or bool(_process.live_members(self.pid, exclude=self.pid))
+        escalated = self.kill_sent or self._members_live()
         _process.signal_group(self.pid, signal.SIGKILL)
         code = _process.reap(self.proc)
         self.proc.close_fds()

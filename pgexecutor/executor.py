@@ -75,6 +75,12 @@ class ProcessGroupExecutor(PoolFrontEnd):
     :class:`MemoryLimitError`; the worker's *whole group* (every process the task
     spawned) is killed, SIGTERM then SIGKILL after ``kill_grace`` seconds, and a fresh
     worker takes its place. The pool is never broken.
+
+    ``initializer_timeout`` (seconds; default: ``task_timeout``, else None for no
+    limit) bounds the ``initializer`` in each new worker, counted from when the
+    worker begins it (its unpickling, hence its module's import, included). One that
+    runs longer has its worker's group killed, and the tasks waiting for it fail with
+    :class:`WorkerInitializerError`, as when the initializer raises.
     """
 
     def __init__(
@@ -89,6 +95,7 @@ class ProcessGroupExecutor(PoolFrontEnd):
         kill_grace: float = 1.0,
         max_memory: int | None = None,
         retries: int = 0,
+        initializer_timeout: float | None = _settings.UNSET,
     ) -> None:
         if os.name != "posix":
             raise OSError("ProcessGroupExecutor needs POSIX process groups (Linux, macOS)")
@@ -111,6 +118,7 @@ class ProcessGroupExecutor(PoolFrontEnd):
         self._max_workers = max_workers
         self._mp_context = mp_context
         self._settings = TaskSettings.checked(task_timeout, max_memory, retries)
+        init_timeout = _settings.check_initializer_timeout(initializer_timeout, self._settings.timeout)
         self._kill_grace = kill_grace
         init_payload = proto.dumps(
             {
@@ -128,6 +136,7 @@ class ProcessGroupExecutor(PoolFrontEnd):
                 init_payload=init_payload,
                 max_tasks_per_child=max_tasks_per_child,
                 kill_grace=kill_grace,
+                init_timeout=init_timeout,
             )
         )
         self._shutdown_lock = threading.Lock()
