@@ -27,3 +27,70 @@ def task(x):
             time.sleep(0.01)
         return x
     return x * x
+
+
+def exit_task(x):
+    """Record that ``x`` ran; "exit" raises SystemExit (a BaseException)."""
+    side = os.environ.get(SIDE_ENV)
+    if side:
+        with open(side, "a") as f:
+            f.write(f"{x!r}\n")
+    if x == "exit":
+        raise SystemExit(7)
+    return x * x
+
+
+class PidStamp:
+    """Remembers which process pickled it: a re-pickle in the parent shows."""
+
+    def __init__(self, value, pickled_by=None):
+        self.value = value
+        self.pickled_by = pickled_by
+
+    def __reduce__(self):
+        return (PidStamp, (self.value, os.getpid()))
+
+
+def stamp(x):
+    return PidStamp(x)
+
+
+def pair(x):
+    """A fresh mutable result: [x, x]."""
+    return [x, x]
+
+
+def array(n):
+    import numpy as np
+
+    return np.arange(n, dtype=np.int64)
+
+
+def make_scaler(k):
+    """A factory: each call makes a different function of one qualname."""
+
+    def scale(x):
+        return x * k
+
+    return scale
+
+
+class Scale:
+    """A callable class: two instances compute different things."""
+
+    def __init__(self, k):
+        self.k = k
+
+    def __call__(self, x):
+        return x * self.k
+
+    def apply(self, x):
+        return x * self.k
+
+
+def scaled(x, k=2, *, plus=0):
+    return x * k + plus
+
+
+def mul(a, b):
+    return a * b

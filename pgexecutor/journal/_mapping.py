@@ -408,6 +408,12 @@ def _answer_task(slot: Any, end_time: float | None) -> tuple[bool, Any]:
         return False, fut.exception()
     except Exception as exc:
         return False, exc
+    except BaseException as exc:
+        # The task's own SystemExit or KeyboardInterrupt is its outcome; one raised
+        # while we waited (the caller's Ctrl-C) is not.
+        if fut.done() and not fut.cancelled() and fut.exception() is exc:
+            return False, exc
+        raise
     if index is None:
         return True, value
     _, ok, item = rec.chunk_item(value, index)

@@ -29,6 +29,7 @@ import socket
 import sqlite3
 import struct
 import time
+import urllib.parse
 import uuid
 from typing import Any
 
@@ -118,9 +119,37 @@ def cause(exc: BaseException) -> str:
 
 def explain(path: str, doing: str, exc: BaseException) -> JournalError:
     """A JournalError for ``exc`` (raised while ``doing``), chained to it."""
-    err = JournalError(f"journal {path!r}: {doing} failed: {cause(exc)}")
+    code = getattr(exc, "sqlite_errorcode", None)
+    why = cause(exc)
+    if isinstance(code, int) and code & 0xFF in (8, 14):  # READONLY, CANTOPEN: say which
+        where = _unwritable(path)
+        if where:
+            why = f"{where} ({type(exc).__name__}: {exc})"
+    err = JournalError(f"journal {path!r}: {doing} failed: {why}")
     err.__cause__ = exc
     return err
+
+
+def _unwritable(path: str) -> str | None:
+    """Why SQLite cannot write at ``path``, if a plain check can tell."""
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        if os.statvfs(parent).f_flag & os.ST_RDONLY:
+            return "the journal is read-only: its filesystem is mounted read-only"
+    except OSError:
+        return None
+    if not os.access(parent, os.W_OK):
+        return "the journal is read-only: its directory is not writable"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return "the journal is read-only: the file is not writable"
+    return None
+
+
+def read_only_filesystem(path: str) -> bool:
+    try:
+        return bool(os.statvfs(os.path.dirname(os.path.abspath(path))).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def is_damage(exc: BaseException) -> bool:
@@ -185,12 +214,9 @@ def check_meta(
             dict(conn.execute("SELECT name, value FROM meta")) if "meta" in tables else {}
         )
     except sqlite3.Error as exc:
-        if is_busy(exc) or is_damage(exc) or not isinstance(exc, sqlite3.DatabaseError):
-            raise explain(path, "reading", exc) from exc
-        raise JournalError(
-            f"{path!r} is not a pgexecutor journal (unreadable as SQLite: {cause(exc)}); "
-            "it was left untouched: choose another path"
-        ) from exc
+        # It has SQLite's header (check_header): locked, damaged or unreadable, but
+        # not "not a journal".
+        raise explain(path, "reading", exc) from exc
     if not tables and allow_empty:
         return {}  # an empty database (one whose creation was cut short): ours to fill
     if meta.get("format") != FORMAT or "inputs" not in tables:
@@ -271,13 +297,29 @@ def open_for_reading(path: str) -> sqlite3.Connection:
         raise JournalError(f"no such journal: {path!r}")
     if check_header(path):
         raise JournalError(f"{path!r} is empty, not a pgexecutor journal")
+    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
     try:
-        conn = connect(f"file:{path}?mode=ro", uri=True, busy=READ_BUSY_TIMEOUT)
-    except sqlite3.Error:
+        conn = connect(uri, uri=True, busy=READ_BUSY_TIMEOUT)
         try:
-            conn = connect(path, busy=READ_BUSY_TIMEOUT)
-        except sqlite3.Error as exc:
+            check_meta(conn, path)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+    except JournalError as exc:
+        if not read_only_filesystem(path):
+            raise
+        first: BaseException = exc
+    except sqlite3.Error as exc:
+        if not read_only_filesystem(path):
             raise explain(path, "opening it", exc) from exc
+        first = exc
+    # WAL needs its -shm file, which a read-only filesystem cannot hold; nothing can
+    # write there either, so reading it as immutable is safe.
+    try:
+        conn = connect(uri + "&immutable=1", uri=True, busy=READ_BUSY_TIMEOUT)
+    except sqlite3.Error:
+        raise explain(path, "opening it", first) from first
     try:
         check_meta(conn, path)
     except BaseException:
