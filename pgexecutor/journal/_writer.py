@@ -31,10 +31,10 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from .. import _protocol as proto
 from ..errors import JournalError
 from ..executor import task_info
 from . import _records as rec
@@ -44,6 +44,7 @@ from ._keys import short_repr
 logger = logging.getLogger("pgexecutor")
 
 WINDOW = 0.05  # seconds: when no one waits, the writer gathers outcomes this long
+MIN_GAP = 0.005  # seconds: the least time between two commits, even when someone waits
 _STOP = object()
 # Errors of the file itself (not of one row): recording stops.
 _FILE_FAULTS = {3, 5, 6, 8, 10, 11, 13, 14, 26}
@@ -143,7 +144,13 @@ class Writer:
                 wait = last + WINDOW - time.monotonic()
                 if wait > 0:
                     self._flush_now.wait(wait)
-                    self._drain(batch)
+                # Even when someone waits, gather for MIN_GAP after the last commit:
+                # a caller that keeps up with the tasks would otherwise cost one
+                # transaction and two thread wake-ups per outcome.
+                wait = last + MIN_GAP - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                self._drain(batch)
             self._flush_now.clear()
             stop = _STOP in batch
             self._write(conn, [e for e in batch if e is not _STOP], limit)
@@ -289,7 +296,7 @@ class Writer:
             if ok:
                 blob = rec.dump_value(item)
                 return self._make_row(entry, "ok", blob, None, duration, attempts, pid, 0, None)
-            err = rec.summary(_load_exception(item))
+            err = rec.summary(proto.load_exception(item))
             return self._make_row(entry, "error", item, err, duration, attempts, pid, 0, None)
         outcome = rec.outcome_of(exc, info)
         if outcome is None or (index is not None and outcome == "error"):
@@ -338,11 +345,3 @@ class Writer:
             size if index is not None else None,
         )
 
-
-def _load_exception(blob: bytes) -> BaseException:
-    from .. import _protocol as proto
-
-    return proto.load_exception(blob)
-
-
-OnDone = Callable[[Future[Any]], None]
