@@ -94,3 +94,22 @@ def scaled(x, k=2, *, plus=0):
 
 def mul(a, b):
     return a * b
+
+
+IN_PARENT = False  # the test sets it in its own process; a worker's copy stays False
+
+
+class WorkerOnly:
+    """Pickles in a worker, refuses to in the test's process."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        if IN_PARENT:
+            raise TypeError("WorkerOnly does not pickle here")
+        return (WorkerOnly, (self.value,))
+
+
+def worker_only(x):
+    return WorkerOnly(x) if x == "odd" else x

@@ -856,6 +856,24 @@ def test_a_result_over_sqlites_limit_is_stored_in_parts(ex, side, tmp_path, monk
     assert again == first and ran(side) == {x: 1 for x in inputs}
 
 
+def test_an_outcome_that_cannot_be_stored_fails_its_own_position(ex, side, tmp_path, monkeypatch):
+    """A chunk's items are pickled again in the parent (the worker pickled the chunk
+    as a whole); one that refuses to is a JournalError at its position alone, not
+    recorded, and runs again next time. The others are recorded."""
+    monkeypatch.setattr(jt, "IN_PARENT", True)
+    path = str(tmp_path / "sweep.db")
+    out = list(ex.map(jt.worker_only, [1, "odd", 2], journal=path, chunksize=3,
+                      return_exceptions=True))
+    assert out[0] == 1 and out[2] == 2
+    assert isinstance(out[1], JournalError) and "could not be recorded" in str(out[1])
+    assert "runs again next time" in str(out[1])
+    assert {r["input"] for r in rows(path).values()} == {"1", "2"}
+    it = ex.map(jt.worker_only, [1, "odd"], journal=path, chunksize=3)
+    assert next(it) == 1
+    with pytest.raises(JournalError):
+        next(it)
+
+
 # ---------------------------------------------------------------- only what a task produced
 
 
