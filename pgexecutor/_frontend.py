@@ -79,7 +79,7 @@ class TaskSubmitter:
 
         ``journal="sweep.db"`` (or a :class:`pgexecutor.Journal`) records each input's
         outcome in an SQLite file; the same map run again yields the recorded results
-        and runs only the rest (see ``pgexecutor/journal.py``).
+        and runs only the rest (see the ``pgexecutor.journal`` package).
         """
         return self._map(
             fn, iterables, timeout, chunksize, return_exceptions, self._settings, progress,

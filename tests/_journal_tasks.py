@@ -113,3 +113,22 @@ class WorkerOnly:
 
 def worker_only(x):
     return WorkerOnly(x) if x == "odd" else x
+
+
+class Fickle:
+    """Pickles differently each time (a counter in its state)."""
+
+    n = 0
+
+    def __reduce__(self):
+        Fickle.n += 1
+        return (Fickle, (), {"n": Fickle.n})
+
+
+def make_fickle():
+    state = Fickle()
+
+    def fickle(x):
+        return (x, state is not None)
+
+    return fickle

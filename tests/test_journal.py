@@ -1115,6 +1115,8 @@ def test_a_key_that_cannot_be_made_safely_is_refused_naming_key(ex, tmp_path):
     assert "Journal(path, key=" in str(info.value)
     with pytest.raises(JournalError, match="key="):
         ex.map(functools.partial(jt.mul, threading.Lock()), [1], journal=path)
+    with pytest.raises(JournalError, match="encodes differently each time.*key="):
+        ex.map(jt.make_fickle(), [1], journal=path)
     assert not os.path.exists(path) and ex.stats()["submitted"] == 0
 
 

@@ -122,6 +122,8 @@ def function_material(fn: Any) -> bytes:
         return name if _named(fn.__qualname__) else name + _STATE_TAG + _canon(fn)
     try:
         state = _canon_callable(fn, [], 0)
+        if _canon_callable(fn, [], 0) != state:
+            raise _NoCanonicalForm("state that encodes differently each time it is read")
     except _NoCanonicalForm as exc:
         raise JournalError(
             f"no default journal key can be made for {function_name(fn)}: {exc}, which "
