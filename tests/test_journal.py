@@ -562,8 +562,9 @@ def test_unpicklable_input_or_failing_key_fails_at_the_map_call(ex, side, tmp_pa
     # the same way at the call on the rerun.
     journal = Journal(path, key=lambda x: "lock" if x is lock else str(x))
     for _ in range(2):
-        out = list(ex.map(task, [lock, 2], journal=journal, return_exceptions=True))
+        out = list(ex.map(task, [lock, 2, lock], journal=journal, return_exceptions=True))
         assert isinstance(out[0], TypeError) and "pickle" in str(out[0]) and out[1] == 4
+        assert isinstance(out[2], TypeError)  # an equal key: the same outcome
     assert "lock" not in rows(path)
     assert ran(side)[2] == 1
 

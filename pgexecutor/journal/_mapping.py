@@ -331,6 +331,7 @@ def _iterate(
         for key in keys:
             left[key] = left.get(key, 0) + 1
     last: Any = None  # the task whose result was taken last
+    waited: set[str] = set()  # equal keys whose outcome is durable (or not recorded)
     try:
         for key in keys:
             slot = slots[key]
@@ -345,7 +346,11 @@ def _iterate(
             del task
             if ran:
                 ok, out = _answer_task(slot, end_time)
-                recorded, problem = writer.wait_durable(key)
+                recorded, problem = (
+                    writer.wait_durable(key) if key not in waited else (None, None)
+                )
+                if left is not None:
+                    waited.add(key)  # its next positions: nothing more to wait for
                 if problem is not None:
                     if writer.error is not None and problem is writer.error:
                         raise writer.error  # the file failed: nothing from here on is durable
