@@ -7,14 +7,16 @@ that cheap::
 
     done-callback (manager thread)     writer thread                  iterator
     ------------------------------     -------------                  --------
-    put (key, future) on the queue --> take all queued; when no one
-                                       waits, gather up to WINDOW s
+    put (key, future) on the queue --> take all queued; gather up to
+                                       WINDOW s (MIN_GAP if one waits)
                                        build rows; one transaction;
                                        COMMIT, then release the keys --> wait_durable(key)
                                                                          returns; yield
 
 The iterator that needs a key not yet released says so (``_flush_now``): the writer
-then commits without gathering. What this thread owns: its connection, the queue's
+then gathers only until MIN_GAP after its last commit, so a caller that keeps up
+with tiny tasks sees each result at most that late and pays for a few outcomes per
+transaction, not one. What this thread owns: its connection, the queue's
 far end, ``_released`` (under ``_cond``; the iterator pops its keys) and ``error``.
 
 A failure of the file (disk full, read-only, I/O error, damage) stops the recording:
