@@ -132,3 +132,23 @@ def make_fickle():
         return (x, state is not None)
 
     return fickle
+
+
+def _serialized(f):
+    """A decorator whose closure holds a lock (which has no stable form)."""
+    import functools
+    import threading
+
+    lock = threading.Lock()
+
+    @functools.wraps(f)
+    def wrapper(x):
+        with lock:
+            return f(x)
+
+    return wrapper
+
+
+@_serialized
+def guarded(x):
+    return x + 100

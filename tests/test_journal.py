@@ -1119,6 +1119,11 @@ def test_a_key_that_cannot_be_made_safely_is_refused_naming_key(ex, tmp_path):
     with pytest.raises(JournalError, match="encodes differently each time.*key="):
         ex.map(jt.make_fickle(), [1], journal=path)
     assert not os.path.exists(path) and ex.stats()["submitted"] == 0
+    # A module's own function travels by reference: a worker imports it, closure and
+    # all, so its name is its key, whatever it captured (here a decorator's lock).
+    assert list(ex.map(jt.guarded, [1], journal=path)) == [101]
+    digest = hashlib.sha256(b"_journal_tasks.guarded\0" + pickle.dumps((1,), protocol=4))
+    assert set(rows(path)) == {digest.hexdigest()[:32]}
 
 
 # ---------------------------------------------------------------- Ray

@@ -5,8 +5,11 @@ hex digits. ``material(fn)`` must tell apart every two functions that could comp
 different results from the same input, and be the same in another process for the
 same function:
 
-* a named module-level function with nothing captured: its ``module.qualname``
-  (what journals of earlier versions used, so their rows still match);
+* a function that travels to workers by reference (a module's own function, not
+  ``__main__``'s), or a named one with nothing captured: its ``module.qualname``
+  (what journals of earlier versions used, so their rows still match). A worker
+  imports such a function from its module: whatever the parent's copy captured
+  does not change what runs;
 * what it captured, when it captured anything: closure cells, defaults and
   keyword defaults, the instance of a bound method, a partial's arguments, the
   state of a callable instance;
@@ -30,6 +33,7 @@ import os
 import pickle
 import reprlib
 import struct
+import sys
 import types
 from collections.abc import Callable
 from typing import Any
@@ -110,8 +114,10 @@ def function_material(fn: Any) -> bytes:
     Raises JournalError when part of it has no canonical form.
     """
     name = function_name(fn).encode()
-    if isinstance(fn, types.FunctionType) and _named(fn.__qualname__) and not (
-        fn.__closure__ or fn.__defaults__ or fn.__kwdefaults__
+    if isinstance(fn, types.FunctionType) and (
+        _by_reference(fn) or (_named(fn.__qualname__) and not (
+            fn.__closure__ or fn.__defaults__ or fn.__kwdefaults__
+        ))
     ):
         return name  # the common case, and the key of earlier versions
     if isinstance(fn, types.BuiltinFunctionType) and (
@@ -132,6 +138,24 @@ def function_material(fn: Any) -> bytes:
             "name the inputs yourself"
         ) from exc.__cause__
     return name + _STATE_TAG + state
+
+
+def _by_reference(fn: types.FunctionType) -> bool:
+    """Whether ``fn`` travels to a worker by reference: it is what its module (not
+    ``__main__``) holds under its qualified name. The worker then runs the object
+    its own import of that module makes, closure and defaults included, so what
+    the parent's copy captured does not change what runs: the name says it all.
+    (A module registered with ``cloudpickle.register_pickle_by_value`` travels by
+    value; its functions are keyed by name all the same.)"""
+    module, qualname = fn.__module__, fn.__qualname__
+    if not isinstance(module, str) or module == "__main__" or not _named(qualname):
+        return False
+    obj: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return False
+    return obj is fn
 
 
 class _NoCanonicalForm(Exception):
