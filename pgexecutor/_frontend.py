@@ -11,6 +11,7 @@ everything stateful lives behind ``_submit``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import time
@@ -102,9 +103,14 @@ class TaskSubmitter:
             return self._submit(f, args, {}, settings)
 
         if journal is not None:
+            raw = dataclasses.replace(settings, keep_raw=True)  # the journal stores them
+
+            def submit_raw(f: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
+                return self._submit(f, args, {}, raw)
+
             return journal_map(
-                submit, fn, iterables, timeout, chunksize, return_exceptions, progress, buffersize,
-                journal,
+                submit_raw, fn, iterables, timeout, chunksize, return_exceptions, progress,
+                buffersize, journal,
             )
         return map_via(
             submit, fn, iterables, timeout, chunksize, return_exceptions, progress, buffersize

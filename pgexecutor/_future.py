@@ -46,8 +46,9 @@ class TaskFuture(Future[Any]):
         #: The outcome as the worker sent it, set before the future resolves (see
         #: Ledger.resolve): ``(kind, payload)`` with kind ``_protocol.RESULT`` (the
         #: pickle), ``RESULT_OOB`` (an OOBPayload's bytes: the result's large
-        #: buffers are views of it) or ``ERROR`` (an encoded exception). None if
-        #: the outcome came from elsewhere or is not kept. A journal stores these
+        #: buffers are views of it) or ``ERROR`` (an encoded exception). Kept only
+        #: for tasks whose settings ask (``TaskSettings.keep_raw``); None otherwise,
+        #: or if the outcome came from elsewhere. A journal stores these
         #: bytes: exactly what the task returned, never re-pickled from an object
         #: the caller may have changed.
         self.raw_outcome: tuple[int, bytes | bytearray] | None = None

@@ -29,10 +29,11 @@ _task_ids = itertools.count(1)
 RAW_MAX = 1 << 20
 
 
-def _kept(raw: tuple[int, Any] | None) -> tuple[int, bytes | bytearray] | None:
-    """What of a worker's answer ``(kind, payload)`` the future keeps (see RAW_MAX);
-    shared memory (RESULT_SHM) is not kept: its mapping is the value's."""
-    if raw is None:
+def _kept(item: WorkItem, raw: tuple[int, Any] | None) -> tuple[int, bytes | bytearray] | None:
+    """What of a worker's answer ``(kind, payload)`` the future keeps: nothing unless
+    its settings ask (``keep_raw``: a journaled map), in-band payloads up to RAW_MAX,
+    no shared memory (RESULT_SHM: its mapping is the value's)."""
+    if raw is None or not item.settings.keep_raw:
         return None
     kind, payload = raw
     if kind == proto.RESULT_OOB or (
@@ -166,7 +167,7 @@ class Ledger:
         item.payload = b""
         self._record(item, "ok", now)
         if not item.future.done():
-            item.future.raw_outcome = _kept(raw)
+            item.future.raw_outcome = _kept(item, raw)
             item.future.set_result(value)
 
     def fail(
@@ -177,7 +178,7 @@ class Ledger:
         for resolve (the worker's ERROR answer)."""
         item.payload = b""
         fut = item.future
-        fut.raw_outcome = _kept(raw)
+        fut.raw_outcome = _kept(item, raw)
         if isinstance(exc, CancelledError):
             self._record(item, "cancelled", now)
             end_cancelled(fut, running=item.sent)

@@ -988,6 +988,15 @@ def test_the_stored_result_is_the_workers_bytes_not_a_repickle(ex, tmp_path):
     assert {r.pickled_by for r in again} <= worker_pids, "the parent pickled the result again"
 
 
+def test_only_journaled_tasks_keep_the_workers_bytes(ex, tmp_path):
+    """TaskFuture.raw_outcome is opt-in (TaskSettings.keep_raw): a plain future does
+    not hold its result twice."""
+    fut = ex.submit(jt.pair, 1)
+    assert fut.result(timeout=T) == [1, 1] and fut.raw_outcome is None
+    assert ex.task_settings.keep_raw is False
+    assert list(ex.map(jt.stamp, [5], journal=str(tmp_path / "j.db")))[0].value == 5
+
+
 def test_the_callers_edits_never_reach_the_journal(ex, tmp_path):
     """The caller changes each result in place the moment it gets it; the rerun
     replays what the tasks returned."""
