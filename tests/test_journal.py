@@ -863,10 +863,11 @@ def test_an_outcome_that_cannot_be_stored_fails_its_own_position(ex, side, tmp_p
     recorded, and runs again next time. The others are recorded."""
     monkeypatch.setattr(jt, "IN_PARENT", True)
     path = str(tmp_path / "sweep.db")
-    out = list(ex.map(jt.worker_only, [1, "odd", 2], journal=path, chunksize=3,
+    out = list(ex.map(jt.worker_only, [1, "odd", 2, "odd"], journal=path, chunksize=3,
                       return_exceptions=True))
     assert out[0] == 1 and out[2] == 2
     assert isinstance(out[1], JournalError) and "could not be recorded" in str(out[1])
+    assert isinstance(out[3], JournalError)  # an equal input: not shown either
     assert "runs again next time" in str(out[1])
     assert {r["input"] for r in rows(path).values()} == {"1", "2"}
     it = ex.map(jt.worker_only, [1, "odd"], journal=path, chunksize=3)

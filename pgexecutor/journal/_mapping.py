@@ -331,7 +331,7 @@ def _iterate(
         for key in keys:
             left[key] = left.get(key, 0) + 1
     last: Any = None  # the task whose result was taken last
-    waited: set[str] = set()  # equal keys whose outcome is durable (or not recorded)
+    waited: dict[str, Any] = {}  # equal keys already waited for: their problem, if any
     try:
         for key in keys:
             slot = slots[key]
@@ -346,11 +346,12 @@ def _iterate(
             del task
             if ran:
                 ok, out = _answer_task(slot, end_time)
-                recorded, problem = (
-                    writer.wait_durable(key) if key not in waited else (None, None)
-                )
-                if left is not None:
-                    waited.add(key)  # its next positions: nothing more to wait for
+                if key in waited:  # a later position of an outcome not recorded
+                    recorded, problem = None, waited[key]
+                else:
+                    recorded, problem = writer.wait_durable(key)
+                    if left is not None:
+                        waited[key] = problem  # its next positions: nothing to wait for
                 if problem is not None:
                     if writer.error is not None and problem is writer.error:
                         raise writer.error  # the file failed: nothing from here on is durable
