@@ -1,8 +1,10 @@
 """``python -m pgexecutor journal PATH [--json] [--top N] [--unlock]``.
 
 Prints what a journaled ``map`` recorded: counts per outcome, the slowest inputs, and
-each failed or quarantined input with its key, input and error. Exit status 0; 2 for a
-missing file or one that is not a journal (1 for ``--unlock`` refused).
+each failed or quarantined input with its key, input and error. Exit status 0; 2 when
+the journal cannot be read (missing, not a journal, damaged, locked by another
+connection, ...: one line on stderr that says which, no traceback); 1 for ``--unlock``
+refused.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 
 
@@ -38,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         summary = summarize(args.path, top=args.top)
     except JournalError as exc:
-        print(f"python -m pgexecutor journal: error: {exc}", file=sys.stderr)
+        _error(exc)
         return 1 if args.unlock and "in use" in str(exc) else 2
+    except (OSError, sqlite3.Error) as exc:  # what the journal did not foresee: still one line
+        _error(f"journal {args.path!r}: {type(exc).__name__}: {exc}")
+        return 2
     try:
         if args.json:
             json.dump(summary, sys.stdout, indent=2, default=str)
@@ -50,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `... | head`: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+def _error(message: object) -> None:
+    text = " ".join(str(message).split())  # one line, whatever the message holds
+    print(f"python -m pgexecutor journal: error: {text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

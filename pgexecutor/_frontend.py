@@ -11,6 +11,7 @@ everything stateful lives behind ``_submit``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import time
@@ -79,7 +80,7 @@ class TaskSubmitter:
 
         ``journal="sweep.db"`` (or a :class:`pgexecutor.Journal`) records each input's
         outcome in an SQLite file; the same map run again yields the recorded results
-        and runs only the rest (see ``pgexecutor/journal.py``).
+        and runs only the rest (see the ``pgexecutor.journal`` package).
         """
         return self._map(
             fn, iterables, timeout, chunksize, return_exceptions, self._settings, progress,
@@ -102,9 +103,14 @@ class TaskSubmitter:
             return self._submit(f, args, {}, settings)
 
         if journal is not None:
+            raw = dataclasses.replace(settings, keep_raw=True)  # the journal stores them
+
+            def submit_raw(f: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
+                return self._submit(f, args, {}, raw)
+
             return journal_map(
-                submit, fn, iterables, timeout, chunksize, return_exceptions, progress, buffersize,
-                journal,
+                submit_raw, fn, iterables, timeout, chunksize, return_exceptions, progress,
+                buffersize, journal,
             )
         return map_via(
             submit, fn, iterables, timeout, chunksize, return_exceptions, progress, buffersize

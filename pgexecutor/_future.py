@@ -43,6 +43,15 @@ class TaskFuture(Future[Any]):
         self._resolver = resolver
         #: the task's TaskInfo once it ended (pgexecutor.task_info reads it)
         self.info: Any = None
+        #: The outcome as the worker sent it, set before the future resolves (see
+        #: Ledger.resolve): ``(kind, payload)`` with kind ``_protocol.RESULT`` (the
+        #: pickle), ``RESULT_OOB`` (an OOBPayload's bytes: the result's large
+        #: buffers are views of it) or ``ERROR`` (an encoded exception). Kept only
+        #: for tasks whose settings ask (``TaskSettings.keep_raw``); None otherwise,
+        #: or if the outcome came from elsewhere. A journal stores these
+        #: bytes: exactly what the task returned, never re-pickled from an object
+        #: the caller may have changed.
+        self.raw_outcome: tuple[int, bytes | bytearray] | None = None
 
     def result(self, timeout: float | None = None) -> Any:
         resolver = self._resolver
@@ -65,6 +74,11 @@ class TaskFuture(Future[Any]):
                 "run in the executor's manager thread, which would wait for itself. Wait "
                 "in another thread, or chain with add_done_callback"
             )
+
+    def take_raw_outcome(self) -> tuple[int, bytes | bytearray] | None:
+        """Return :attr:`raw_outcome` and drop it here (its reader keeps it)."""
+        raw, self.raw_outcome = self.raw_outcome, None
+        return raw
 
     def cancel(self) -> bool:
         """``Future.cancel()``; if it took effect, tell the pool (it may be asleep)."""

@@ -23,6 +23,26 @@ logger = logging.getLogger("pgexecutor")
 
 _task_ids = itertools.count(1)
 
+#: The largest in-band payload a future keeps as its ``raw_outcome`` (beside the value
+#: unpickled from it: kept twice). An out-of-band payload is kept whatever its size:
+#: the value's arrays are views of it, so it costs nothing more.
+RAW_MAX = 1 << 20
+
+
+def _kept(item: WorkItem, raw: tuple[int, Any] | None) -> tuple[int, bytes | bytearray] | None:
+    """What of a worker's answer ``(kind, payload)`` the future keeps: nothing unless
+    its settings ask (``keep_raw``: a journaled map), in-band payloads up to RAW_MAX,
+    no shared memory (RESULT_SHM: its mapping is the value's)."""
+    if raw is None or not item.settings.keep_raw:
+        return None
+    kind, payload = raw
+    if kind == proto.RESULT_OOB or (
+        kind in (proto.RESULT, proto.ERROR) and isinstance(payload, (bytes, bytearray))
+        and len(payload) <= RAW_MAX
+    ):
+        return kind, payload
+    return None
+
 
 @dataclass
 class TaskInfo:
@@ -139,16 +159,26 @@ class Ledger:
         item.sent = True
         return True
 
-    def resolve(self, item: WorkItem, value: Any, now: float) -> None:
+    def resolve(
+        self, item: WorkItem, value: Any, now: float, raw: tuple[int, Any] | None = None
+    ) -> None:
+        """End the task with ``value``. ``raw``: the worker's answer ``(kind,
+        payload)`` it was unpickled from, left on the future as ``raw_outcome``."""
         item.payload = b""
         self._record(item, "ok", now)
         if not item.future.done():
+            item.future.raw_outcome = _kept(item, raw)
             item.future.set_result(value)
 
-    def fail(self, item: WorkItem, exc: BaseException, outcome: str, now: float) -> None:
-        """End the task with ``exc`` (a CancelledError ends it cancelled)."""
+    def fail(
+        self, item: WorkItem, exc: BaseException, outcome: str, now: float,
+        raw: tuple[int, Any] | None = None,
+    ) -> None:
+        """End the task with ``exc`` (a CancelledError ends it cancelled); ``raw`` as
+        for resolve (the worker's ERROR answer)."""
         item.payload = b""
         fut = item.future
+        fut.raw_outcome = _kept(item, raw)
         if isinstance(exc, CancelledError):
             self._record(item, "cancelled", now)
             end_cancelled(fut, running=item.sent)

@@ -681,7 +681,7 @@ class Manager:
         if w.inflight:
             w.start_clock(w.inflight[0], now)
         if kind == proto.ERROR:
-            self.ledger.fail(item, proto.load_exception(payload), "error", now)
+            self.ledger.fail(item, proto.load_exception(payload), "error", now, raw=(kind, payload))
             return True
         try:
             if kind == proto.RESULT:
@@ -694,7 +694,7 @@ class Manager:
             err = proto.mark_pickling_fault(exc, proto.UNPICKLE_RESULT)
             self.ledger.fail(item, err, "error", now)
             return True
-        self.ledger.resolve(item, value, now)
+        self.ledger.resolve(item, value, now, raw=(kind, payload))
         return True
 
     # ------------------------------------------------------------ supervision

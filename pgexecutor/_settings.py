@@ -103,6 +103,10 @@ class TaskSettings:
     timeout: float | None = None
     max_memory: int | None = None
     retries: int = 0
+    #: Keep the worker's bytes of the outcome on the future (``TaskFuture.raw_outcome``):
+    #: a journaled map stores them. Off elsewhere: a held future would keep its result
+    #: twice.
+    keep_raw: bool = False
 
     @classmethod
     def checked(cls, task_timeout: Any = None, max_memory: Any = None, retries: Any = 0) -> TaskSettings:

@@ -9,6 +9,7 @@ generous safety nets. conftest.py checks after each test that no worker group is
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import os
@@ -17,17 +18,17 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import threading
 import time
+import types
 
-import pytest
-
-# The task lives in a small module of its own: a fresh worker imports it in
+# The tasks live in a small module of their own: a fresh worker imports it in
 # milliseconds (importing this test module would import pytest, which under load can
 # take longer than a short task_timeout).
+import _journal_tasks as jt
+import pytest
 from _journal_tasks import SIDE_ENV, T, task
-from conftest import ROOT, require_extra
+from conftest import ROOT, require_extra, survivors_of
 
 import pgexecutor
 from pgexecutor import (
@@ -74,11 +75,13 @@ def open_gate(side: str, name: str = "gate") -> None:
         pass
 
 
-def key_of(x) -> str:
-    """The default key, computed here independently of pgexecutor.journal."""
+def key_of(x, pair: bool = False) -> str:
+    """The default key of ``task(x)`` (``task(*x)`` with ``pair``), computed here
+    independently of pgexecutor.journal: a named function with nothing captured is
+    keyed by its name alone."""
     digest = hashlib.sha256(f"{task.__module__}.{task.__qualname__}".encode())
     digest.update(b"\0")
-    digest.update(pickle.dumps((x,), protocol=4))
+    digest.update(pickle.dumps(x if pair else (x,), protocol=4))
     return digest.hexdigest()[:32]
 
 
@@ -207,33 +210,27 @@ def test_a_stored_result_that_no_longer_unpickles_fails_at_its_position(ex, side
     assert ran(side) == {2: 1, 3: 1}
 
 
-DRIVER = """
-import json, os, sys, time
-from pgexecutor import ProcessGroupExecutor
+DRIVER = os.path.join(ROOT, "tests", "scripts", "journal_driver.py")
 
-def work(x):
-    with open(os.environ["SIDE"], "a") as f:
-        f.write(f"{x}\\n")
-    time.sleep(0.05)
-    return x * 10
 
-if __name__ == "__main__":
-    with ProcessGroupExecutor(2) as ex:
-        out = list(ex.map(work, range(int(sys.argv[2])), journal=sys.argv[1]))
-    print("RESULT " + json.dumps(out), flush=True)
-"""
+def driver_env(side_file: str) -> dict:
+    return dict(os.environ, SIDE=side_file,
+                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def driver_inputs(path) -> set:
+    """The inputs of the driver's rows (``work(x, pause)``: the input column shows
+    the pair)."""
+    return {eval(r["input"])[0] for r in rows(path).values()}
 
 
 def test_sigkill_of_the_parent_loses_nothing_that_finished(tmp_path):
     """A driver maps 40 inputs; SIGKILL it once some outcomes are in the journal;
     its rerun runs exactly the inputs the journal lacks (tasks log their starts)."""
-    script = tmp_path / "driver.py"
-    script.write_text(textwrap.dedent(DRIVER))
     path, side_file, n = str(tmp_path / "sweep.db"), str(tmp_path / "side.txt"), 40
-    env = dict(os.environ, SIDE=side_file,
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, str(script), path, str(n)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = driver_env(side_file)
+    proc = subprocess.Popen([sys.executable, DRIVER, "print", path, str(n), "0.05"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -248,31 +245,67 @@ def test_sigkill_of_the_parent_loses_nothing_that_finished(tmp_path):
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
-        proc.communicate()
-    done_before = set(rows(path))  # every committed row survived the SIGKILL
+        out, _ = proc.communicate()
+    pgids = [json.loads(line[6:]) for line in out.splitlines() if line.startswith("PGIDS ")]
+    assert not survivors_of(pgids[0] if pgids else []), "the driver's workers outlived it"
+    done_before = driver_inputs(path)  # every committed row survived the SIGKILL
     assert len(done_before) >= 5
     assert len(done_before) < n, "the map finished before the kill: nothing to prove"
     assert owner(path)["pid"] == proc.pid  # the dead driver's lock is still there...
     first_run = ran(side_file)
 
-    rerun = subprocess.run([sys.executable, str(script), path, str(n)], env=env,
+    rerun = subprocess.run([sys.executable, DRIVER, "print", path, str(n), "0.05"], env=env,
                            capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr  # ...and stale: the rerun took it over
-    result = json.loads(rerun.stdout.split("RESULT ", 1)[1])
-    assert result == [x * 10 for x in range(n)]
-    script_key = {_driver_key(x): x for x in range(n)}
-    finished = {script_key[k] for k in done_before}
+    result = [int(line[2:]) for line in rerun.stdout.splitlines() if line.startswith("R ")]
+    assert result == list(range(n))
     second_run = ran(side_file) - first_run
-    assert not finished & set(second_run), "an input that had finished ran again"
-    assert set(second_run) == set(range(n)) - finished
+    assert not done_before & set(second_run), "an input that had finished ran again"
+    assert set(second_run) == set(range(n)) - done_before
     assert owner(path) is None
 
 
-def _driver_key(x) -> str:
-    digest = hashlib.sha256(b"__main__.work")
-    digest.update(b"\0")
-    digest.update(pickle.dumps((x,), protocol=4))
-    return digest.hexdigest()[:32]
+def test_a_parent_killed_right_after_printing_a_result_never_reruns_it(tmp_path):
+    """Durable before visible: the driver prints each result as the iterator yields
+    it; SIGKILL it right after it printed a few. Every input whose result it printed
+    is in the journal, and the rerun does not run it again (the side file counts
+    every run). Tiny tasks, so results come faster than any batching window."""
+    path, side_file, n = str(tmp_path / "sweep.db"), str(tmp_path / "side.txt"), 400
+    env = driver_env(side_file)
+    for kill_after in (1, 5):
+        if os.path.exists(path):
+            os.unlink(path)
+        open(side_file, "w").close()
+        proc = subprocess.Popen([sys.executable, DRIVER, "print", path, str(n)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        printed, pgids = [], []
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith("PGIDS "):
+                    pgids = json.loads(line[6:])
+                elif line.startswith("R "):
+                    printed.append(int(line[2:]))
+                    if len(printed) >= kill_after:
+                        proc.send_signal(signal.SIGKILL)
+                        break
+        finally:
+            proc.kill()
+            rest, _ = proc.communicate()
+        printed += [int(line[2:]) for line in rest.splitlines() if line.startswith("R ")]
+        assert not survivors_of(pgids), "the driver's workers outlived it"
+        assert len(printed) >= kill_after and len(printed) < n, printed
+        assert set(printed) <= driver_inputs(path), "a result was shown before it was durable"
+        first_run = ran(side_file)
+
+        rerun = subprocess.run([sys.executable, DRIVER, "print", path, str(n)], env=env,
+                               capture_output=True, text=True, timeout=120)
+        assert rerun.returncode == 0, rerun.stderr
+        second_run = ran(side_file) - first_run
+        assert not set(printed) & set(second_run), "an input whose result was seen ran again"
+        assert [int(x[2:]) for x in rerun.stdout.splitlines() if x.startswith("R ")] == list(
+            range(n)
+        )
 
 
 # ---------------------------------------------------------------- final vs rerun, quarantine
@@ -525,12 +558,14 @@ def test_unpicklable_input_or_failing_key_fails_at_the_map_call(ex, side, tmp_pa
     assert not os.path.exists(path) and ex.stats()["submitted"] == 0
 
     # With key=, an input that cannot travel fails at its position (with pickle's own
-    # exception, as in a plain map), and stays failed: replayed on the rerun.
+    # exception, as in a plain map). No task ran, so nothing is recorded: it fails
+    # the same way at the call on the rerun.
     journal = Journal(path, key=lambda x: "lock" if x is lock else str(x))
     for _ in range(2):
-        out = list(ex.map(task, [lock, 2], journal=journal, return_exceptions=True))
+        out = list(ex.map(task, [lock, 2, lock], journal=journal, return_exceptions=True))
         assert isinstance(out[0], TypeError) and "pickle" in str(out[0]) and out[1] == 4
-    assert rows(path)["lock"]["outcome"] == "error"
+        assert isinstance(out[2], TypeError)  # an equal key: the same outcome
+    assert "lock" not in rows(path)
     assert ran(side)[2] == 1
 
 
@@ -557,39 +592,18 @@ def test_breaking_out_early_records_what_finished_and_unlocks(ex, side, tmp_path
     assert owner(path) is None
 
 
-KEYBOARD_DRIVER = """
-import json, os, signal, sys, threading, time
-from pgexecutor import ProcessGroupExecutor
-
-def work(x):
-    if x == 1:
-        time.sleep(60)  # still running when Ctrl-C comes
-    return x
-
-if __name__ == "__main__":
-    path = sys.argv[1]
-    got = []
-    try:
-        with ProcessGroupExecutor(2, kill_grace=0.2) as ex:
-            for r in ex.map(work, [0, 1, 2], journal=path):
-                got.append(r)
-                threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
-    except KeyboardInterrupt:
-        pass
-    # The journal is unlocked: a new map on it works at once and replays input 0.
-    with ProcessGroupExecutor(1) as ex:
-        again = list(ex.map(work, [0], journal=path))
-    print("RESULT " + json.dumps({"got": got, "again": again}), flush=True)
-"""
-
-
 def test_keyboard_interrupt_mid_map_records_and_unlocks(tmp_path):
-    script = tmp_path / "driver.py"
-    script.write_text(textwrap.dedent(KEYBOARD_DRIVER))
+    """Ctrl-C while a task runs. The driver starts with SIGINT ignored, as a job a
+    shell starts in the background (or a CI runner) does: it must restore the
+    default handler itself, as every driver does, for Ctrl-C to interrupt it."""
     path = str(tmp_path / "sweep.db")
+    ignore_then_exec = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"
+    )
     proc = subprocess.run(
-        [sys.executable, str(script), path], capture_output=True, text=True, timeout=60,
-        env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")),
+        [sys.executable, "-c", ignore_then_exec, DRIVER, "interrupt", path],
+        capture_output=True, text=True, timeout=60, env=driver_env(str(tmp_path / "side")),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
@@ -684,16 +698,270 @@ def test_buffersize_bounds_the_tasks_ahead_with_a_journal(ex, side, tmp_path):
         ex.map(task, [1], journal=path, buffersize=0)
 
 
-def test_a_failing_write_is_reported_by_the_iterator(ex, side, tmp_path, monkeypatch):
-    """Disk full, I/O error...: simulated with a broken INSERT. The iterator raises
-    JournalError (by the end of the map at the latest) and the journal is unlocked."""
-    import pgexecutor.journal as journal_module
+# ---------------------------------------------------------------- errors say the real cause
 
-    monkeypatch.setattr(journal_module, "_INSERT", "INSERT INTO no_such_table VALUES (?)")
+
+def expect(x):
+    """task(x)'s result, without running it (it would log a run in the side file)."""
+    if isinstance(x, tuple):
+        return bytes(range(256)) * (x[1] // 256)
+    return x * x
+
+
+def big(i: int) -> tuple:
+    return ("big", 8192 + 256 * i)  # task(("big", n)) returns n bytes
+
+
+def _check_full_disk(path, error: str) -> None:
+    """The error names the journal and the cause, and hides it behind nothing."""
+    assert error.startswith(f"journal {path!r}") and "disk is full" in error, error
+    assert "cannot rollback" not in error
+
+
+def test_a_full_disk_is_named_and_keeps_what_was_committed(ex, side, tmp_path, monkeypatch):
+    """SQLite's max_page_count stands in for a full disk (the same SQLITE_FULL)."""
+    from pgexecutor.journal import _store
+
+    real = _store.connect
+
+    def small(*args, **kwargs):
+        conn = real(*args, **kwargs)
+        conn.execute("PRAGMA max_page_count = 40")  # 160 KiB
+        return conn
+
+    monkeypatch.setattr(_store, "connect", small)
     path = str(tmp_path / "sweep.db")
-    with pytest.raises(JournalError, match="writing to journal .* failed"):
-        list(ex.map(task, [1, 2, 3], journal=path))
-    assert rows(path) == {} and owner(path) is None
+    inputs = [big(i) for i in range(60)]
+    assert list(ex.map(task, inputs[:3], journal=path)) == [expect(x) for x in inputs[:3]]
+    got = []
+    with pytest.raises(JournalError) as info:
+        for r in ex.map(task, inputs, journal=path):
+            got.append(r)
+    _check_full_disk(path, str(info.value))
+    assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+    assert 3 <= len(got) < len(inputs)
+    assert {key_of(x) for x in inputs[: len(got)]} <= set(rows(path))
+    assert owner(path) is None
+    monkeypatch.undo()
+    before = ran(side)
+    assert list(ex.map(task, inputs, journal=path)) == [expect(x) for x in inputs]
+    assert not set(ran(side) - before) & set(inputs[: len(got)]), "a seen result ran again"
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A small tmpfs (root only): a real full disk, a real read-only filesystem."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (the max_page_count test covers the rest)")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _remount(mnt, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(mnt)], check=True)
+
+
+def test_a_really_full_disk_then_room_again_in_the_same_process(ex, side, tmpfs):
+    """ENOSPC on a 256 KiB tmpfs. The lock cannot even be dropped then; once there
+    is room, the next map of this very process takes its own lock over."""
+    path = str(tmpfs / "sweep.db")
+    inputs = [big(i) for i in range(60)]
+    assert list(ex.map(task, inputs[:3], journal=path)) == [expect(x) for x in inputs[:3]]
+    got = []
+    with pytest.raises(JournalError) as info:
+        for r in ex.map(task, inputs, journal=path):
+            got.append(r)
+    _check_full_disk(path, str(info.value))
+    assert len(got) >= 3 and {key_of(x) for x in inputs[: len(got)]} <= set(rows(path))
+    _remount(tmpfs, "size=8m")
+    before = ran(side)
+    assert list(ex.map(task, inputs, journal=path)) == [expect(x) for x in inputs]
+    assert not set(ran(side) - before) & set(inputs[: len(got)])
+    assert owner(path) is None
+
+
+def test_a_read_only_journal_is_named(ex, side, tmpfs):
+    path = str(tmpfs / "sweep.db")
+    assert list(ex.map(task, [1, 2], journal=path)) == [1, 4]
+    _remount(tmpfs, "ro")
+    with pytest.raises(JournalError, match="read-only"):
+        ex.map(task, [1, 2, 3], journal=path)
+    text = cli(path)  # reading still works
+    assert text.returncode == 0 and "2 inputs" in text.stdout, text.stderr
+    assert ran(side) == {1: 1, 2: 1}
+
+
+@pytest.mark.parametrize("where", ["header", "page 2", "last page"])
+def test_a_damaged_journal_is_named_by_map_and_the_cli(ex, side, tmp_path, where):
+    path = str(tmp_path / "sweep.db")
+    list(ex.map(task, range(300), journal=path))
+    size = os.path.getsize(path)
+    offset, n = {"header": (16, 84), "page 2": (4096, 4096), "last page": (size - 4096, 4096)}[where]
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(range(256)) * (n // 256) + bytes(n % 256))
+    with pytest.raises(JournalError, match="damaged") as info:
+        list(ex.map(task, range(300), journal=path))
+    assert isinstance(info.value.__cause__, sqlite3.DatabaseError)
+    out = cli(path)
+    assert out.returncode == 2 and "damaged" in out.stderr, out
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert "not a pgexecutor journal" not in out.stderr
+
+
+def test_a_journal_locked_by_another_connection_is_said_so(ex, side, tmp_path, monkeypatch):
+    from pgexecutor.journal import _store
+
+    path = str(tmp_path / "sweep.db")
+    list(ex.map(task, [1], journal=path))
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("UPDATE meta SET value = value WHERE name = 'fn'")
+        out = cli(path)
+        assert out.returncode == 2 and "locked by another connection" in out.stderr, out
+        assert "not a pgexecutor journal" not in out.stderr and "Traceback" not in out.stderr
+        monkeypatch.setattr(_store, "BUSY_TIMEOUT", 0.2)
+        with pytest.raises(JournalError, match="locked by another connection"):
+            ex.map(task, [1, 2], journal=path)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert list(ex.map(task, [1, 2], journal=path)) == [1, 4]
+
+
+def test_a_result_over_sqlites_limit_is_stored_in_parts(ex, side, tmp_path, monkeypatch):
+    """SQLite refuses a value over SQLITE_LIMIT_LENGTH (1 GB by default): lowered to
+    64 KiB here, a 1 MiB result is stored in pieces and replayed whole."""
+    from pgexecutor.journal import _store
+
+    monkeypatch.setattr(_store, "length_limit_for_tests", 64 * 1024)
+    path = str(tmp_path / "sweep.db")
+    inputs = [("big", 2**20), 3, ("big", 2**20 + 256)]
+    first = list(ex.map(task, inputs, journal=path))
+    assert first == [expect(x) for x in inputs]
+    conn = sqlite3.connect(path)
+    pieces = conn.execute("SELECT count(*) FROM parts").fetchone()[0]
+    conn.close()
+    assert pieces >= 2 * (2**20 // (16 * 1024))
+    again = list(ex.map(task, inputs, journal=path))
+    assert again == first and ran(side) == {x: 1 for x in inputs}
+
+
+def test_an_outcome_that_cannot_be_stored_fails_its_own_position(ex, side, tmp_path, monkeypatch):
+    """A chunk's items are pickled again in the parent (the worker pickled the chunk
+    as a whole); one that refuses to is a JournalError at its position alone, not
+    recorded, and runs again next time. The others are recorded."""
+    monkeypatch.setattr(jt, "IN_PARENT", True)
+    path = str(tmp_path / "sweep.db")
+    out = list(ex.map(jt.worker_only, [1, "odd", 2, "odd"], journal=path, chunksize=3,
+                      return_exceptions=True))
+    assert out[0] == 1 and out[2] == 2
+    assert isinstance(out[1], JournalError) and "could not be recorded" in str(out[1])
+    assert isinstance(out[3], JournalError)  # an equal input: not shown either
+    assert "runs again next time" in str(out[1])
+    assert {r["input"] for r in rows(path).values()} == {"1", "2"}
+    it = ex.map(jt.worker_only, [1, "odd"], journal=path, chunksize=3)
+    assert next(it) == 1
+    with pytest.raises(JournalError):
+        next(it)
+
+
+# ---------------------------------------------------------------- only what a task produced
+
+
+def test_a_broken_manager_records_nothing(side, tmp_path, monkeypatch):
+    """The manager fails before handing anything out: every future fails with
+    BrokenProcessPool, which no task produced: nothing is recorded, all run later."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from pgexecutor import _manager
+
+    def broken(self):
+        if self.queue:
+            raise RuntimeError("simulated manager bug")
+
+    monkeypatch.setattr(_manager.Manager, "_dispatch", broken)
+    path = str(tmp_path / "sweep.db")
+    ex = ProcessGroupExecutor(max_workers=1, kill_grace=0.2)
+    try:
+        out = list(ex.map(task, [1, 2], journal=path, return_exceptions=True))
+    finally:
+        ex.shutdown(wait=False)
+    assert all(isinstance(e, BrokenProcessPool) for e in out), out
+    assert rows(path) == {}
+    monkeypatch.undo()
+    with ProcessGroupExecutor(max_workers=1) as ex2:
+        assert list(ex2.map(task, [1, 2], journal=path)) == [1, 4]
+
+
+def test_a_chunk_mates_base_exception_is_not_another_inputs_error(ex, side, tmp_path):
+    path = str(tmp_path / "sweep.db")
+    out = list(ex.map(jt.exit_task, [2, "exit", 3], journal=path, chunksize=3,
+                      return_exceptions=True))
+    assert isinstance(out[1], SystemExit)
+    stored = {r["input"]: r["outcome"] for r in rows(path).values()}
+    for x in ("2", "3"):
+        assert stored.get(x) in (None, "ok"), stored  # never a final error of its own
+
+
+# ---------------------------------------------------------------- the parent is left alone
+
+
+PARENT_STATE_SCRIPT = """
+import copyreg, json, logging, os, signal, sys
+sys.path.insert(0, sys.argv[2])
+import _journal_tasks as jt
+from pgexecutor import Journal, ProcessGroupExecutor
+
+def state():
+    handlers = {}
+    for s in signal.valid_signals():
+        try:
+            handlers[int(s)] = repr(signal.getsignal(s))
+        except (OSError, ValueError):
+            pass
+    loggers = {name: (lg.level, lg.propagate, lg.disabled, [repr(h) for h in lg.handlers])
+               for name, lg in [("", logging.getLogger()), ("pgexecutor", logging.getLogger("pgexecutor"))]}
+    return {"copyreg": sorted(map(repr, copyreg.dispatch_table)),
+            "extension": sorted(map(repr, copyreg._extension_registry)),
+            "signals": handlers, "logging": repr(loggers),
+            "loggers": sorted(logging.root.manager.loggerDict)}
+
+import pgexecutor.journal  # noqa: imported: what it does on import is not a map's doing
+before = state()
+path = sys.argv[1]
+with ProcessGroupExecutor(2, kill_grace=0.2) as ex:
+    j = Journal(path, quarantine_after=1)
+    list(ex.map(jt.task, [1, "raise", "crash"], journal=j, return_exceptions=True))
+    list(ex.map(jt.task, [1, "raise", "crash", 2], journal=j, return_exceptions=True))
+    list(ex.options(task_timeout=0.5).map(jt.task, ["hang"], journal=path, return_exceptions=True))
+print(json.dumps({"before": before, "after": state()}))
+"""
+
+
+def test_journaling_leaves_the_parents_pickling_signals_and_logging_alone(tmp_path):
+    """In a fresh interpreter: a journaled map that records errors, crashes and a
+    timeout changes no copyreg entry, no signal handler and no logging setup."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run(
+        [sys.executable, "-c", PARENT_STATE_SCRIPT, str(tmp_path / "j.db"), tests_dir],
+        capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")),
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for part in ("copyreg", "extension", "signals", "logging", "loggers"):
+        assert got["before"][part] == got["after"][part], part
 
 
 def test_package_exports():
@@ -703,6 +971,169 @@ def test_package_exports():
         Journal("x.db", quarantine_after=0)
     with pytest.raises(TypeError):
         Journal("x.db", key="id")
+
+
+# ---------------------------------------------------------------- exactly what the task returned
+
+
+def test_the_stored_result_is_the_workers_bytes_not_a_repickle(ex, tmp_path):
+    """The result's class records which process pickled it: the replayed one was
+    pickled by the worker, not again by the parent."""
+    path = str(tmp_path / "sweep.db")
+    first = list(ex.map(jt.stamp, [1, 2], journal=path))
+    assert [r.value for r in first] == [1, 2]
+    worker_pids = {r.pickled_by for r in first}
+    assert os.getpid() not in worker_pids
+    again = list(ex.map(jt.stamp, [1, 2], journal=path))
+    assert [r.value for r in again] == [1, 2]
+    assert {r.pickled_by for r in again} <= worker_pids, "the parent pickled the result again"
+
+
+def test_only_journaled_tasks_keep_the_workers_bytes(ex, tmp_path):
+    """TaskFuture.raw_outcome is opt-in (TaskSettings.keep_raw): a plain future does
+    not hold its result twice."""
+    fut = ex.submit(jt.pair, 1)
+    assert fut.result(timeout=T) == [1, 1] and fut.raw_outcome is None
+    assert ex.task_settings.keep_raw is False
+    assert list(ex.map(jt.stamp, [5], journal=str(tmp_path / "j.db")))[0].value == 5
+
+
+def test_the_callers_edits_never_reach_the_journal(ex, tmp_path):
+    """The caller changes each result in place the moment it gets it; the rerun
+    replays what the tasks returned."""
+    path = str(tmp_path / "sweep.db")
+    inputs = list(range(200))
+    for r in ex.map(jt.pair, inputs, journal=path):
+        r[0] = "edited"
+        r.append("more")
+    assert list(ex.map(jt.pair, inputs, journal=path)) == [[x, x] for x in inputs]
+
+
+def test_large_array_results_edited_in_place_replay_as_returned(ex, tmp_path):
+    """Arrays travel out of band (a pickle with its buffers apart) or through shared
+    memory; the caller's ``a *= 10`` changes neither what is stored nor the other
+    positions of an equal input."""
+    pytest.importorskip("numpy")
+    path = str(tmp_path / "sweep.db")
+    sizes = [20_000, 300_000, 20_000]  # 160 KB: out of band; 2.4 MB: shared memory
+    out = list(ex.map(jt.array, sizes, journal=path))
+    assert out[0] is not out[2]
+    for a in out:
+        a *= 10
+    assert out[2][1] == 10 and out[0][1] == 10
+    again = list(ex.map(jt.array, sizes, journal=path))
+    for a, n in zip(again, sizes, strict=True):
+        assert a.shape == (n,) and a[1] == 1 and a[-1] == n - 1
+        a *= 10  # writable, and its own
+    assert again[0] is not again[2] and again[2][1] == 10
+
+
+def test_equal_inputs_get_objects_of_their_own(ex, side, tmp_path):
+    path = str(tmp_path / "sweep.db")
+    out = list(ex.map(jt.pair, [1, 2, 1, 1], journal=path))
+    assert out == [[1, 1], [2, 2], [1, 1], [1, 1]]
+    assert out[0] is not out[2] and out[2] is not out[3]
+    out[0].append("edited")
+    assert out[2] == [1, 1] and out[3] == [1, 1]
+    again = list(ex.map(jt.pair, [1, 1], journal=path))
+    assert again == [[1, 1], [1, 1]] and again[0] is not again[1]
+    # Chunks too, and errors: each position its own exception.
+    chunked = list(ex.map(task, [3, 3, "raise", "raise"], journal=str(tmp_path / "c.db"),
+                          chunksize=2, return_exceptions=True))
+    assert chunked[:2] == [9, 9] and chunked[2] is not chunked[3]
+
+
+# ---------------------------------------------------------------- keys
+
+
+def _pairs():
+    lam1, lam2 = (lambda x: x + 1), (lambda x: x + 2)  # noqa: E731
+    a, b = jt.Scale(2), jt.Scale(10)
+    d2 = types.FunctionType(jt.scaled.__code__, jt.scaled.__globals__, "scaled", (10,))
+    d2.__kwdefaults__ = {"plus": 0}
+    d2.__qualname__ = jt.scaled.__qualname__
+    d3 = types.FunctionType(jt.scaled.__code__, jt.scaled.__globals__, "scaled", (2,))
+    d3.__kwdefaults__ = {"plus": 5}
+    d3.__qualname__ = jt.scaled.__qualname__
+    return {
+        "closures of one factory": (jt.make_scaler(2), jt.make_scaler(10)),
+        "two lambdas": (lam1, lam2),
+        "two instances of one callable class": (a, b),
+        "bound methods of two instances": (a.apply, b.apply),
+        "partial arguments": (functools.partial(jt.mul, 2), functools.partial(jt.mul, 10)),
+        "defaults": (jt.scaled, d2),
+        "keyword defaults": (jt.scaled, d3),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_pairs()))
+def test_different_functions_never_share_rows(ex, tmp_path, case):
+    f, g = _pairs()[case]
+    assert f(3) != g(3)
+    path = str(tmp_path / "sweep.db")
+    assert list(ex.map(f, [1, 2, 3], journal=path)) == [f(1), f(2), f(3)]
+    assert list(ex.map(g, [1, 2, 3], journal=path)) == [g(1), g(2), g(3)], case
+    assert len(rows(path)) == 6
+    assert list(ex.map(f, [1, 2, 3], journal=path)) == [f(1), f(2), f(3)]
+
+
+KEYS_SCRIPT = """
+import functools, json, sys
+sys.path.insert(0, sys.argv[1])
+import _journal_tasks as jt
+from pgexecutor.journal import default_key
+
+def factory(names):
+    def check(x):
+        return x in names
+    return check
+
+fns = [jt.task, jt.make_scaler(3), jt.Scale(4), jt.Scale(4).apply,
+       functools.partial(jt.mul, 2), jt.scaled, factory({"alpha", "beta", "gamma", "delta"}),
+       factory({"k": {"z", "y", "x"}})]
+print(json.dumps([default_key(f, (5, "x")) for f in fns]))
+"""
+
+
+def test_keys_are_the_same_in_another_process(tmp_path):
+    """Same function, same input, another process (another string hash seed): the
+    same keys, captured sets of strings included."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    outs = []
+    for seed in ("1", "2"):
+        proc = subprocess.run(
+            [sys.executable, "-c", KEYS_SCRIPT, tests_dir], capture_output=True, text=True,
+            timeout=60, env=dict(os.environ, PYTHONHASHSEED=seed,
+                                 PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")),
+        )
+        assert proc.returncode == 0, proc.stderr
+        outs.append(json.loads(proc.stdout))
+    assert outs[0] == outs[1]
+    assert len(set(outs[0])) == len(outs[0])  # and all different
+    assert outs[0][0] == key_of((5, "x"), pair=True)  # a named function: as before
+
+
+def test_a_key_that_cannot_be_made_safely_is_refused_naming_key(ex, tmp_path):
+    lock = threading.Lock()
+
+    def locked(x):
+        with lock:
+            return x
+
+    path = str(tmp_path / "sweep.db")
+    with pytest.raises(JournalError, match=r"closure variable 'lock'.*key=") as info:
+        ex.map(locked, [1], journal=path)
+    assert "Journal(path, key=" in str(info.value)
+    with pytest.raises(JournalError, match="key="):
+        ex.map(functools.partial(jt.mul, threading.Lock()), [1], journal=path)
+    with pytest.raises(JournalError, match="encodes differently each time.*key="):
+        ex.map(jt.make_fickle(), [1], journal=path)
+    assert not os.path.exists(path) and ex.stats()["submitted"] == 0
+    # A module's own function travels by reference: a worker imports it, closure and
+    # all, so its name is its key, whatever it captured (here a decorator's lock).
+    assert list(ex.map(jt.guarded, [1], journal=path)) == [101]
+    digest = hashlib.sha256(b"_journal_tasks.guarded\0" + pickle.dumps((1,), protocol=4))
+    assert set(rows(path)) == {digest.hexdigest()[:32]}
 
 
 # ---------------------------------------------------------------- Ray
