@@ -37,12 +37,11 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FuturesTimeoutError
 from typing import Any
 
 from .. import _progress
 from .. import _protocol as proto
-from .._frontend import check_buffersize
+from .._frontend import check_buffersize, result_or_exception
 from .._journal_chunk import run_chunk_timed
 from ..errors import QuarantinedError, RemoteTaskError
 from . import _records as rec
@@ -406,20 +405,9 @@ def _answer_task(slot: Any, end_time: float | None) -> tuple[bool, Any]:
         slot, index = slot
     fut: Future[Any] = slot
     timeout = None if end_time is None else max(0.0, end_time - time.monotonic())
-    try:
-        value = fut.result(timeout)
-    except FuturesTimeoutError:
-        if not fut.done():
-            raise  # map's own timeout: the standard meaning
-        return False, fut.exception()
-    except Exception as exc:
-        return False, exc
-    except BaseException as exc:
-        # The task's own SystemExit or KeyboardInterrupt is its outcome; one raised
-        # while we waited (the caller's Ctrl-C) is not.
-        if fut.done() and not fut.cancelled() and fut.exception() is exc:
-            return False, exc
-        raise
+    ok, value = result_or_exception(fut, timeout)
+    if not ok:
+        return False, value
     if index is None:
         return True, value
     _, ok, item = rec.chunk_item(value, index)
