@@ -8,12 +8,14 @@ import logging as _logging
 
 from ._frontend import ExecutorOptions
 from ._manager import TaskInfo
+from ._settings import AutoTimeout
 from .errors import (
     JournalError,
     MemoryLimitError,
     QuarantinedError,
     RemoteTaskError,
     TaskPicklingError,
+    TaskStalledError,
     TaskTimeoutError,
     WorkerCrashedError,
     WorkerInitializerError,
@@ -24,6 +26,8 @@ __all__ = [
     "ProcessGroupExecutor",
     "ExecutorOptions",
     "TaskTimeoutError",
+    "TaskStalledError",
+    "AutoTimeout",
     "WorkerCrashedError",
     "MemoryLimitError",
     "WorkerInitializerError",

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from . import _progress
 from . import _protocol as proto
-from ._settings import UNSET, TaskSettings
+from ._settings import UNSET, AutoTimeout, TaskSettings
 from ._worker import run_chunk
 
 
@@ -45,7 +45,7 @@ class TaskSubmitter:
     @property
     def task_settings(self) -> TaskSettings:
         """This executor's per-task settings (``options()`` views have theirs):
-        ``timeout``, ``max_memory``, ``retries``; frozen and validated."""
+        ``timeout``, ``auto``, ``max_memory``, ``retries``; frozen and validated."""
         return self._settings
 
     def map(  # type: ignore[override]
@@ -113,7 +113,7 @@ class TaskSubmitter:
     def options(
         self,
         *,
-        task_timeout: float | None = UNSET,
+        task_timeout: float | str | AutoTimeout | None = UNSET,
         retries: int = UNSET,
         max_memory: int | None = UNSET,
     ) -> ExecutorOptions:
@@ -165,8 +165,8 @@ class ExecutorOptions(TaskSubmitter):
         return self._executor._submit(fn, args, kwargs, settings)
 
     @property
-    def task_timeout(self) -> float | None:
-        return self._settings.timeout
+    def task_timeout(self) -> float | AutoTimeout | None:
+        return self._settings.task_timeout
 
     @property
     def max_memory(self) -> int | None:

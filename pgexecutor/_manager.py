@@ -18,20 +18,21 @@ Data flow (one way, like CPython's ``concurrent/futures/process.py``)::
           writes the TASK itself (try_dispatch, under _lock)              memfd, over a socket)
                                       |
                                       +-- results/errors ---> Ledger: set_result / set_exception
-                                      +-- deadline passed --> stack dump, SIGTERM+SIGCONT group,
-                                      |                       SIGKILL after kill_grace, replace
+                                      +-- a detector kills -> stack dump, SIGTERM+SIGCONT group,
+                                      |   (_supervision)      SIGKILL after kill_grace, replace
                                       +-- long task ahead --> take back the tasks waiting behind
                                       |                       it (permits), run them elsewhere
                                       +-- pidfd readable ---> fail the running task, requeue the
                                                               rest, kill the group, THEN reap
 
 The parts, each in its own module: ``_mailbox`` (how other threads reach this one),
-``_worker_handle`` (one worker: state, pipes, timers, its group), ``_scheduling``
+``_worker_handle`` (one worker: state, pipes, timers, its group), ``_supervision``
+(the detectors: time limits, learned ones, memory; what they conclude), ``_scheduling``
 (how many workers, how deep each pipe), ``_ledger`` (outcomes, counters, TaskInfo),
 ``_process`` (POSIX: start, signal, reap), ``_platform`` (pidfd or polling),
 ``_guardian`` (the parent's death) and ``_exit`` (interpreter exit, fork). This module
-joins them: the loop, the events, the commands, supervision (timeouts, memory, death,
-reaping) and shutdown.
+joins them: the loop, the events, the commands, applying what supervision concludes,
+death, reaping and shutdown.
 
 Ownership (who may write what):
 
@@ -69,7 +70,6 @@ from __future__ import annotations
 
 import logging
 import select
-import signal
 import threading
 import time
 from collections import deque
@@ -86,13 +86,9 @@ from . import _protocol as proto
 from ._ledger import Ledger, Stats, TaskInfo, WorkItem
 from ._mailbox import Command, KillTask, Mailbox, Shutdown, Terminate
 from ._scheduling import Scheduler
+from ._supervision import ASK_STACK, Kill, Supervisor, Watch
 from ._worker_handle import SERVING, State, WorkerHandle
-from .errors import (
-    MemoryLimitError,
-    TaskTimeoutError,
-    WorkerCrashedError,
-    WorkerInitializerError,
-)
+from .errors import WorkerCrashedError, WorkerInitializerError
 
 __all__ = ["Manager", "ManagerConfig", "TaskInfo", "WorkItem", "Stats"]
 
@@ -129,6 +125,7 @@ class Manager:
         self.workers: dict[int, WorkerHandle] = {}
         self.scheduler = Scheduler(config.max_workers)
         self.ledger = Ledger()
+        self.supervisor = Supervisor()  # the detectors; learned run times
         self.shutting_down = False
         # Pids of the workers serving the executor, republished on every change;
         # other threads read this tuple and nothing else of ``workers``.
@@ -169,14 +166,14 @@ class Manager:
         make up a third of a round trip. The manager changes its state only while it
         holds ``_lock`` and lets go of it only to sleep in poll(), so whoever holds the
         lock owns the state. We do only what needs no later attention from the
-        sleeping manager: no deadline or memory limit (it would not wake for them),
+        sleeping manager: nothing to supervise (it would not wake for it),
         a small frame written whole (no POLLOUT to watch), no older work queued (order),
         an idle worker (what dispatch would pick; the queue stays empty, so no new
         worker is due). Otherwise, or when the manager is awake (the lock is taken),
         False: post the item as usual.
         """
         payload = item.payload
-        if item.settings.timeout is not None or item.settings.max_memory is not None:
+        if item.settings.watched:
             return False
         if type(payload) is not bytes or len(payload) >= _DIRECT_MAX:
             return False
@@ -516,7 +513,7 @@ class Manager:
 
     def _spawn(self) -> None:
         proc = proc_mod.spawn_worker(self.cfg.mp_context)
-        w = WorkerHandle(proc)
+        w = WorkerHandle(proc, self.supervisor)
         self.workers[w.pid] = w
         self._publish_pids()
         self.ledger.stats.workers_started += 1
@@ -597,6 +594,7 @@ class Manager:
         if kind == proto.ERROR:
             self.ledger.fail(item, proto.load_exception(payload), "error", now)
             return True
+        self.supervisor.succeeded(item, now - item.started)
         try:
             if kind == proto.RESULT:
                 value = proto.loads(payload)
@@ -615,16 +613,14 @@ class Manager:
 
     def _on_timer(self, w: WorkerHandle, now: float) -> None:
         """One of ``w``'s timers is due (see WorkerHandle: each state's timers)."""
-        t = w.timeout_at()
-        if t is not None and now >= t:
-            self._on_timeout(w, now)
-            return
+        watch = w.watching()
+        if watch is not None:
+            t = watch.due()
+            if t is not None and now >= t and self._supervise(w, watch, now):
+                return
         t = w.revoke_at()
         if t is not None and now >= t:
             self._revoke(w)
-        t = w.memory_at()
-        if t is not None and now >= t:
-            self._sample_memory(w, now)
         t = w.escalate_at()
         if t is not None and now >= t:
             logger.info("worker pid=%d ignored SIGTERM for %gs; sending SIGKILL", w.pid, self.cfg.kill_grace)
@@ -633,49 +629,30 @@ class Manager:
         if t is not None and now >= t and not w.group_lingers(now):
             self._reap(w)
 
-    def _on_timeout(self, w: WorkerHandle, now: float) -> None:
+    def _supervise(self, w: WorkerHandle, watch: Watch, now: float) -> bool:
+        """Apply what the running task's detectors conclude (see _supervision);
+        True if its worker was killed."""
+        verdict = watch.look(now)
+        if verdict is None:
+            return False
+        if verdict is ASK_STACK:
+            w.request_stack(now)
+            return False
+        assert isinstance(verdict, Kill)
         self._read_results(w)  # the answer may be sitting in the pipe
-        item = w.head()
-        t = w.timeout_at()
-        if item is None or t is None or now < t:
-            return  # it finished after all; the next task's clock has started
-        stack = w.collect_stack()
+        item = watch.item
+        if w.head() is not item:
+            return False  # it finished after all; the next task's clock has started
+        stack = w.take_stack(now) if verdict.stack else None
         w.inflight.popleft()
-        self.ledger.stats.timed_out += 1
-        timeout = item.settings.timeout
-        assert timeout is not None
+        self.ledger.stats.count(verdict.counter)
         logger.warning(
-            "task %d timed out after %gs on worker pid=%d pgid=%d; killing its group",
-            item.task_id, timeout, w.pid, w.pid,
+            "task %d %s on worker pid=%d pgid=%d; killing its group",
+            item.task_id, verdict.why, w.pid, w.pid,
         )
-        self._kill(w, "timeout", hard=False, now=now)
-        err = TaskTimeoutError(timeout, w.pid, stack, item.attempts)
-        self._retry_or_fail(item, err, "timeout", time.monotonic())
-
-    def _sample_memory(self, w: WorkerHandle, now: float) -> None:
-        item = w.head()
-        if item is None or item.settings.max_memory is None:
-            return
-        limit = item.settings.max_memory
-        used = w.sample_memory(now)
-        if used > limit:
-            # The task may have finished with its answer still in the pipe: then the
-            # memory belongs to no running task and killing would fail a success.
-            self._read_results(w)
-            if w.head() is not item:
-                return
-        if item.peak_memory is None or used > item.peak_memory:
-            item.peak_memory = used
-        if used > limit:
-            w.inflight.popleft()
-            self.ledger.stats.memory_killed += 1
-            logger.warning(
-                "task %d: group of worker pid=%d uses %d bytes, over its limit of %d; killing it",
-                item.task_id, w.pid, used, limit,
-            )
-            self._kill(w, "memory limit", hard=True, now=now)
-            err = MemoryLimitError(used, limit, w.pid, -signal.SIGKILL, item.attempts)
-            self._retry_or_fail(item, err, "memory", now)
+        self._kill(w, verdict.reason, hard=verdict.hard, now=now)
+        self._retry_or_fail(item, verdict.error(stack), verdict.outcome, time.monotonic())
+        return True
 
     def _retry_or_fail(self, item: WorkItem, exc: BaseException, outcome: str, now: float) -> None:
         if self.ledger.retry_or_fail(item, exc, outcome, now):

@@ -13,7 +13,8 @@ or shutdown). KILLING: its group got SIGTERM+SIGCONT (SIGKILL at ``kill_deadline
 DEAD: the leader exited but is not reaped, so its pgid stays reserved and the group can
 still be signalled safely; it is reaped once the group is empty or ``reap_deadline``
 passed. Each state's timers are defined once, below (``*_at`` methods), and
-``next_due`` is their minimum.
+``next_due`` is their minimum. The running task's supervision (time limits, memory)
+is its :class:`~pgexecutor._supervision.Watch`, made when its clock starts.
 
 Owner: the manager thread (whoever holds ``Manager._lock``).
 """
@@ -33,17 +34,18 @@ from . import _process
 from . import _protocol as proto
 from ._ledger import WorkItem
 from ._scheduling import REVOKE_AFTER
+from ._supervision import Supervisor, Watch
 from ._worker import DUMP_SIGNAL
 
 _JOIN_BELOW = 1 << 16  # task payloads smaller than this are copied into their frame
 _IOV_MAX = 1024  # buffers per writev (Linux's IOV_MAX)
-_MEMORY_INTERVAL = 0.1  # seconds between memory samples of a limited task's group
-#: A task's first memory sample waits this long after its start. A sample costs
-#: ~0.5 ms per process of the group (benchmarks/memory_sampling.py); taken at
-#: every start it slowed tiny limited tasks (0.66-0.83x throughput there).
-_FIRST_SAMPLE = 0.02
 _DEAD_CHECK = 0.02  # how often a dead leader's group is looked at before the reap
-_STACK_WAIT = 0.1  # at most this long to collect a timed-out worker's stack dump
+#: At most this long to wait for a stack dump asked for at the kill itself (see
+#: take_stack); one asked for earlier (Watch: before a deadline) is not waited for.
+_STACK_WAIT = 0.05
+#: A dump asked for at least this long ago has arrived if it ever will: the signal
+#: handler writes it in one burst as soon as the worker runs.
+_STACK_SETTLED = 0.002
 # The dump is complete once it ends a line and the pipe stays quiet this long. The
 # faulthandler signal handler writes the whole dump in one burst, GIL or not (0.1-0.2
 # ms measured, even for a task spinning in C), so a short pause means it is over; a
@@ -84,10 +86,12 @@ class WorkerHandle:
         "kill_deadline",
         "reap_deadline",
         "next_check",
-        "next_memory",
+        "supervisor",
+        "watch",
+        "stack_asked",
     )
 
-    def __init__(self, proc: _process.WorkerProcess) -> None:
+    def __init__(self, proc: _process.WorkerProcess, supervisor: Supervisor) -> None:
         self.proc = proc
         self.pid = proc.pid  # also its pgid
         self.state = State.STARTING
@@ -108,7 +112,9 @@ class WorkerHandle:
         self.kill_deadline: float | None = None  # KILLING: SIGKILL is due then
         self.reap_deadline: float | None = None  # DEAD: reap then, members or not
         self.next_check = 0.0  # DEAD: next look at the group's members
-        self.next_memory = 0.0
+        self.supervisor = supervisor
+        self.watch: Watch | None = None  # the supervision of the task that began last
+        self.stack_asked = 0.0  # when a stack dump was asked for this task; 0.0: not
 
     # ------------------------------------------------------------ timers
 
@@ -124,27 +130,26 @@ class WorkerHandle:
     # Each timer is defined once, on the running task (``_*_of``); ``*_at`` and
     # ``next_due`` only find that task first.
 
-    def _timeout_of(self, head: WorkItem) -> float | None:
-        timeout = head.settings.timeout
-        return None if timeout is None else head.started + timeout
+    def _watch_of(self, head: WorkItem) -> Watch | None:
+        """The watch of the running task (not a stale one of a task taken back)."""
+        watch = self.watch
+        return watch if watch is not None and watch.item is head else None
+
+    def _supervise_of(self, head: WorkItem) -> float | None:
+        watch = self._watch_of(head)
+        return None if watch is None else watch.due()
 
     def _revoke_of(self, head: WorkItem) -> float | None:
         return head.started + REVOKE_AFTER if len(self.inflight) > 1 else None
 
-    def _memory_of(self, head: WorkItem) -> float | None:
-        return None if head.settings.max_memory is None else self.next_memory
-
-    def timeout_at(self) -> float | None:
+    def watching(self) -> Watch | None:
+        """The watch of the running task, if anything watches it."""
         head = self.head()
-        return None if head is None else self._timeout_of(head)
+        return None if head is None else self._watch_of(head)
 
     def revoke_at(self) -> float | None:
         head = self.head()
         return None if head is None else self._revoke_of(head)
-
-    def memory_at(self) -> float | None:
-        head = self.head()
-        return None if head is None else self._memory_of(head)
 
     def escalate_at(self) -> float | None:
         if self.state is State.KILLING and not self.kill_sent:
@@ -160,8 +165,9 @@ class WorkerHandle:
         head = self.head()
         if head is None:
             return self.escalate_at() if self.state is State.KILLING else self.check_at()
-        best = self._timeout_of(head)
-        for t in (self._revoke_of(head), self._memory_of(head)):
+        best = self._revoke_of(head)
+        if self.watch is not None:
+            t = self._supervise_of(head)
             if t is not None and (best is None or t < best):
                 best = t
         return best
@@ -174,8 +180,8 @@ class WorkerHandle:
         """
         item.started = now
         item.attempts += 1
-        if item.settings.max_memory is not None:
-            self.next_memory = now + _FIRST_SAMPLE
+        self.stack_asked = 0.0
+        self.watch = self.supervisor.watch(item, self.pid, now)
 
     # ------------------------------------------------------------ the task pipe
 
@@ -345,42 +351,57 @@ class WorkerHandle:
         self.proc.close_fds()
         return escalated, code
 
-    def sample_memory(self, now: float) -> int:
-        self.next_memory = now + _MEMORY_INTERVAL
-        return _process.group_memory(self.pid)
-
-    def collect_stack(self) -> str | None:
-        """Ask the worker for a faulthandler dump of its threads; wait briefly."""
+    def request_stack(self, now: float) -> bool:
+        """Ask the worker for a faulthandler dump of its threads (not waiting for
+        it: see take_stack). False if the leader is gone."""
         fd = self.proc.dump
         try:
-            while os.read(fd, 65536):  # drop anything stale
+            while os.read(fd, 65536):  # drop anything stale (an earlier task's)
                 pass
         except OSError:
             pass
         if not _process.signal_leader(self.pid, DUMP_SIGNAL):
-            return None
+            return False
         _process.signal_leader(self.pid, signal.SIGCONT)  # a stopped worker cannot answer
+        self.stack_asked = now
+        return True
+
+    def take_stack(self, now: float) -> str | None:
+        """The stack dump of the running task, best effort and without delaying its
+        kill: one asked for a while ago (before the deadline) is taken as far as it
+        arrived, waiting only to complete one that is being written; one not asked
+        for yet is asked for now and waited for at most _STACK_WAIT.
+
+        A worker spinning in C with every signal blocked never answers: asked early,
+        it costs nothing (the old way waited 0.1 s for it at every such kill).
+        """
+        asked = self.stack_asked
+        if not asked and not self.request_stack(now):
+            return None
+        fresh = not asked or now - asked < _STACK_SETTLED
+        self.stack_asked = 0.0
+        fd = self.proc.dump
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         dump = bytearray()
         deadline = time.monotonic() + _STACK_WAIT
         while not _process.dump_is_complete(self.proc, dump):
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                data = None
+            except OSError:
+                break
+            if data:
+                dump += data
+                continue
+            if data is not None or (not dump and not fresh):
+                break  # EOF; or asked long ago and nothing came: nothing will
             left_ms = math.ceil((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 break
             settled = dump.endswith(b"\n")
-            if not poller.poll(min(left_ms, _STACK_QUIET_MS) if settled else left_ms):
-                if settled:
-                    break
-                continue
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                continue
-            except OSError:
+            if not poller.poll(min(left_ms, _STACK_QUIET_MS) if settled else left_ms) and settled:
                 break
-            if not data:
-                break
-            dump += data
         text = dump.decode("utf-8", "replace").strip()
         return text or None

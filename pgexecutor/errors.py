@@ -97,7 +97,11 @@ class TaskTimeoutError(_FuturesTimeoutError):
     ``stack`` holds the Python stacks of every thread of the worker at the moment of
     expiry (a ``faulthandler`` dump), or ``None`` when the worker could not answer;
     ``str(error)`` names the innermost frame, which is usually where it hung.
+    ``derivation`` says how a learned limit (``task_timeout="auto"``) was derived,
+    None for a fixed one.
     """
+
+    derivation: str | None = None
 
     def __init__(
         self,
@@ -113,10 +117,13 @@ class TaskTimeoutError(_FuturesTimeoutError):
         super().__init__(timeout, pid, stack, attempts)
 
     def __reduce__(self):  # type: ignore[override]
-        return (type(self), (self.timeout, self.pid, self.stack, self.attempts))
+        # The state: ``derivation`` (and a subclass's own attributes) travel too.
+        return (type(self), (self.timeout, self.pid, self.stack, self.attempts), self.__dict__)
 
     def __str__(self) -> str:
         msg = f"task exceeded its timeout of {self.timeout:g} s (worker pid {self.pid})"
+        if self.derivation:
+            msg += f"; the limit was {self.derivation}"
         where = _innermost_frame(self.stack)
         if where:
             msg += f"; it was at {where}"
@@ -328,3 +335,44 @@ class QuarantinedError(Exception):
                 f"{f.get('outcome')}: {f.get('error')}" for f in self.failures
             ) + ")"
         return msg + "; it was not run again"
+
+
+# ---------------------------------------------------------------- supervision
+# Kept at the end of the module (with their own __all__ entries) to ease merging.
+
+__all__ += ["TaskStalledError"]
+
+
+class TaskStalledError(TaskTimeoutError):
+    """The task stopped making progress; its worker's whole group was killed.
+
+    ``reason`` says which sign of life was missing: no CPU time used and no I/O done
+    by any process of the group for ``timeout`` seconds (``stall_timeout``), or no
+    :func:`pgexecutor.heartbeat` call for ``timeout`` seconds after an earlier one
+    (``heartbeat_timeout``). A ``TaskTimeoutError``, so ``except`` clauses for
+    timeouts catch it; ``stack`` is as there.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        timeout: float,
+        pid: int | None = None,
+        stack: str | None = None,
+        attempts: int = 1,
+    ) -> None:
+        super().__init__(timeout, pid, stack, attempts)
+        self.reason = reason
+        self.args = (reason, timeout, pid, stack, attempts)  # attempts last, as the ledger expects
+
+    def __reduce__(self):  # type: ignore[override]
+        return (type(self), self.args, self.__dict__)
+
+    def __str__(self) -> str:
+        msg = f"task stalled: {self.reason} (worker pid {self.pid})"
+        where = _innermost_frame(self.stack)
+        if where:
+            msg += f"; it was at {where}"
+        if self.attempts > 1:
+            msg += f"; gave up after {self.attempts} attempts"
+        return msg

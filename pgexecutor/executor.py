@@ -38,7 +38,8 @@ from ._frontend import PoolFrontEnd, unpicklable_arguments
 from ._future import TaskFuture
 from ._mailbox import KillTask, Shutdown, Terminate
 from ._manager import Manager, ManagerConfig, TaskInfo, WorkItem
-from ._settings import TaskSettings
+from ._settings import AutoTimeout, TaskSettings
+from ._supervision import task_key
 
 
 def _default_workers() -> int:
@@ -69,7 +70,9 @@ def task_info(future: Future[Any]) -> TaskInfo | None:
 class ProcessGroupExecutor(PoolFrontEnd):
     """A ``ProcessPoolExecutor`` whose workers each lead their own process group.
 
-    A task that runs past ``task_timeout``, crashes its worker, or (with
+    A task that runs past ``task_timeout`` (seconds; or ``"auto"`` /
+    :class:`AutoTimeout`: learned from the function's own run times), crashes its
+    worker, or (with
     ``max_memory``) lets its group grow past the budget fails on its own with
     :class:`TaskTimeoutError`, :class:`WorkerCrashedError` or
     :class:`MemoryLimitError`; the worker's *whole group* (every process the task
@@ -85,7 +88,7 @@ class ProcessGroupExecutor(PoolFrontEnd):
         initargs: tuple[Any, ...] = (),
         *,
         max_tasks_per_child: int | None = None,
-        task_timeout: float | None = None,
+        task_timeout: float | str | AutoTimeout | None = None,
         kill_grace: float = 1.0,
         max_memory: int | None = None,
         retries: int = 0,
@@ -176,7 +179,10 @@ class ProcessGroupExecutor(PoolFrontEnd):
                 assert error is not None
                 return unpicklable_arguments(error)
             fut = TaskFuture(self._manager.mailbox.note_cancel, self._manager.thread)
-            item = WorkItem(fut, payload, settings)
+            if settings.auto is None:
+                item = WorkItem(fut, payload, settings)
+            else:  # a learned limit: learned per task function
+                item = WorkItem(fut, payload, settings, *task_key(fn, args))
             if not self._manager.try_dispatch(item):
                 self._manager.post(item)
             return fut
