@@ -7,6 +7,7 @@ everything it spawned; only its own future fails, and the pool keeps going.
 import logging as _logging
 
 from ._frontend import ExecutorOptions
+from ._heartbeat import heartbeat
 from ._manager import TaskInfo
 from ._settings import AutoTimeout
 from .errors import (
@@ -28,6 +29,7 @@ __all__ = [
     "TaskTimeoutError",
     "TaskStalledError",
     "AutoTimeout",
+    "heartbeat",
     "WorkerCrashedError",
     "MemoryLimitError",
     "WorkerInitializerError",

@@ -45,7 +45,8 @@ class TaskSubmitter:
     @property
     def task_settings(self) -> TaskSettings:
         """This executor's per-task settings (``options()`` views have theirs):
-        ``timeout``, ``auto``, ``max_memory``, ``retries``; frozen and validated."""
+        ``timeout``, ``auto``, ``max_memory``, ``retries``, ``stall``, ``heartbeat``;
+        frozen and validated."""
         return self._settings
 
     def map(  # type: ignore[override]
@@ -116,6 +117,8 @@ class TaskSubmitter:
         task_timeout: float | str | AutoTimeout | None = UNSET,
         retries: int = UNSET,
         max_memory: int | None = UNSET,
+        stall_timeout: float | None = UNSET,
+        heartbeat_timeout: float | None = UNSET,
     ) -> ExecutorOptions:
         """A light view whose ``submit``/``map`` use these settings per task.
 
@@ -124,7 +127,10 @@ class TaskSubmitter:
             slow = ex.options(task_timeout=600, retries=2)
             fut = slow.submit(mesh, geometry)
         """
-        return ExecutorOptions(self, self._settings.updated(task_timeout, max_memory, retries))
+        return ExecutorOptions(
+            self,
+            self._settings.updated(task_timeout, max_memory, retries, stall_timeout, heartbeat_timeout),
+        )
 
 
 class PoolFrontEnd(TaskSubmitter, Executor):
@@ -175,6 +181,14 @@ class ExecutorOptions(TaskSubmitter):
     @property
     def retries(self) -> int:
         return self._settings.retries
+
+    @property
+    def stall_timeout(self) -> float | None:
+        return self._settings.stall
+
+    @property
+    def heartbeat_timeout(self) -> float | None:
+        return self._settings.heartbeat
 
 
 def journal_map(*args: Any) -> Iterator[Any]:

@@ -1,7 +1,7 @@
 """Per-task settings, as one frozen and validated value, and the checks of every number.
 
-A task's ``task_timeout`` (seconds, or learned: :class:`AutoTimeout`), ``max_memory``
-and ``retries`` come from the executor's
+A task's ``task_timeout`` (seconds, or learned: :class:`AutoTimeout`), ``max_memory``,
+``retries``, ``stall_timeout`` and ``heartbeat_timeout`` come from the executor's
 constructor or an ``options()`` view; they travel together from the front end to the
 manager as one :class:`TaskSettings`, checked once where the user gave them, so an
 error names the parameter and points at the caller's line, never at a thread.
@@ -142,27 +142,46 @@ def check_retries(value: Any) -> int:
 @dataclass(frozen=True)
 class TaskSettings:
     """What applies to one task: its time limit (seconds, learned, or None), the memory its
-    worker's group may use (bytes, or None) and how often it is run again after its
-    worker was lost under it (timeout, crash, memory). Build it with :meth:`checked`;
-    the fields are then known to be valid."""
+    worker's group may use (bytes, or None), how often it is run again after its
+    worker was lost under it (timeout, crash, memory), and how long it may go without
+    progress (CPU or I/O) or between heartbeats (seconds, or None). Build it with
+    :meth:`checked`; the fields are then known to be valid."""
 
     timeout: float | None = None
     max_memory: int | None = None
     retries: int = 0
     #: a learned time limit (``task_timeout="auto"``); then ``timeout`` is None
     auto: AutoTimeout | None = None
+    #: seconds without CPU time or I/O in the worker's group (``stall_timeout``)
+    stall: float | None = None
+    #: seconds between heartbeat() calls, once the task made one (``heartbeat_timeout``)
+    heartbeat: float | None = None
     #: True if anything watches the task while it runs (see _supervision): such a task
     #: is never handed to a worker behind the sleeping manager's back
     watched: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        watched = self.timeout is not None or self.max_memory is not None or self.auto is not None
+        watched = any(
+            limit is not None
+            for limit in (self.timeout, self.max_memory, self.auto, self.stall, self.heartbeat)
+        )
         object.__setattr__(self, "watched", watched)
 
     @classmethod
-    def checked(cls, task_timeout: Any = None, max_memory: Any = None, retries: Any = 0) -> TaskSettings:
+    def checked(
+        cls,
+        task_timeout: Any = None,
+        max_memory: Any = None,
+        retries: Any = 0,
+        stall_timeout: Any = None,
+        heartbeat_timeout: Any = None,
+    ) -> TaskSettings:
         timeout, auto = check_task_timeout(task_timeout)
-        return cls(timeout, check_memory(max_memory), check_retries(retries), auto)
+        return cls(
+            timeout, check_memory(max_memory), check_retries(retries), auto,
+            check_timeout(stall_timeout, "stall_timeout"),
+            check_timeout(heartbeat_timeout, "heartbeat_timeout"),
+        )
 
     @property
     def task_timeout(self) -> float | AutoTimeout | None:
@@ -170,7 +189,12 @@ class TaskSettings:
         return self.auto if self.auto is not None else self.timeout
 
     def updated(
-        self, task_timeout: Any = UNSET, max_memory: Any = UNSET, retries: Any = UNSET
+        self,
+        task_timeout: Any = UNSET,
+        max_memory: Any = UNSET,
+        retries: Any = UNSET,
+        stall_timeout: Any = UNSET,
+        heartbeat_timeout: Any = UNSET,
     ) -> TaskSettings:
         """These settings with the ones given replaced (each checked); UNSET keeps."""
         timeout, auto = (
@@ -181,4 +205,7 @@ class TaskSettings:
             self.max_memory if max_memory is UNSET else check_memory(max_memory),
             self.retries if retries is UNSET else check_retries(retries),
             auto,
+            self.stall if stall_timeout is UNSET else check_timeout(stall_timeout, "stall_timeout"),
+            self.heartbeat if heartbeat_timeout is UNSET
+            else check_timeout(heartbeat_timeout, "heartbeat_timeout"),
         )

@@ -12,8 +12,9 @@ exist. A new detector is one more check class here and one more entry in
 ``Supervisor.detectors``.
 
 The detectors: :class:`FixedTimeout` (``task_timeout=seconds``),
-:class:`LearnedTimeout` (``task_timeout="auto"``, from :class:`RunTimes`) and
-:class:`MemoryLimit` (``max_memory``).
+:class:`LearnedTimeout` (``task_timeout="auto"``, from :class:`RunTimes`),
+:class:`MemoryLimit` (``max_memory``), :class:`Stall` (``stall_timeout``) and
+:class:`Heartbeat` (``heartbeat_timeout``, from ``_heartbeat``'s page).
 
 Owner: the manager thread (whoever holds ``Manager._lock``), as for the worker
 handles that hold the watches. Nothing here blocks or signals; checks only read
@@ -32,11 +33,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import _process
+from ._heartbeat import BeatPage
 from ._journal_chunk import run_chunk_timed
 from ._ledger import WorkItem
 from ._settings import AutoTimeout
 from ._worker import run_chunk
-from .errors import MemoryLimitError, TaskTimeoutError
+from .errors import MemoryLimitError, TaskStalledError, TaskTimeoutError
 
 #: A task's first memory sample waits this long after its start. A sample costs
 #: ~0.5 ms per process of the group (benchmarks/memory_sampling.py); taken at
@@ -49,6 +51,11 @@ MEMORY_INTERVAL = 0.1  # seconds between memory samples of a limited task's grou
 STACK_LEAD = 0.05
 #: Run times kept per task function for learned limits (the newest).
 RUN_TIMES_KEPT = 1000
+#: A stalled-looking group is sampled this often, as a fraction of stall_timeout
+#: (each sample scans the group: benchmarks/stall_sampling.py), but not more often
+#: than STALL_MIN_INTERVAL.
+STALL_SAMPLES = 4
+STALL_MIN_INTERVAL = 0.05
 
 
 @dataclass(frozen=True)
@@ -94,9 +101,21 @@ class Check(Protocol):
         """When it will conclude a kill unless the task ends first, if it knows."""
 
 
-#: Makes the check of one detector for a task that begins now on the worker whose
-#: pid (and pgid) is given, or None if the detector has nothing to watch there.
-Detector = Callable[[WorkItem, int, float], "Check | None"]
+class Worker(Protocol):
+    """What a detector may see of the worker running the task (a WorkerHandle)."""
+
+    @property
+    def pid(self) -> int:
+        """The worker's pid, which is its group's id."""
+
+    @property
+    def beats(self) -> BeatPage | None:
+        """Its heartbeat page, if it has one."""
+
+
+#: Makes the check of one detector for a task that begins now on ``worker``, or
+#: None if the detector has nothing to watch there.
+Detector = Callable[[WorkItem, Worker, float], "Check | None"]
 
 
 class Watch:
@@ -161,14 +180,16 @@ class Supervisor:
             FixedTimeout.for_task,
             self.run_times.check_for,
             MemoryLimit.for_task,
+            Stall.for_task,
+            Heartbeat.for_task,
         )
 
-    def watch(self, item: WorkItem, pid: int, now: float) -> Watch | None:
-        """The watch over ``item``, which begins now on worker ``pid``; None if
-        nothing watches it (the fast path: most tasks have no limits)."""
+    def watch(self, item: WorkItem, worker: Worker, now: float) -> Watch | None:
+        """The watch over ``item``, which begins now on ``worker``; None if nothing
+        watches it (the fast path: most tasks have no limits)."""
         if not item.settings.watched:
             return None
-        checks = [c for c in (make(item, pid, now) for make in self.detectors) if c is not None]
+        checks = [c for c in (make(item, worker, now) for make in self.detectors) if c is not None]
         return Watch(item, checks) if checks else None
 
     def succeeded(self, item: WorkItem, seconds: float) -> None:
@@ -190,8 +211,8 @@ class FixedTimeout:
         self.pid = pid
 
     @classmethod
-    def for_task(cls, item: WorkItem, pid: int, now: float) -> FixedTimeout | None:
-        return None if item.settings.timeout is None else cls(item, pid)
+    def for_task(cls, item: WorkItem, worker: Worker, now: float) -> FixedTimeout | None:
+        return None if item.settings.timeout is None else cls(item, worker.pid)
 
     def deadline(self) -> float | None:
         timeout = self.item.settings.timeout
@@ -306,11 +327,11 @@ class RunTimes:
             return f"AutoTimeout's floor of {auto.floor:g} s, above {how}"
         return f"learned: {how}"
 
-    def check_for(self, item: WorkItem, pid: int, now: float) -> LearnedTimeout | None:
+    def check_for(self, item: WorkItem, worker: Worker, now: float) -> LearnedTimeout | None:
         if item.settings.auto is None:
             return None
         item.limit = self.limit(item)
-        return LearnedTimeout(self, item, pid)
+        return LearnedTimeout(self, item, worker.pid)
 
 
 class LearnedTimeout:
@@ -354,8 +375,8 @@ class MemoryLimit:
         self.next = now + FIRST_SAMPLE
 
     @classmethod
-    def for_task(cls, item: WorkItem, pid: int, now: float) -> MemoryLimit | None:
-        return None if item.settings.max_memory is None else cls(item, pid, now)
+    def for_task(cls, item: WorkItem, worker: Worker, now: float) -> MemoryLimit | None:
+        return None if item.settings.max_memory is None else cls(item, worker.pid, now)
 
     def next_look(self) -> float | None:
         return self.next
@@ -383,3 +404,115 @@ class MemoryLimit:
             why=f"its group uses {used} bytes, over its limit of {limit}",
             reason="memory limit", hard=True, stack=False, error=error,
         )
+
+
+# ---------------------------------------------------------------- signs of life
+
+
+def _stalled_kill(item: WorkItem, pid: int, reason: str, limit: float) -> Kill:
+    attempts = item.attempts
+
+    def error(stack: str | None) -> BaseException:
+        return TaskStalledError(reason, limit, pid, stack, attempts)
+
+    return Kill(
+        outcome="timeout", counter="timed_out", why=f"stalled ({reason})",
+        reason="stalled", hard=False, stack=True, error=error,
+    )
+
+
+class Stall:
+    """``stall_timeout=S``: killed once no process of the worker's group used CPU
+    time or did I/O for S seconds (see _process.group_progress).
+
+    The group is sampled every S/STALL_SAMPLES; progress counts from the sample that
+    saw it, so a stall is called between S and S(1 + 1/STALL_SAMPLES) after the
+    last progress. A task that sleeps, or waits on something outside its group (a
+    lock, a server, a child it started in a new session), makes no progress: it is
+    stalled by this definition.
+    """
+
+    __slots__ = ("item", "pid", "limit", "last", "progress_at", "next")
+
+    def __init__(self, item: WorkItem, pid: int, limit: float, now: float) -> None:
+        self.item = item
+        self.pid = pid
+        self.limit = limit
+        # The first reading waits for the first look: a scan of the group at every
+        # task's start would cost tiny tasks a millisecond each.
+        self.last: int | None = None
+        self.progress_at = now  # beginning is progress
+        self.next = now + self._interval()
+
+    def _interval(self) -> float:
+        return max(STALL_MIN_INTERVAL, self.limit / STALL_SAMPLES)
+
+    @classmethod
+    def for_task(cls, item: WorkItem, worker: Worker, now: float) -> Stall | None:
+        limit = item.settings.stall
+        return None if limit is None else cls(item, worker.pid, limit, now)
+
+    def next_look(self) -> float | None:
+        return self.next
+
+    def deadline(self) -> float | None:
+        # None: asking for the stack early would itself be progress (the worker's
+        # handler runs and writes the dump), and a stalled worker answers at once.
+        return None
+
+    def look(self, now: float) -> Kill | None:
+        progress = _process.group_progress(self.pid)
+        if progress != self.last:
+            if self.last is not None:
+                self.progress_at = now
+            self.last = progress
+        if now - self.progress_at >= self.limit:
+            reason = f"no CPU or I/O progress for {self.limit:g} s"
+            return _stalled_kill(self.item, self.pid, reason, self.limit)
+        self.next = min(now + self._interval(), self.progress_at + self.limit)
+        return None
+
+
+class Heartbeat:
+    """``heartbeat_timeout=H``: once the task called heartbeat(), killed when H
+    seconds pass without another call (read from the worker's page: the time of its
+    last beat, exact; no beat yet: looked at every H/2, so the first is seen by then).
+    """
+
+    __slots__ = ("item", "pid", "page", "limit", "seen", "next")
+
+    def __init__(self, item: WorkItem, pid: int, page: BeatPage, limit: float, now: float) -> None:
+        self.item = item
+        self.pid = pid
+        self.page = page
+        self.limit = limit
+        self.seen: float | None = None  # the time of the task's last beat
+        self.next = now + limit / 2
+
+    @classmethod
+    def for_task(cls, item: WorkItem, worker: Worker, now: float) -> Heartbeat | None:
+        limit, page = item.settings.heartbeat, worker.beats
+        return None if limit is None or page is None else cls(item, worker.pid, page, limit, now)
+
+    def _read(self) -> float | None:
+        when, ident = self.page.last_beat()
+        if ident == self.item.task_id and (self.seen is None or when > self.seen):
+            self.seen = when
+        return self.seen
+
+    def deadline(self) -> float | None:
+        seen = self._read()  # fresh: a task that beats in time is never asked for its stack
+        return None if seen is None else seen + self.limit
+
+    def next_look(self) -> float | None:
+        return self.next if self.seen is None else self.seen + self.limit
+
+    def look(self, now: float) -> Kill | None:
+        seen = self._read()
+        if seen is None:
+            self.next = now + self.limit / 2
+            return None
+        if now < seen + self.limit:
+            return None
+        reason = f"no heartbeat() for {self.limit:g} s (the last was {now - seen:.3g} s ago)"
+        return _stalled_kill(self.item, self.pid, reason, self.limit)

@@ -32,6 +32,7 @@ from collections import deque
 
 from . import _process
 from . import _protocol as proto
+from ._heartbeat import BeatPage
 from ._ledger import WorkItem
 from ._scheduling import REVOKE_AFTER
 from ._supervision import Supervisor, Watch
@@ -89,6 +90,7 @@ class WorkerHandle:
         "supervisor",
         "watch",
         "stack_asked",
+        "beats",
     )
 
     def __init__(self, proc: _process.WorkerProcess, supervisor: Supervisor) -> None:
@@ -115,6 +117,8 @@ class WorkerHandle:
         self.supervisor = supervisor
         self.watch: Watch | None = None  # the supervision of the task that began last
         self.stack_asked = 0.0  # when a stack dump was asked for this task; 0.0: not
+        # Its heartbeat page, sent on its fd channel before INIT (see _heartbeat).
+        self.beats = BeatPage.create(proc.channel)
 
     # ------------------------------------------------------------ timers
 
@@ -181,7 +185,7 @@ class WorkerHandle:
         item.started = now
         item.attempts += 1
         self.stack_asked = 0.0
-        self.watch = self.supervisor.watch(item, self.pid, now)
+        self.watch = self.supervisor.watch(item, self, now)
 
     # ------------------------------------------------------------ the task pipe
 
@@ -349,6 +353,8 @@ class WorkerHandle:
         _process.signal_group(self.pid, signal.SIGKILL)
         code = _process.reap(self.proc)
         self.proc.close_fds()
+        if self.beats is not None:
+            self.beats.close()
         return escalated, code
 
     def request_stack(self, now: float) -> bool:

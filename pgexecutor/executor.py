@@ -72,11 +72,13 @@ class ProcessGroupExecutor(PoolFrontEnd):
 
     A task that runs past ``task_timeout`` (seconds; or ``"auto"`` /
     :class:`AutoTimeout`: learned from the function's own run times), crashes its
-    worker, or (with
-    ``max_memory``) lets its group grow past the budget fails on its own with
-    :class:`TaskTimeoutError`, :class:`WorkerCrashedError` or
-    :class:`MemoryLimitError`; the worker's *whole group* (every process the task
-    spawned) is killed, SIGTERM then SIGKILL after ``kill_grace`` seconds, and a fresh
+    worker, or (with ``max_memory``) lets its group grow past the budget fails on its
+    own with :class:`TaskTimeoutError`, :class:`WorkerCrashedError` or
+    :class:`MemoryLimitError`; one whose group makes no CPU or I/O progress for
+    ``stall_timeout`` seconds, or that called :func:`heartbeat` and then not again
+    within ``heartbeat_timeout`` seconds, fails with :class:`TaskStalledError`. The
+    worker's *whole group* (every process the task spawned) is killed, SIGTERM then
+    SIGKILL after ``kill_grace`` seconds, and a fresh
     worker takes its place. The pool is never broken.
     """
 
@@ -92,6 +94,8 @@ class ProcessGroupExecutor(PoolFrontEnd):
         kill_grace: float = 1.0,
         max_memory: int | None = None,
         retries: int = 0,
+        stall_timeout: float | None = None,
+        heartbeat_timeout: float | None = None,
     ) -> None:
         if os.name != "posix":
             raise OSError("ProcessGroupExecutor needs POSIX process groups (Linux, macOS)")
@@ -113,7 +117,9 @@ class ProcessGroupExecutor(PoolFrontEnd):
         kill_grace = _settings.check_grace(kill_grace)
         self._max_workers = max_workers
         self._mp_context = mp_context
-        self._settings = TaskSettings.checked(task_timeout, max_memory, retries)
+        self._settings = TaskSettings.checked(
+            task_timeout, max_memory, retries, stall_timeout, heartbeat_timeout
+        )
         self._kill_grace = kill_grace
         init_payload = proto.dumps(
             {

@@ -298,3 +298,100 @@ def test_a_hung_python_task_still_carries_its_stack():
             ex.submit(tasks.nap, 60).result(timeout=60)
     assert "_supervision_tasks.py" in (ei.value.stack or ""), ei.value.stack
     assert "in nap" in str(ei.value)
+
+
+# ----------------------------------------------------------------- heartbeats
+
+
+def test_heartbeat_is_a_no_op_outside_a_task():
+    from pgexecutor import heartbeat
+
+    assert heartbeat() is None
+
+
+def test_heartbeat_settings_are_checked():
+    for bad in (0, -1, math.nan, "5"):
+        with pytest.raises((ValueError, TypeError), match="heartbeat_timeout"):
+            ProcessGroupExecutor(1, heartbeat_timeout=bad)
+        with pytest.raises((ValueError, TypeError), match="stall_timeout"):
+            ProcessGroupExecutor(1, stall_timeout=bad)
+    with ProcessGroupExecutor(1, heartbeat_timeout=3, stall_timeout=4) as ex:
+        view = ex.options(heartbeat_timeout=None)
+        assert view.heartbeat_timeout is None and view.stall_timeout == 4
+        assert ex.options(stall_timeout=None, heartbeat_timeout=None).task_settings.watched is False
+
+
+def test_a_task_that_stops_beating_is_killed_as_stalled():
+    with ProcessGroupExecutor(1, heartbeat_timeout=0.5, kill_grace=0.2) as ex:
+        t0 = time.monotonic()
+        fut = ex.submit(tasks.beat_then_hang, 3, 0.1)
+        with pytest.raises(TaskStalledError) as ei:
+            fut.result(timeout=60)
+        assert time.monotonic() - t0 < 30
+        err = ei.value
+        assert isinstance(err, TaskTimeoutError) and err.timeout == 0.5
+        assert "no heartbeat() for 0.5 s" in str(err)
+        assert "beat_then_hang" in (err.stack or "")  # the dump still comes
+        assert pickle.loads(pickle.dumps(err)).reason == err.reason
+        assert task_info(fut).outcome == "timeout" and ex.stats()["timed_out"] == 1
+
+
+def test_a_task_that_never_beats_is_not_affected():
+    with ProcessGroupExecutor(1, heartbeat_timeout=0.2) as ex:
+        assert ex.submit(tasks.never_beats, 1.0).result(timeout=60) == "slept"
+
+
+def test_heartbeats_count_from_any_thread_of_the_task():
+    """The task's main thread never beats; a thread does, for 1 s: the task lives
+    that long (beats seen), then is killed (they stopped)."""
+    with ProcessGroupExecutor(1, heartbeat_timeout=0.4, kill_grace=0.2) as ex:
+        t0 = time.monotonic()
+        fut = ex.submit(tasks.beat_from_a_thread_then_hang, 1.0, 0.05)
+        with pytest.raises(TaskStalledError):
+            fut.result(timeout=60)
+        assert time.monotonic() - t0 >= 1.0
+
+
+def test_heartbeats_count_from_a_forked_child():
+    with ProcessGroupExecutor(1, heartbeat_timeout=0.4, kill_grace=0.2) as ex:
+        assert ex.submit(tasks.beat_from_a_forked_child, 1.0, 0.05, False).result(timeout=60) == "child done"
+        t0 = time.monotonic()
+        with pytest.raises(TaskStalledError):
+            ex.submit(tasks.beat_from_a_forked_child, 1.0, 0.05, True).result(timeout=60)
+        assert time.monotonic() - t0 >= 1.0
+
+
+def test_beats_of_one_task_do_not_count_for_the_next():
+    """Each task's beats carry its id: a task that never beats is unaffected even
+    right after one that did."""
+    with ProcessGroupExecutor(1, heartbeat_timeout=0.3, kill_grace=0.2) as ex:
+        with pytest.raises(TaskStalledError):
+            ex.submit(tasks.beat_then_hang, 2, 0.05).result(timeout=60)
+        assert ex.submit(tasks.never_beats, 0.8).result(timeout=60) == "slept"
+
+
+# ----------------------------------------------------------------- stalls
+
+
+def test_a_sleeping_task_is_stalled():
+    with ProcessGroupExecutor(1, stall_timeout=0.5, kill_grace=0.2) as ex:
+        t0 = time.monotonic()
+        fut = ex.submit(tasks.nap, 60)
+        with pytest.raises(TaskStalledError) as ei:
+            fut.result(timeout=60)
+        assert time.monotonic() - t0 < 30
+        assert "no CPU or I/O progress for 0.5 s" in str(ei.value)
+        assert ei.value.timeout == 0.5
+        assert "in nap" in str(ei.value)  # the stack, asked for at the kill
+
+
+def test_a_task_waiting_on_a_sleeping_grandchild_is_stalled():
+    with ProcessGroupExecutor(1, stall_timeout=0.5, kill_grace=0.2) as ex:
+        with pytest.raises(TaskStalledError):
+            ex.submit(tasks.wait_on_sleeping_grandchild, 60).result(timeout=60)
+
+
+@pytest.mark.parametrize("fn", [tasks.spin, tasks.wait_on_busy_child], ids=["busy", "busy-child"])
+def test_a_busy_task_or_one_waiting_on_a_busy_child_is_never_stalled(fn):
+    with ProcessGroupExecutor(1, stall_timeout=1.0) as ex:
+        assert ex.submit(fn, 3.0).result(timeout=60) is not None
