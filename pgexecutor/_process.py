@@ -604,7 +604,7 @@ def group_progress(pgid: int) -> int:
     until then). Compare two readings for equality: a member leaving the group
     (reaped by a parent outside it) can make the sum smaller, which also is a
     change. Never raises. Cost: the member scan of :func:`group_members` plus two
-    small reads per member (benchmarks/stall_sampling.py)."""
+    small reads per member (benchmarks/supervision_costs.py)."""
     try:
         members = group_members(pgid)
     except Exception:  # /proc unreadable for a moment

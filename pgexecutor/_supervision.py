@@ -52,7 +52,7 @@ STACK_LEAD = 0.05
 #: Run times kept per task function for learned limits (the newest).
 RUN_TIMES_KEPT = 1000
 #: A stalled-looking group is sampled this often, as a fraction of stall_timeout
-#: (each sample scans the group: benchmarks/stall_sampling.py), but not more often
+#: (each sample scans the group: benchmarks/supervision_costs.py), but not more often
 #: than STALL_MIN_INTERVAL.
 STALL_SAMPLES = 4
 STALL_MIN_INTERVAL = 0.05
