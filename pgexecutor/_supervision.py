@@ -322,7 +322,8 @@ class RunTimes:
                 f"successful run times of {item.key} needed to learn one"
             )
         per = f" per call, x {item.weight} calls" if item.weight > 1 else ""
-        how = f"{auto.factor:g} x the {auto.quantile:g} quantile ({q:.3g} s{per}) of {n} successful run times of {item.key}"
+        which = "the longest" if auto.quantile == 1 else f"the {auto.quantile:g} quantile"
+        how = f"{auto.factor:g} x {which} ({q:.3g} s{per}) of {n} successful run times of {item.key}"
         if auto.floor >= item.weight * auto.factor * q:
             return f"AutoTimeout's floor of {auto.floor:g} s, above {how}"
         return f"learned: {how}"
