@@ -395,3 +395,11 @@ def test_a_task_waiting_on_a_sleeping_grandchild_is_stalled():
 def test_a_busy_task_or_one_waiting_on_a_busy_child_is_never_stalled(fn):
     with ProcessGroupExecutor(1, stall_timeout=1.0) as ex:
         assert ex.submit(fn, 3.0).result(timeout=60) is not None
+
+
+def test_task_info_timeout_is_the_fixed_limit_or_none():
+    with ProcessGroupExecutor(1) as ex:
+        limited = ex.options(task_timeout=30).submit(tasks.nap, 0.01)
+        free = ex.submit(tasks.nap, 0.01)
+        assert limited.result(timeout=60) == free.result(timeout=60) == 0.01
+        assert task_info(limited).timeout == 30 and task_info(free).timeout is None
