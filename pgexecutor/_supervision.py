@@ -9,7 +9,7 @@ A :class:`Watch` joins the checks of one attempt; the manager asks the watch of 
 running task when to wake up (``due``) and what it concludes (``look``), and only
 applies the conclusions (``Manager._supervise``): it never knows which detectors
 exist. A new detector is one more check class here and one more entry in
-``Supervisor.detectors``.
+``Supervisor.detectors`` (when it applies, and how it makes its check).
 
 The detectors: :class:`FixedTimeout` (``task_timeout=seconds``),
 :class:`LearnedTimeout` (``task_timeout="auto"``, from :class:`RunTimes`),
@@ -36,7 +36,7 @@ from . import _process
 from ._heartbeat import BeatPage
 from ._journal_chunk import run_chunk_timed
 from ._ledger import WorkItem
-from ._settings import AutoTimeout
+from ._settings import AutoTimeout, TaskSettings
 from ._worker import run_chunk
 from .errors import MemoryLimitError, TaskStalledError, TaskTimeoutError
 
@@ -113,20 +113,30 @@ class Worker(Protocol):
         """Its heartbeat page, if it has one."""
 
 
-#: Makes the check of one detector for a task that begins now on ``worker``, or
-#: None if the detector has nothing to watch there.
-Detector = Callable[[WorkItem, Worker, float], "Check | None"]
+#: A detector: whether it applies to tasks with these settings, and how it makes its
+#: check for a task that begins now on ``worker`` (None: nothing to watch there).
+Detector = tuple[Callable[[TaskSettings], bool], Callable[[WorkItem, Worker, float], "Check | None"]]
 
 
 class Watch:
-    """The checks of one attempt of one task (the head of a worker's pipe)."""
+    """The checks of one attempt of one task (the head of a worker's pipe).
 
-    __slots__ = ("item", "checks", "asked_for")
+    ``due`` is asked on every pass of the manager's loop, so it is cached until the
+    next look or the next change of learned limits (``RunTimes.version``): the only
+    changes that can bring a check's time *earlier*. Changes that move it later (a
+    start moved after a slow unpickling, a heartbeat) make the cached time early,
+    which costs one look that finds nothing.
+    """
 
-    def __init__(self, item: WorkItem, checks: Sequence[Check]) -> None:
+    __slots__ = ("item", "checks", "asked_for", "run_times", "_due", "_version")
+
+    def __init__(self, item: WorkItem, checks: Sequence[Check], run_times: RunTimes) -> None:
         self.item = item
         self.checks = checks
         self.asked_for: float | None = None  # the deadline the stack was asked for
+        self.run_times = run_times
+        self._due: float | None = None
+        self._version = -1  # of run_times when _due was computed; -1: not computed
 
     def _ask_at(self) -> tuple[float, float] | None:
         """(when to ask for the stack, the deadline it is for), or None."""
@@ -142,6 +152,9 @@ class Watch:
 
     def due(self) -> float | None:
         """The nearest time any check needs to look, or the stack be asked for."""
+        version = self.run_times.version
+        if self._version == version:
+            return self._due
         best: float | None = None
         for check in self.checks:
             t = check.next_look()
@@ -150,11 +163,13 @@ class Watch:
         ask = self._ask_at()
         if ask is not None and (best is None or ask[0] < best):
             best = ask[0]
+        self._due, self._version = best, version
         return best
 
     def look(self, now: float) -> Kill | AskStack | None:
         """Let the checks that are due look; the first kill wins. Else ASK_STACK if
         a deadline is near and the stack was not asked for it yet."""
+        self._version = -1  # due() computes afresh after any look
         for check in self.checks:
             t = check.next_look()
             if t is not None and now >= t:
@@ -177,20 +192,31 @@ class Supervisor:
     def __init__(self) -> None:
         self.run_times = RunTimes()
         self.detectors: tuple[Detector, ...] = (
-            FixedTimeout.for_task,
-            self.run_times.check_for,
-            MemoryLimit.for_task,
-            Stall.for_task,
-            Heartbeat.for_task,
+            (lambda s: s.timeout is not None, FixedTimeout.for_task),
+            (lambda s: s.auto is not None, self.run_times.check_for),
+            (lambda s: s.max_memory is not None, MemoryLimit.for_task),
+            (lambda s: s.stall is not None, Stall.for_task),
+            (lambda s: s.heartbeat is not None, Heartbeat.for_task),
         )
+        # settings -> the makers of the detectors that apply (a task's start is on
+        # the hot path; few distinct settings exist)
+        self._plans: dict[TaskSettings, tuple[Callable[[WorkItem, Worker, float], Check | None], ...]] = {}
 
     def watch(self, item: WorkItem, worker: Worker, now: float) -> Watch | None:
         """The watch over ``item``, which begins now on ``worker``; None if nothing
         watches it (the fast path: most tasks have no limits)."""
-        if not item.settings.watched:
+        settings = item.settings
+        if not settings.watched:
             return None
-        checks = [c for c in (make(item, worker, now) for make in self.detectors) if c is not None]
-        return Watch(item, checks) if checks else None
+        plan = self._plans.get(settings)
+        if plan is None:
+            plan = self._plans[settings] = tuple(make for applies, make in self.detectors if applies(settings))
+        checks = []
+        for make in plan:
+            check = make(item, worker, now)
+            if check is not None:
+                checks.append(check)
+        return Watch(item, checks, self.run_times) if checks else None
 
     def succeeded(self, item: WorkItem, seconds: float) -> None:
         """``item`` ran to completion in ``seconds``: a sample for learned limits."""
@@ -204,29 +230,27 @@ class Supervisor:
 class FixedTimeout:
     """``task_timeout=seconds``: killed that long after it began."""
 
-    __slots__ = ("item", "pid")
+    __slots__ = ("item", "pid", "timeout")
 
-    def __init__(self, item: WorkItem, pid: int) -> None:
+    def __init__(self, item: WorkItem, pid: int, timeout: float) -> None:
         self.item = item
         self.pid = pid
+        self.timeout = timeout
 
     @classmethod
     def for_task(cls, item: WorkItem, worker: Worker, now: float) -> FixedTimeout | None:
-        return None if item.settings.timeout is None else cls(item, worker.pid)
+        timeout = item.settings.timeout
+        return None if timeout is None else cls(item, worker.pid, timeout)
 
     def deadline(self) -> float | None:
-        timeout = self.item.settings.timeout
-        assert timeout is not None
-        return self.item.started + timeout  # started moves if unpickling was slow
+        return self.item.started + self.timeout  # started moves if unpickling was slow
 
     next_look = deadline
 
     def look(self, now: float) -> Kill | None:
-        timeout = self.item.settings.timeout
-        assert timeout is not None
-        if now < self.item.started + timeout:
+        if now < self.item.started + self.timeout:
             return None
-        return _timeout_kill(self.item, self.pid, timeout, None)
+        return _timeout_kill(self.item, self.pid, self.timeout, None)
 
 
 def _timeout_kill(item: WorkItem, pid: int, limit: float, derivation: str | None) -> Kill:
@@ -274,6 +298,7 @@ class RunTimes:
     def __init__(self) -> None:
         # key -> (samples in arrival order, the same sorted)
         self._samples: dict[str, tuple[deque[float], list[float]]] = {}
+        self.version = 0  # counts the samples added: limits may have changed
 
     def add(self, item: WorkItem, seconds: float) -> None:
         # The limit that applied: as it stood before this sample (TaskInfo.timeout).
@@ -287,6 +312,7 @@ class RunTimes:
             del ranked[bisect.bisect_left(ranked, order.popleft())]
         order.append(sample)
         bisect.insort(ranked, sample)
+        self.version += 1
 
     def count(self, key: str) -> int:
         entry = self._samples.get(key)

@@ -185,7 +185,8 @@ class WorkerHandle:
         item.started = now
         item.attempts += 1
         self.stack_asked = 0.0
-        self.watch = self.supervisor.watch(item, self, now)
+        # (On the hot path: a task without limits skips the supervisor's call.)
+        self.watch = self.supervisor.watch(item, self, now) if item.settings.watched else None
 
     # ------------------------------------------------------------ the task pipe
 

@@ -261,7 +261,7 @@ def test_a_new_detector_needs_no_change_to_the_manager(monkeypatch):
 
     def init(self: Supervisor) -> None:
         original(self)
-        self.detectors = (*self.detectors, _KillAtFirstLook)
+        self.detectors = (*self.detectors, (lambda settings: True, _KillAtFirstLook))
 
     monkeypatch.setattr(Supervisor, "__init__", init)
     with ProcessGroupExecutor(1, max_memory=1 << 40, kill_grace=0.2) as ex:
