@@ -113,6 +113,7 @@ class ManagerConfig:
     init_payload: bytes
     max_tasks_per_child: int | None
     kill_grace: float
+    py_spy: str | None = None  # native_stacks=True: the py-spy executable (see _native)
 
 
 class Manager:
@@ -125,7 +126,7 @@ class Manager:
         self.workers: dict[int, WorkerHandle] = {}
         self.scheduler = Scheduler(config.max_workers)
         self.ledger = Ledger()
-        self.supervisor = Supervisor()  # the detectors; learned run times
+        self.supervisor = Supervisor(config.py_spy)  # the detectors; learned run times
         self.shutting_down = False
         # Pids of the workers serving the executor, republished on every change;
         # other threads read this tuple and nothing else of ``workers``.
@@ -643,7 +644,7 @@ class Manager:
         item = watch.item
         if w.head() is not item:
             return False  # it finished after all; the next task's clock has started
-        stack = w.take_stack(now) if verdict.stack else None
+        stack, native = w.take_stacks(now) if verdict.stack else (None, None)
         w.inflight.popleft()
         self.ledger.stats.count(verdict.counter)
         logger.warning(
@@ -651,7 +652,7 @@ class Manager:
             item.task_id, verdict.why, w.pid, w.pid,
         )
         self._kill(w, verdict.reason, hard=verdict.hard, now=now)
-        self._retry_or_fail(item, verdict.error(stack), verdict.outcome, time.monotonic())
+        self._retry_or_fail(item, verdict.error(stack, native), verdict.outcome, time.monotonic())
         return True
 
     def _retry_or_fail(self, item: WorkItem, exc: BaseException, outcome: str, now: float) -> None:

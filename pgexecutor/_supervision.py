@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import logging
 import math
 import signal
 from collections import deque
@@ -40,6 +41,8 @@ from ._settings import AutoTimeout, TaskSettings
 from ._worker import run_chunk
 from .errors import MemoryLimitError, TaskStalledError, TaskTimeoutError
 
+logger = logging.getLogger("pgexecutor")
+
 #: A task's first memory sample waits this long after its start. A sample costs
 #: ~0.5 ms per process of the group (benchmarks/memory_sampling.py); taken at
 #: every start it slowed tiny limited tasks (0.66-0.83x throughput there).
@@ -49,6 +52,8 @@ MEMORY_INTERVAL = 0.1  # seconds between memory samples of a limited task's grou
 #: tenth of the limit), so that the kill need not wait for it: a worker whose every
 #: signal is blocked never answers, and one that answers has done so by then.
 STACK_LEAD = 0.05
+#: The same with ``native_stacks=True``: py-spy takes ~50-200 ms (see _native).
+NATIVE_LEAD = 0.3
 #: Run times kept per task function for learned limits (the newest).
 RUN_TIMES_KEPT = 1000
 #: A stalled-looking group is sampled this often, as a fraction of stall_timeout
@@ -66,7 +71,8 @@ class Kill:
     ``"memory"``), ``counter`` the Stats event it counts as, ``why`` what the log
     says, ``reason`` why the group is being killed (the reap's log line), ``hard``
     SIGKILL at once rather than SIGTERM first, ``stack`` whether the error should
-    carry the worker's stack dump, and ``error`` makes the error from that dump.
+    carry the worker's stack dumps, and ``error`` makes the error from them (the
+    Python dump, and the native one of ``native_stacks=True``; None where missing).
     """
 
     outcome: str
@@ -75,7 +81,7 @@ class Kill:
     reason: str
     hard: bool
     stack: bool
-    error: Callable[[str | None], BaseException]
+    error: Callable[[str | None, str | None], BaseException]
 
 
 class AskStack:
@@ -128,11 +134,14 @@ class Watch:
     which costs one look that finds nothing.
     """
 
-    __slots__ = ("item", "checks", "asked_for", "run_times", "_due", "_version")
+    __slots__ = ("item", "checks", "asked_for", "run_times", "lead", "_due", "_version")
 
-    def __init__(self, item: WorkItem, checks: Sequence[Check], run_times: RunTimes) -> None:
+    def __init__(
+        self, item: WorkItem, checks: Sequence[Check], run_times: RunTimes, lead: float = STACK_LEAD
+    ) -> None:
         self.item = item
         self.checks = checks
+        self.lead = lead  # the stack is asked for this long before a deadline (at most)
         self.asked_for: float | None = None  # the deadline the stack was asked for
         self.run_times = run_times
         self._due: float | None = None
@@ -147,7 +156,7 @@ class Watch:
                 deadline = t
         if deadline is None or deadline == self.asked_for:
             return None
-        lead = min(STACK_LEAD, max(0.0, deadline - self.item.started) / 10)
+        lead = min(self.lead, max(0.0, deadline - self.item.started) / 10)
         return deadline - lead, deadline
 
     def due(self) -> float | None:
@@ -189,8 +198,12 @@ class Supervisor:
     One per manager. ``detectors`` is the one list to extend with a new detector.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, py_spy: str | None = None) -> None:
         self.run_times = RunTimes()
+        #: the py-spy executable when native stacks are wanted (see _native)
+        self.py_spy = py_spy
+        self.lead = STACK_LEAD if py_spy is None else NATIVE_LEAD
+        self._native_warned = False
         self.detectors: tuple[Detector, ...] = (
             (lambda s: s.timeout is not None, FixedTimeout.for_task),
             (lambda s: s.auto is not None, self.run_times.check_for),
@@ -216,7 +229,18 @@ class Supervisor:
             check = make(item, worker, now)
             if check is not None:
                 checks.append(check)
-        return Watch(item, checks, self.run_times) if checks else None
+        return Watch(item, checks, self.run_times, self.lead) if checks else None
+
+    def native_failed(self, pid: int, why: str) -> None:
+        """No native stack for worker ``pid``'s kill: say why, once (py-spy is
+        missing its ptrace rights, usually; see _native)."""
+        if not self._native_warned:
+            self._native_warned = True
+            logger.warning(
+                "native_stacks: no native stack for worker pid=%d: %s. py-spy needs ptrace "
+                "rights over the workers (root or CAP_SYS_PTRACE, or kernel.yama."
+                "ptrace_scope=0); errors carry the Python stack only (said once)", pid, why,
+            )
 
     def succeeded(self, item: WorkItem, seconds: float) -> None:
         """``item`` ran to completion in ``seconds``: a sample for learned limits."""
@@ -256,9 +280,10 @@ class FixedTimeout:
 def _timeout_kill(item: WorkItem, pid: int, limit: float, derivation: str | None) -> Kill:
     attempts = item.attempts
 
-    def error(stack: str | None) -> BaseException:
+    def error(stack: str | None, native: str | None) -> BaseException:
         err = TaskTimeoutError(limit, pid, stack, attempts)
         err.derivation = derivation
+        err.native_stack = native
         return err
 
     how = f" ({derivation})" if derivation else ""
@@ -423,7 +448,7 @@ class MemoryLimit:
             return None
         pid, attempts = self.pid, item.attempts
 
-        def error(stack: str | None) -> BaseException:
+        def error(stack: str | None, native: str | None) -> BaseException:
             return MemoryLimitError(used, limit, pid, -signal.SIGKILL, attempts)
 
         return Kill(
@@ -439,8 +464,10 @@ class MemoryLimit:
 def _stalled_kill(item: WorkItem, pid: int, reason: str, limit: float) -> Kill:
     attempts = item.attempts
 
-    def error(stack: str | None) -> BaseException:
-        return TaskStalledError(reason, limit, pid, stack, attempts)
+    def error(stack: str | None, native: str | None) -> BaseException:
+        err = TaskStalledError(reason, limit, pid, stack, attempts)
+        err.native_stack = native
+        return err
 
     return Kill(
         outcome="timeout", counter="timed_out", why=f"stalled ({reason})",

@@ -30,7 +30,7 @@ import signal
 import time
 from collections import deque
 
-from . import _process
+from . import _native, _process
 from . import _protocol as proto
 from ._heartbeat import BeatPage
 from ._ledger import WorkItem
@@ -91,6 +91,7 @@ class WorkerHandle:
         "watch",
         "stack_asked",
         "beats",
+        "native",
     )
 
     def __init__(self, proc: _process.WorkerProcess, supervisor: Supervisor) -> None:
@@ -119,6 +120,7 @@ class WorkerHandle:
         self.stack_asked = 0.0  # when a stack dump was asked for this task; 0.0: not
         # Its heartbeat page, sent on its fd channel before INIT (see _heartbeat).
         self.beats = BeatPage.create(proc.channel)
+        self.native: _native.NativeDump | None = None  # a py-spy dump under way
 
     # ------------------------------------------------------------ timers
 
@@ -185,6 +187,9 @@ class WorkerHandle:
         item.started = now
         item.attempts += 1
         self.stack_asked = 0.0
+        if self.native is not None:  # asked for the task before, which ended in time
+            self.native.discard()
+            self.native = None
         # (On the hot path: a task without limits skips the supervisor's call.)
         self.watch = self.supervisor.watch(item, self, now) if item.settings.watched else None
 
@@ -354,6 +359,9 @@ class WorkerHandle:
         _process.signal_group(self.pid, signal.SIGKILL)
         code = _process.reap(self.proc)
         self.proc.close_fds()
+        if self.native is not None:
+            self.native.discard()
+            self.native = None
         if self.beats is not None:
             self.beats.close()
         return escalated, code
@@ -371,13 +379,36 @@ class WorkerHandle:
             return False
         _process.signal_leader(self.pid, signal.SIGCONT)  # a stopped worker cannot answer
         self.stack_asked = now
+        py_spy = self.supervisor.py_spy
+        if py_spy is not None:
+            if self.native is not None:
+                self.native.discard()
+                self.native = None
+            try:
+                self.native = _native.NativeDump(py_spy, self.pid)
+            except OSError:
+                pass  # take_stacks tries again and says why
         return True
 
-    def take_stack(self, now: float) -> str | None:
-        """The stack dump of the running task, best effort and without delaying its
-        kill: one asked for a while ago (before the deadline) is taken as far as it
-        arrived, waiting only to complete one that is being written; one not asked
-        for yet is asked for now and waited for at most _STACK_WAIT.
+    def take_stacks(self, now: float) -> tuple[str | None, str | None]:
+        """(the Python stack dump, the native one) of the running task, for its kill
+        decided at ``now``; the native one only with ``native_stacks=True`` (py-spy:
+        see _native, waited for until NATIVE_WAIT after ``now``)."""
+        python = self._take_python_stack(now)
+        py_spy = self.supervisor.py_spy
+        if py_spy is None:
+            return python, None
+        native, why = _native.take(self.native, py_spy, self.pid, now)
+        self.native = None
+        if why is not None:
+            self.supervisor.native_failed(self.pid, why)
+        return python, native
+
+    def _take_python_stack(self, now: float) -> str | None:
+        """The faulthandler dump of the running task, best effort and without
+        delaying its kill: one asked for a while ago (before the deadline) is taken
+        as far as it arrived, waiting only to complete one that is being written; one
+        not asked for yet is asked for now and waited for at most _STACK_WAIT.
 
         A worker spinning in C with every signal blocked never answers: asked early,
         it costs nothing (the old way waited 0.1 s for it at every such kill).

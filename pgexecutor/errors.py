@@ -60,6 +60,21 @@ def _innermost_frame(stack: str | None) -> str | None:
     return _with_source(innermost)
 
 
+def _innermost_native_frame(dump: str | None) -> str | None:
+    """The innermost native frame of the task's thread in a ``py-spy dump --native``
+    (``function (library)`` lines, innermost first; the task's thread is the one
+    whose frames pass through the worker's loop)."""
+    if not dump:
+        return None
+    blocks = [b for b in dump.split("\nThread ") if "(" in b]
+    chosen = next((b for b in blocks if "_worker.py" in b), blocks[-1] if blocks else "")
+    for line in chosen.splitlines()[1:]:
+        frame = line.strip()
+        if frame.endswith(")") and ".py:" not in frame and not frame.startswith("0x"):
+            return frame
+    return None
+
+
 def _with_source(frame: str) -> str:
     """``File "...", line N in f`` followed by that line's source, as a traceback shows it.
 
@@ -98,10 +113,13 @@ class TaskTimeoutError(_FuturesTimeoutError):
     expiry (a ``faulthandler`` dump), or ``None`` when the worker could not answer;
     ``str(error)`` names the innermost frame, which is usually where it hung.
     ``derivation`` says how a learned limit (``task_timeout="auto"``) was derived,
-    None for a fixed one.
+    None for a fixed one. ``native_stack`` (``native_stacks=True``, with py-spy) holds
+    the worker's native and Python frames taken before the kill; ``str(error)`` then
+    names the innermost native frame too.
     """
 
     derivation: str | None = None
+    native_stack: str | None = None
 
     def __init__(
         self,
@@ -127,6 +145,9 @@ class TaskTimeoutError(_FuturesTimeoutError):
         where = _innermost_frame(self.stack)
         if where:
             msg += f"; it was at {where}"
+        native = _innermost_native_frame(self.native_stack)
+        if native:
+            msg += f"; natively in {native}"
         if self.attempts > 1:
             msg += f"; gave up after {self.attempts} attempts"
         return msg
@@ -373,6 +394,9 @@ class TaskStalledError(TaskTimeoutError):
         where = _innermost_frame(self.stack)
         if where:
             msg += f"; it was at {where}"
+        native = _innermost_native_frame(self.native_stack)
+        if native:
+            msg += f"; natively in {native}"
         if self.attempts > 1:
             msg += f"; gave up after {self.attempts} attempts"
         return msg

@@ -23,6 +23,7 @@ import socket  # noqa: F401
 import sys
 import threading
 import traceback  # noqa: F401
+import warnings
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -32,7 +33,7 @@ import cloudpickle  # noqa: F401
 import psutil  # noqa: F401
 from tblib import pickling_support  # noqa: F401
 
-from . import _exit, _process, _settings
+from . import _exit, _native, _process, _settings
 from . import _protocol as proto
 from ._frontend import PoolFrontEnd, unpicklable_arguments
 from ._future import TaskFuture
@@ -57,6 +58,24 @@ def spawned_groups() -> frozenset[int]:
     return _process.spawned_pgids()
 
 
+def _native_stacks(wanted: Any) -> str | None:
+    """native_stacks: the py-spy executable, or None (not wanted, or not installed:
+    then a warning, here, at construction)."""
+    if not isinstance(wanted, bool):
+        raise TypeError(f"native_stacks must be True or False, not {wanted!r}")
+    if not wanted:
+        return None
+    py_spy = _native.find_py_spy()
+    if py_spy is None:
+        warnings.warn(
+            "native_stacks=True needs py-spy (pip install 'pgexecutor[native]'), which is "
+            "not installed: errors carry the Python stack only",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return py_spy
+
+
 def task_info(future: Future[Any]) -> TaskInfo | None:
     """What happened to a finished task: duration, worker pid, attempts, peak memory.
 
@@ -76,7 +95,8 @@ class ProcessGroupExecutor(PoolFrontEnd):
     own with :class:`TaskTimeoutError`, :class:`WorkerCrashedError` or
     :class:`MemoryLimitError`; one whose group makes no CPU or I/O progress for
     ``stall_timeout`` seconds, or that called :func:`heartbeat` and then not again
-    within ``heartbeat_timeout`` seconds, fails with :class:`TaskStalledError`. The
+    within ``heartbeat_timeout`` seconds, fails with :class:`TaskStalledError`
+    (``native_stacks=True``: its error carries the native frames too, via py-spy). The
     worker's *whole group* (every process the task spawned) is killed, SIGTERM then
     SIGKILL after ``kill_grace`` seconds, and a fresh
     worker takes its place. The pool is never broken.
@@ -96,6 +116,7 @@ class ProcessGroupExecutor(PoolFrontEnd):
         retries: int = 0,
         stall_timeout: float | None = None,
         heartbeat_timeout: float | None = None,
+        native_stacks: bool = False,
     ) -> None:
         if os.name != "posix":
             raise OSError("ProcessGroupExecutor needs POSIX process groups (Linux, macOS)")
@@ -115,6 +136,7 @@ class ProcessGroupExecutor(PoolFrontEnd):
         if isinstance(mp_context, str):
             mp_context = multiprocessing.get_context(mp_context)
         kill_grace = _settings.check_grace(kill_grace)
+        py_spy = _native_stacks(native_stacks)
         self._max_workers = max_workers
         self._mp_context = mp_context
         self._settings = TaskSettings.checked(
@@ -137,6 +159,7 @@ class ProcessGroupExecutor(PoolFrontEnd):
                 init_payload=init_payload,
                 max_tasks_per_child=max_tasks_per_child,
                 kill_grace=kill_grace,
+                py_spy=py_spy,
             )
         )
         self._shutdown_lock = threading.Lock()

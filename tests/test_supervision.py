@@ -244,7 +244,7 @@ class _KillAtFirstLook:
     def look(self, now: float) -> Kill | None:
         pid = self.pid
 
-        def error(stack: str | None) -> BaseException:
+        def error(stack: str | None, native: str | None) -> BaseException:
             return RuntimeError(f"killed by a plugged-in detector on {pid}; stack={bool(stack)}")
 
         return Kill(
@@ -403,3 +403,69 @@ def test_task_info_timeout_is_the_fixed_limit_or_none():
         free = ex.submit(tasks.nap, 0.01)
         assert limited.result(timeout=60) == free.result(timeout=60) == 0.01
         assert task_info(limited).timeout == 30 and task_info(free).timeout is None
+
+
+# ----------------------------------------------------------------- native stacks
+
+
+def _py_spy_or_skip() -> str:
+    import os
+
+    from pgexecutor import _native
+
+    found = _native.find_py_spy()
+    if found is None:
+        if os.environ.get("PGEXECUTOR_REQUIRE_EXTRAS"):
+            pytest.fail("py-spy (the 'native' extra) is not installed")
+        pytest.skip("py-spy is not installed: pip install -e '.[native]'")
+    return found
+
+
+def test_native_stacks_name_the_c_function_a_timed_out_task_spins_in():
+    _py_spy_or_skip()
+    timeout = 1.0
+    with ProcessGroupExecutor(1, task_timeout=timeout, kill_grace=0.2, native_stacks=True) as ex:
+        ex.options(task_timeout=None).submit(tasks.getpid).result(timeout=60)
+        t0 = time.monotonic()
+        fut = ex.submit(tasks.spin_with_every_signal_blocked)
+        wait([fut], timeout=60)
+        late = time.monotonic() - t0 - timeout
+        err = fut.exception()
+    assert isinstance(err, TaskTimeoutError)
+    assert err.native_stack is not None and "sre_" in err.native_stack, err.native_stack
+    assert "spin_with_every_signal_blocked" in err.native_stack  # the Python frames too
+    assert "natively in sre_" in str(err)
+    assert late < 1.0, late  # within 200 ms, measured in benchmarks; generous here
+    assert pickle.loads(pickle.dumps(err)).native_stack == err.native_stack
+
+
+def test_native_stacks_without_py_spy_warns_once_at_construction(monkeypatch):
+    from pgexecutor import _native
+
+    monkeypatch.setattr(_native, "find_py_spy", lambda: None)
+    with pytest.warns(RuntimeWarning, match="py-spy"):
+        ex = ProcessGroupExecutor(1, task_timeout=0.5, kill_grace=0.2, native_stacks=True)
+    with ex, pytest.raises(TaskTimeoutError) as ei:
+        ex.submit(tasks.nap, 60).result(timeout=60)
+    assert ei.value.native_stack is None and "in nap" in str(ei.value)  # the Python dump
+    with pytest.raises(TypeError, match="native_stacks"):
+        ProcessGroupExecutor(1, native_stacks="yes")
+
+
+def test_native_stacks_refused_degrade_to_the_python_stack_and_say_why(monkeypatch, tmp_path, caplog):
+    import logging
+
+    from pgexecutor import _native
+
+    refusing = tmp_path / "py-spy"
+    refusing.write_text("#!/bin/sh\necho 'Permission denied (os error 13)' >&2\nexit 1\n")
+    refusing.chmod(0o755)
+    monkeypatch.setattr(_native, "find_py_spy", lambda: str(refusing))
+    caplog.set_level(logging.WARNING, logger="pgexecutor")
+    with ProcessGroupExecutor(1, task_timeout=0.5, kill_grace=0.2, native_stacks=True) as ex:
+        for _ in range(2):
+            with pytest.raises(TaskTimeoutError) as ei:
+                ex.submit(tasks.nap, 60).result(timeout=60)
+            assert ei.value.native_stack is None and "in nap" in str(ei.value)
+    said = [r.getMessage() for r in caplog.records if "native_stacks" in r.getMessage()]
+    assert len(said) == 1 and "Permission denied" in said[0] and "ptrace" in said[0], said
