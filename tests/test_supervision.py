@@ -259,8 +259,8 @@ def test_a_new_detector_needs_no_change_to_the_manager(monkeypatch):
     its deadline), and nothing else changes."""
     original = Supervisor.__init__
 
-    def init(self: Supervisor) -> None:
-        original(self)
+    def init(self: Supervisor, *args: object) -> None:
+        original(self, *args)
         self.detectors = (*self.detectors, (lambda settings: True, _KillAtFirstLook))
 
     monkeypatch.setattr(Supervisor, "__init__", init)
