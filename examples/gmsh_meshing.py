@@ -114,6 +114,23 @@ def call_chain(stack: str | None, stop: str = "mesh_case") -> str:
     return "?"
 
 
+def native_frame(dump: str | None, stop: str = "mesh_case") -> str | None:
+    """The innermost named native frame of the task's thread in a py-spy dump,
+    outside the C/C++ runtime (libgmsh is stripped: its inner frames have no names,
+    its API functions do)."""
+    runtime = ("libc.so", "libstdc++", "libgomp", "libpthread", "libffi", "ld-linux")
+    for block in (dump or "").split("\nThread "):
+        if stop in block:
+            for line in block.splitlines()[1:]:
+                frame = line.strip()
+                if (
+                    frame.endswith(")") and ".py:" not in frame and not frame.startswith("0x")
+                    and not any(lib in frame for lib in runtime)
+                ):
+                    return frame
+    return None
+
+
 def group_survivors(pgids: frozenset[int]) -> list[dict[str, Any]]:
     """Processes (zombies included, flagged) whose process group is one of ``pgids``."""
     out = []
@@ -143,6 +160,7 @@ def describe(res: Any) -> dict[str, Any]:
             "hung_in": call_chain(res.stack),
             "limit": res.timeout,
             "derivation": res.derivation,
+            "native_in": native_frame(res.native_stack),
         }
     if isinstance(res, WorkerCrashedError):
         sig = None
@@ -170,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         help="task_timeout: 'auto' (learned; the default) or a number of seconds",
     )
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--native", action="store_true",
+        help="native_stacks=True: name the C++ function a hang spins in (needs py-spy)",
+    )
     ap.add_argument("--json", metavar="PATH", help="write a machine-readable summary here")
     ap.add_argument("-v", action="store_true", help="print pgexecutor's log")
     args = ap.parse_args(argv)
@@ -199,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         max_workers=args.workers,
         task_timeout=timeout,
         kill_grace=0.5,
+        native_stacks=args.native,
         initializer=importlib.import_module,  # import gmsh once per worker, off the clock
         initargs=("gmsh",),
     ) as ex:
@@ -221,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if inp["derivation"]:
                     print(f"{'':38s}the limit was {inp['derivation']}")
+                if inp["native_in"]:
+                    print(f"{'':38s}natively in {inp['native_in']}")
             elif inp["outcome"] == "crashed":
                 print(f"{'':38s}worker {inp['worker_pid']} died of {inp['signal']}; replaced")
             else:

@@ -62,18 +62,20 @@ class NativeDump:
             stderr=subprocess.PIPE,
         )
 
-    def result(self, wait: float) -> tuple[str | None, str | None]:
-        """(the dump, None) or (None, why there is none), waiting at most ``wait``
-        seconds for py-spy to finish; py-spy is then killed and reaped either way."""
+    def result(self, wait: float) -> tuple[str | None, str | None, bool]:
+        """(the dump, None, False) or (None, why there is none, whether it was only
+        late), waiting at most ``wait`` seconds for py-spy to finish; py-spy is then
+        killed and reaped either way."""
         try:
             out, err = self.proc.communicate(timeout=max(0.0, wait))
         except subprocess.TimeoutExpired:
             self.discard()
-            return None, f"py-spy did not finish within {wait:.3g} s"
+            return None, "py-spy had not finished by the kill", True
         if self.proc.returncode != 0:
             text = err.decode("utf-8", "replace").strip().splitlines()
-            return None, f"py-spy failed (exit {self.proc.returncode}): {text[-1] if text else ''}"
-        return out.decode("utf-8", "replace").strip() or None, None
+            why = f"py-spy failed (exit {self.proc.returncode}): {text[-1] if text else ''}"
+            return None, why, False
+        return out.decode("utf-8", "replace").strip() or None, None, False
 
     def discard(self) -> None:
         """Stop it (the task ended before its kill, or it took too long); reap it."""
@@ -85,12 +87,15 @@ class NativeDump:
             pass
 
 
-def take(dump: NativeDump | None, exe: str, pid: int, since: float) -> tuple[str | None, str | None]:
+def take(
+    dump: NativeDump | None, exe: str, pid: int, since: float
+) -> tuple[str | None, str | None, bool]:
     """The native stack for a kill decided at ``since``: the dump started earlier,
-    or one started now, waited for until NATIVE_WAIT after ``since``."""
+    or one started now, waited for until NATIVE_WAIT after ``since`` (see
+    NativeDump.result for what comes back)."""
     try:
         if dump is None:
             dump = NativeDump(exe, pid)
     except OSError as exc:
-        return None, f"py-spy could not start: {exc}"
+        return None, f"py-spy could not start: {exc}", False
     return dump.result(NATIVE_WAIT - (time.monotonic() - since))

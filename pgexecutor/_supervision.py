@@ -231,10 +231,13 @@ class Supervisor:
                 checks.append(check)
         return Watch(item, checks, self.run_times, self.lead) if checks else None
 
-    def native_failed(self, pid: int, why: str) -> None:
-        """No native stack for worker ``pid``'s kill: say why, once (py-spy is
-        missing its ptrace rights, usually; see _native)."""
-        if not self._native_warned:
+    def native_failed(self, pid: int, why: str, late: bool) -> None:
+        """No native stack for worker ``pid``'s kill. ``late``: py-spy was still at
+        work (logged at INFO); else it failed or could not start, which is said
+        once, at WARNING: py-spy is missing its ptrace rights, usually (see _native)."""
+        if late:
+            logger.info("native_stacks: no native stack for worker pid=%d: %s", pid, why)
+        elif not self._native_warned:
             self._native_warned = True
             logger.warning(
                 "native_stacks: no native stack for worker pid=%d: %s. py-spy needs ptrace "

@@ -398,10 +398,10 @@ class WorkerHandle:
         py_spy = self.supervisor.py_spy
         if py_spy is None:
             return python, None
-        native, why = _native.take(self.native, py_spy, self.pid, now)
+        native, why, late = _native.take(self.native, py_spy, self.pid, now)
         self.native = None
         if why is not None:
-            self.supervisor.native_failed(self.pid, why)
+            self.supervisor.native_failed(self.pid, why, late)
         return python, native
 
     def _take_python_stack(self, now: float) -> str | None:

@@ -60,19 +60,29 @@ def _innermost_frame(stack: str | None) -> str | None:
     return _with_source(innermost)
 
 
+#: Runtime libraries a native frame is rarely *about* (an allocation, a thread pool,
+#: the libffi call into the library): the innermost frame elsewhere is named instead.
+_RUNTIME_LIBRARIES = ("libc.so", "libstdc++", "libgomp", "libpthread", "libffi", "ld-linux", "libm.so", "libgcc")
+
+
 def _innermost_native_frame(dump: str | None) -> str | None:
-    """The innermost native frame of the task's thread in a ``py-spy dump --native``
-    (``function (library)`` lines, innermost first; the task's thread is the one
-    whose frames pass through the worker's loop)."""
+    """The innermost named native frame of the task's thread in a ``py-spy dump
+    --native`` (``function (library)`` lines, innermost first; the task's thread is
+    the one whose frames pass through the worker's loop), preferring one outside the
+    runtime libraries. Stripped libraries show bare addresses: skipped."""
     if not dump:
         return None
     blocks = [b for b in dump.split("\nThread ") if "(" in b]
     chosen = next((b for b in blocks if "_worker.py" in b), blocks[-1] if blocks else "")
-    for line in chosen.splitlines()[1:]:
-        frame = line.strip()
-        if frame.endswith(")") and ".py:" not in frame and not frame.startswith("0x"):
+    named = [
+        frame
+        for frame in (line.strip() for line in chosen.splitlines()[1:])
+        if frame.endswith(")") and ".py:" not in frame and not frame.startswith("0x")
+    ]
+    for frame in named:
+        if not any(lib in frame for lib in _RUNTIME_LIBRARIES):
             return frame
-    return None
+    return named[0] if named else None
 
 
 def _with_source(frame: str) -> str:

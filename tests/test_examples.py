@@ -136,15 +136,28 @@ BAD_GMSH = {  # case -> (outcome, signal)
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("timeout", ["5", "auto"], ids=["fixed", "learned"])
-def test_gmsh_meshing_each_bad_input_costs_one_result(tmp_path: Any, timeout: str) -> None:
+@pytest.mark.parametrize(
+    "timeout, native", [("5", False), ("auto", False), ("auto", True)],
+    ids=["fixed", "learned", "learned-native"],
+)
+def test_gmsh_meshing_each_bad_input_costs_one_result(
+    tmp_path: Any, timeout: str, native: bool
+) -> None:
     require("gmsh", "gmsh")
+    if native:
+        from pgexecutor import _native
+
+        if _native.find_py_spy() is None:
+            if os.environ.get("PGEXECUTOR_REQUIRE_EXTRAS"):
+                pytest.fail("py-spy (the 'native' extra) is not installed")
+            pytest.skip("py-spy is not installed: pip install -e '.[native]'")
     sys.path.insert(0, EXAMPLES)
     try:
         from _gmsh_cases import CASES
     finally:
         sys.path.remove(EXAMPLES)
-    s = run_example(tmp_path, "gmsh_meshing", "--quick", "--timeout", timeout, limit=120)
+    extra = ["--native"] if native else []
+    s = run_example(tmp_path, "gmsh_meshing", "--quick", "--timeout", timeout, *extra, limit=120)
     assert s["_returncode"] == 0, s["_stdout"]
     inputs = s["inputs"]
 
@@ -173,6 +186,9 @@ def test_gmsh_meshing_each_bad_input_costs_one_result(tmp_path: Any, timeout: st
     assert s["stats"]["timed_out"] == 3 and s["stats"]["crashed"] == 3
     if timeout == "auto":
         assert s["learned_limit"] >= 2.0
+    if native:  # best effort (py-spy may be late under load), but not never
+        hung_in = [x["native_in"] for x in failed.values() if x["outcome"] == "timeout"]
+        assert any(f and "gmsh::" in f for f in hung_in), hung_in
 
     assert_worker_groups_empty(s["worker_pgids"])
 
