@@ -12,7 +12,9 @@ error carries the Python dump alone and the log says why, once per executor.
 A dump takes ~50-200 ms (py-spy reads the symbols of every loaded library), so it is
 started ahead of a known deadline (see ``_supervision.Watch``) and, at the kill,
 waited for at most NATIVE_WAIT: the future fails within 200 ms of its deadline.
-Only the worker (the group's leader) is dumped. Owner: the manager thread.
+The worker (the group's leader) is dumped, and up to MEMBERS other live processes
+of its group (a DataLoader's workers, a subprocess: the ones that are Python or have
+symbols say where they are; the others are left out). Owner: the manager thread.
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ import shutil
 import subprocess
 import time
 
+from . import _process
+
 logger = logging.getLogger("pgexecutor")
 
 #: At the kill, how long to wait at most for a dump that is still running.
 NATIVE_WAIT = 0.15
+#: Other members of the worker's group dumped besides the worker (at most).
+MEMBERS = 3
 
 
 def find_py_spy() -> str | None:
@@ -87,15 +93,44 @@ class NativeDump:
             pass
 
 
-def take(
-    dump: NativeDump | None, exe: str, pid: int, since: float
-) -> tuple[str | None, str | None, bool]:
-    """The native stack for a kill decided at ``since``: the dump started earlier,
-    or one started now, waited for until NATIVE_WAIT after ``since`` (see
-    NativeDump.result for what comes back)."""
+def start(exe: str, pid: int) -> list[NativeDump]:
+    """Dumps of worker ``pid`` (first) and of up to MEMBERS other live members of its
+    group, all running at once. Raises OSError if the worker's cannot start."""
+    dumps = [NativeDump(exe, pid)]
     try:
-        if dump is None:
-            dump = NativeDump(exe, pid)
+        others = _process.live_members(pid, exclude=pid)[:MEMBERS]
+    except Exception:  # /proc unreadable for a moment: the worker's alone
+        others = []
+    for member in others:
+        try:
+            dumps.append(NativeDump(exe, member))
+        except OSError:
+            break
+    return dumps
+
+
+def take(
+    dumps: list[NativeDump] | None, exe: str, pid: int, since: float
+) -> tuple[str | None, str | None, bool]:
+    """The native stacks for a kill decided at ``since``: of the dumps started
+    earlier, or started now, waited for until NATIVE_WAIT after ``since``.
+
+    Returns (text, None, False): the worker's dump, then each other member's that
+    succeeded under a ``--- group member pid N ---`` line; or (None, why, late) when
+    the worker's failed (``late``: it was only not done in time)."""
+    try:
+        if not dumps:
+            dumps = start(exe, pid)
     except OSError as exc:
         return None, f"py-spy could not start: {exc}", False
-    return dump.result(NATIVE_WAIT - (time.monotonic() - since))
+    text, why, late = dumps[0].result(NATIVE_WAIT - (time.monotonic() - since))
+    for dump in dumps[1:]:
+        member, _, _ = dump.result(NATIVE_WAIT - (time.monotonic() - since))
+        if text is not None and member is not None:
+            text += f"\n\n--- group member pid {dump.pid} ---\n{member}"
+    return text, why, late
+
+
+def discard(dumps: list[NativeDump] | None) -> None:
+    for dump in dumps or ():
+        dump.discard()

@@ -120,7 +120,7 @@ class WorkerHandle:
         self.stack_asked = 0.0  # when a stack dump was asked for this task; 0.0: not
         # Its heartbeat page, sent on its fd channel before INIT (see _heartbeat).
         self.beats = BeatPage.create(proc.channel)
-        self.native: _native.NativeDump | None = None  # a py-spy dump under way
+        self.native: list[_native.NativeDump] | None = None  # py-spy dumps under way
 
     # ------------------------------------------------------------ timers
 
@@ -188,7 +188,7 @@ class WorkerHandle:
         item.attempts += 1
         self.stack_asked = 0.0
         if self.native is not None:  # asked for the task before, which ended in time
-            self.native.discard()
+            _native.discard(self.native)
             self.native = None
         # (On the hot path: a task without limits skips the supervisor's call.)
         self.watch = self.supervisor.watch(item, self, now) if item.settings.watched else None
@@ -359,9 +359,8 @@ class WorkerHandle:
         _process.signal_group(self.pid, signal.SIGKILL)
         code = _process.reap(self.proc)
         self.proc.close_fds()
-        if self.native is not None:
-            self.native.discard()
-            self.native = None
+        _native.discard(self.native)
+        self.native = None
         if self.beats is not None:
             self.beats.close()
         return escalated, code
@@ -381,11 +380,10 @@ class WorkerHandle:
         self.stack_asked = now
         py_spy = self.supervisor.py_spy
         if py_spy is not None:
-            if self.native is not None:
-                self.native.discard()
-                self.native = None
+            _native.discard(self.native)
+            self.native = None
             try:
-                self.native = _native.NativeDump(py_spy, self.pid)
+                self.native = _native.start(py_spy, self.pid)
             except OSError:
                 pass  # take_stacks tries again and says why
         return True

@@ -469,3 +469,14 @@ def test_native_stacks_refused_degrade_to_the_python_stack_and_say_why(monkeypat
             assert ei.value.native_stack is None and "in nap" in str(ei.value)
     said = [r.getMessage() for r in caplog.records if "native_stacks" in r.getMessage()]
     assert len(said) == 1 and "Permission denied" in said[0] and "ptrace" in said[0], said
+
+
+def test_native_stacks_include_other_members_of_the_group():
+    _py_spy_or_skip()
+    with ProcessGroupExecutor(1, task_timeout=2.0, kill_grace=0.2, native_stacks=True) as ex:
+        fut = ex.submit(tasks.wait_on_busy_child, 60)  # a Python child spins
+        with pytest.raises(TaskTimeoutError) as ei:
+            fut.result(timeout=60)
+    dump = ei.value.native_stack or ""
+    assert "wait_on_busy_child" in dump.split("--- group member")[0]  # the worker first
+    assert "--- group member pid" in dump and "<string>" in dump.split("--- group member")[1], dump
