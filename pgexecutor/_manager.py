@@ -27,8 +27,9 @@ Data flow (one way, like CPython's ``concurrent/futures/process.py``)::
 
 The parts, each in its own module: ``_mailbox`` (how other threads reach this one),
 ``_worker_handle`` (one worker: state, pipes, timers, its group), ``_supervision``
-(the detectors: time limits, learned ones, memory; what they conclude), ``_scheduling``
-(how many workers, how deep each pipe), ``_ledger`` (outcomes, counters, TaskInfo),
+(the detectors: time limits fixed or learned, memory, stalls, heartbeats; what each
+concludes), ``_scheduling`` (how many workers, how deep each pipe), ``_ledger``
+(outcomes, counters, TaskInfo),
 ``_process`` (POSIX: start, signal, reap), ``_platform`` (pidfd or polling),
 ``_guardian`` (the parent's death) and ``_exit`` (interpreter exit, fork). This module
 joins them: the loop, the events, the commands, applying what supervision concludes,
