@@ -42,7 +42,8 @@ state                          owner
 ============================  =====================================================
 ``queue``, ``workers``,        whoever holds ``Manager._lock``: the manager thread,
 worker handles, ``scheduler``, which lets go only while it sleeps in poll(); then a
-``ledger``/stats, ``pids``     caller may take it without waiting (``try_dispatch``)
+``ledger``/stats, ``pids``,    caller may take it without waiting (``try_dispatch``)
+``supervisor`` (learned times)
 ``mailbox.inbox``              any thread appends; the manager pops
 ``mailbox.sweep_due``          any thread sets (a cancel); the manager clears
 ``mailbox`` wake/close         ``Mailbox._lock``
