@@ -7,7 +7,7 @@
    so large it never trips (1 TiB), so every task pays whatever sampling costs: tiny
    tasks (``noop``, through ``map`` and ``submit``) and 30 ms tasks (each sampled
    once), 2 workers. The ratio ``limited / unlimited`` should be close to 1. A third
-   column samples every task at its very start (``Manager._FIRST_SAMPLE = 0``), to
+   column samples every task at its very start (``_supervision.FIRST_SAMPLE = 0``), to
    show why the manager waits a little before a task's first sample.
 
 2. **One ``group_memory()`` call** on a process group of 5 processes (a leader and
@@ -44,7 +44,7 @@ import psutil  # noqa: E402
 from benchmarks import _tasks  # noqa: E402
 from pgexecutor import ProcessGroupExecutor  # noqa: E402
 from pgexecutor import _process as proc_mod  # noqa: E402
-from pgexecutor import _worker_handle as handle_mod  # noqa: E402
+from pgexecutor import _supervision as supervision  # noqa: E402
 
 HUGE = 1 << 40  # 1 TiB: sampled, never trips
 N_WORKERS = 2
@@ -71,8 +71,8 @@ def _median(xs):
 
 def _throughput(max_memory, n_tasks, how, first_sample):
     """Tasks per second through a warmed-up pool of N_WORKERS."""
-    saved = handle_mod._FIRST_SAMPLE
-    handle_mod._FIRST_SAMPLE = first_sample
+    saved = supervision.FIRST_SAMPLE
+    supervision.FIRST_SAMPLE = first_sample
     try:
         with ProcessGroupExecutor(N_WORKERS, max_memory=max_memory) as ex:
             # Warm up: every worker started and has run something.
@@ -90,11 +90,11 @@ def _throughput(max_memory, n_tasks, how, first_sample):
                     pass
             return n_tasks / (time.perf_counter() - t0)
     finally:
-        handle_mod._FIRST_SAMPLE = saved
+        supervision.FIRST_SAMPLE = saved
 
 
 def bench_throughput(n_tasks, reps):
-    first = handle_mod._FIRST_SAMPLE
+    first = supervision.FIRST_SAMPLE
     n_sleep = max(50, n_tasks // 50)
     print(
         f"\n## 1. Throughput: {n_tasks} x noop (map, submit) and {n_sleep} x sleep(30 ms), "
@@ -194,7 +194,7 @@ def bench_group_memory(calls):
             results[name] = (cpu, wall)
             print(f"| {name} | {cpu:,.0f} | {wall:,.0f} |")
         cpu = results[rows[0][0]][0]
-        interval = handle_mod._MEMORY_INTERVAL
+        interval = supervision.MEMORY_INTERVAL
         share = cpu / 1e6 / interval
         print(
             f"\nSampling one limited worker every {interval:g} s costs the manager "

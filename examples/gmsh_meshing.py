@@ -20,7 +20,11 @@ One more input is an INJECTED fault, not gmsh behaviour: a NULL read through cty
 just before meshing (SIGSEGV), standing in for a segfault in native code.
 
 The hangs spin inside gmsh's C++ code (the GIL is released, nothing in Python can stop
-them); ``task_timeout`` kills the worker's whole process group. Each bad input costs
+them); ``task_timeout`` kills the worker's whole process group. By default the limit
+is learned (``task_timeout=AutoTimeout(...)``, ``--timeout auto``): no one has to
+know how long a good mesh takes; ten times the slowest of the meshes that succeeded
+so far (at least 2 s; 10 s until 3 have) is the limit, and the script prints what it
+learned. ``--timeout SECONDS`` sets a fixed limit instead. Each bad input costs
 exactly one failed result, reported with its parameters, and the rest of the map
 completes. At the end the example checks with psutil that no process of any worker
 group it created survived.
@@ -41,7 +45,14 @@ from typing import Any
 
 import psutil
 
-from pgexecutor import ProcessGroupExecutor, TaskTimeoutError, WorkerCrashedError, spawned_groups
+from pgexecutor import (
+    AutoTimeout,
+    ProcessGroupExecutor,
+    TaskTimeoutError,
+    WorkerCrashedError,
+    spawned_groups,
+    task_info,
+)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _gmsh_cases import CASES, mesh_case  # noqa: E402  (imports gmsh only when called)
@@ -103,6 +114,23 @@ def call_chain(stack: str | None, stop: str = "mesh_case") -> str:
     return "?"
 
 
+def native_frame(dump: str | None, stop: str = "mesh_case") -> str | None:
+    """The innermost named native frame of the task's thread in a py-spy dump,
+    outside the C/C++ runtime (libgmsh is stripped: its inner frames have no names,
+    its API functions do)."""
+    runtime = ("libc.so", "libstdc++", "libgomp", "libpthread", "libffi", "ld-linux")
+    for block in (dump or "").split("\nThread "):
+        if stop in block:
+            for line in block.splitlines()[1:]:
+                frame = line.strip()
+                if (
+                    frame.endswith(")") and ".py:" not in frame and not frame.startswith("0x")
+                    and not any(lib in frame for lib in runtime)
+                ):
+                    return frame
+    return None
+
+
 def group_survivors(pgids: frozenset[int]) -> list[dict[str, Any]]:
     """Processes (zombies included, flagged) whose process group is one of ``pgids``."""
     out = []
@@ -130,6 +158,9 @@ def describe(res: Any) -> dict[str, Any]:
             "error": str(res),
             "worker_pid": res.pid,
             "hung_in": call_chain(res.stack),
+            "limit": res.timeout,
+            "derivation": res.derivation,
+            "native_in": native_frame(res.native_stack),
         }
     if isinstance(res, WorkerCrashedError):
         sig = None
@@ -152,8 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--quick", action="store_true", help="reduced size (every bad input, fewer good)"
     )
-    ap.add_argument("--timeout", type=float, default=4.0, help="task_timeout in seconds")
+    ap.add_argument(
+        "--timeout", default="auto",
+        help="task_timeout: 'auto' (learned; the default) or a number of seconds",
+    )
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--native", action="store_true",
+        help="native_stacks=True: name the C++ function a hang spins in (needs py-spy)",
+    )
     ap.add_argument("--json", metavar="PATH", help="write a machine-readable summary here")
     ap.add_argument("-v", action="store_true", help="print pgexecutor's log")
     args = ap.parse_args(argv)
@@ -163,9 +201,17 @@ def main(argv: list[str] | None = None) -> int:
 
     inputs = make_inputs(args.quick)
     n_bad = sum(x["expected"] != "ok" for x in inputs)
+    # Learned: 10 x the slowest successful mesh (quantile 1.0) once 3 exist, at least
+    # 2 s; 10 s before that. A hang is then found without knowing how long meshes take.
+    timeout: float | AutoTimeout = (
+        AutoTimeout(factor=10, quantile=1.0, min_samples=3, initial=10.0, floor=2.0)
+        if args.timeout == "auto"
+        else float(args.timeout)
+    )
+    shown = "auto (learned)" if args.timeout == "auto" else f"{float(args.timeout):g}s"
     print(
         f"gmsh {importlib.metadata.version('gmsh')}: {len(inputs)} geometries ({n_bad} bad) on "
-        f"{args.workers} workers, task_timeout={args.timeout:g}s, kill_grace=0.5s.\n"
+        f"{args.workers} workers, task_timeout={shown}, kill_grace=0.5s.\n"
         "gmsh's own abort message may appear on stderr when a crashing input kills its worker.\n",
         flush=True,
     )
@@ -173,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     with ProcessGroupExecutor(
         max_workers=args.workers,
-        task_timeout=args.timeout,
+        task_timeout=timeout,
         kill_grace=0.5,
+        native_stacks=args.native,
         initializer=importlib.import_module,  # import gmsh once per worker, off the clock
         initargs=("gmsh",),
         initializer_timeout=300,  # its own bound: the import may outlast task_timeout
@@ -193,13 +240,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{head} {inp['outcome'].upper():8s} params={inp['params']}  ({inp['what']})")
             if inp["outcome"] == "timeout":
                 print(
-                    f"{'':38s}still meshing after {args.timeout:g}s in {inp['hung_in']} "
+                    f"{'':38s}still meshing after {inp['limit']:.3g}s in {inp['hung_in']} "
                     f"(C++); worker {inp['worker_pid']}'s group killed"
                 )
+                if inp["derivation"]:
+                    print(f"{'':38s}the limit was {inp['derivation']}")
+                if inp["native_in"]:
+                    print(f"{'':38s}natively in {inp['native_in']}")
             elif inp["outcome"] == "crashed":
                 print(f"{'':38s}worker {inp['worker_pid']} died of {inp['signal']}; replaced")
             else:
                 print(f"{'':38s}{inp['error']}")
+        learned = None
+        if isinstance(timeout, AutoTimeout):
+            # What it learned: the limit a good mesh runs under now.
+            probe = ex.submit(mesh_case, GOOD[0][1])
+            probe.result()
+            learned = task_info(probe).timeout
+            print(f"\nlearned limit for mesh_case after this map: {learned:.3g}s")
     stats = ex.stats()  # after shutdown: counts any worker started to replace a killed one
     elapsed = time.monotonic() - t0
     created = spawned_groups() - before
@@ -246,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                     "stats": stats,
                     "elapsed": elapsed,
                     "task_timeout": args.timeout,
+                    "learned_limit": learned,
                     "ok": ok,
                 },
                 f,

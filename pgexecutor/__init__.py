@@ -7,13 +7,16 @@ everything it spawned; only its own future fails, and the pool keeps going.
 import logging as _logging
 
 from ._frontend import ExecutorOptions
+from ._heartbeat import heartbeat
 from ._manager import TaskInfo
+from ._settings import AutoTimeout
 from .errors import (
     JournalError,
     MemoryLimitError,
     QuarantinedError,
     RemoteTaskError,
     TaskPicklingError,
+    TaskStalledError,
     TaskTimeoutError,
     WorkerCrashedError,
     WorkerInitializerError,
@@ -24,6 +27,9 @@ __all__ = [
     "ProcessGroupExecutor",
     "ExecutorOptions",
     "TaskTimeoutError",
+    "TaskStalledError",
+    "AutoTimeout",
+    "heartbeat",
     "WorkerCrashedError",
     "MemoryLimitError",
     "WorkerInitializerError",

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from . import _progress
 from . import _protocol as proto
-from ._settings import UNSET, TaskSettings
+from ._settings import UNSET, AutoTimeout, TaskSettings
 from ._worker import run_chunk
 
 
@@ -46,7 +46,8 @@ class TaskSubmitter:
     @property
     def task_settings(self) -> TaskSettings:
         """This executor's per-task settings (``options()`` views have theirs):
-        ``timeout``, ``max_memory``, ``retries``; frozen and validated."""
+        ``timeout``, ``auto``, ``max_memory``, ``retries``, ``stall``, ``heartbeat``;
+        frozen and validated."""
         return self._settings
 
     def map(  # type: ignore[override]
@@ -119,9 +120,11 @@ class TaskSubmitter:
     def options(
         self,
         *,
-        task_timeout: float | None = UNSET,
+        task_timeout: float | str | AutoTimeout | None = UNSET,
         retries: int = UNSET,
         max_memory: int | None = UNSET,
+        stall_timeout: float | None = UNSET,
+        heartbeat_timeout: float | None = UNSET,
     ) -> ExecutorOptions:
         """A light view whose ``submit``/``map`` use these settings per task.
 
@@ -130,7 +133,10 @@ class TaskSubmitter:
             slow = ex.options(task_timeout=600, retries=2)
             fut = slow.submit(mesh, geometry)
         """
-        return ExecutorOptions(self, self._settings.updated(task_timeout, max_memory, retries))
+        return ExecutorOptions(
+            self,
+            self._settings.updated(task_timeout, max_memory, retries, stall_timeout, heartbeat_timeout),
+        )
 
 
 class PoolFrontEnd(TaskSubmitter, Executor):
@@ -180,8 +186,8 @@ class ExecutorOptions(TaskSubmitter):
         return self._executor._submit(fn, args, kwargs, settings)
 
     @property
-    def task_timeout(self) -> float | None:
-        return self._settings.timeout
+    def task_timeout(self) -> float | AutoTimeout | None:
+        return self._settings.task_timeout
 
     @property
     def max_memory(self) -> int | None:
@@ -190,6 +196,14 @@ class ExecutorOptions(TaskSubmitter):
     @property
     def retries(self) -> int:
         return self._settings.retries
+
+    @property
+    def stall_timeout(self) -> float | None:
+        return self._settings.stall
+
+    @property
+    def heartbeat_timeout(self) -> float | None:
+        return self._settings.heartbeat
 
 
 def journal_map(*args: Any) -> Iterator[Any]:

@@ -55,8 +55,10 @@ class TaskInfo:
     :func:`pgexecutor._process.group_memory` counts it; None unless the task had a
     ``max_memory``, or if it ended before the first sample) and ``outcome`` one of
     ``"ok"``, ``"error"`` (the task raised), ``"timeout"``, ``"crashed"``,
-    ``"memory"``, ``"cancelled"``. It is set before the future resolves, so
-    done-callbacks can read it.
+    ``"memory"``, ``"cancelled"``. ``timeout`` is the time limit in seconds that
+    applied to that attempt (a fixed ``task_timeout``, or the learned one of
+    ``task_timeout="auto"`` as it stood when the attempt ended), None if none did.
+    It is set before the future resolves, so done-callbacks can read it.
     """
 
     duration: float | None = None
@@ -64,6 +66,7 @@ class TaskInfo:
     attempts: int = 0
     peak_memory: int | None = None
     outcome: str | None = None
+    timeout: float | None = None
 
 
 class WorkItem:
@@ -79,10 +82,18 @@ class WorkItem:
         "pid",
         "peak_memory",
         "sent",
+        "key",
+        "weight",
+        "limit",
     )
 
     def __init__(
-        self, future: TaskFuture, payload: bytes | proto.OOBPayload, settings: TaskSettings
+        self,
+        future: TaskFuture,
+        payload: bytes | proto.OOBPayload,
+        settings: TaskSettings,
+        key: str = "",
+        weight: int = 1,
     ) -> None:
         self.future = future
         self.payload = payload
@@ -95,6 +106,13 @@ class WorkItem:
         # Handed to a worker at least once: set_running_or_notify_cancel() was called
         # (it must be called once only) and the future is RUNNING.
         self.sent = False
+        # For learned time limits (see _supervision.RunTimes): the task function's
+        # identity and how many calls of it the task makes (a map chunk's size).
+        self.key = key
+        self.weight = weight
+        # The time limit of the current attempt (seconds or None), for TaskInfo; a
+        # learned limit is written by its detector as it changes.
+        self.limit: float | None = settings.timeout
 
 
 class Stats:
@@ -135,6 +153,11 @@ class Stats:
         self.retried = 0
         self.workers_started = 0
         self.workers_killed = 0
+
+    def count(self, counter: str) -> None:
+        """One more of ``counter`` (a name in FIELDS): the event a detector's kill
+        counts as (see _supervision.Kill)."""
+        setattr(self, counter, getattr(self, counter) + 1)
 
     def snapshot(self) -> dict[str, int]:
         counters = {name: getattr(self, name, 0) for name in self.FIELDS}
@@ -229,4 +252,5 @@ class Ledger:
             attempts=item.attempts,
             peak_memory=item.peak_memory,
             outcome=outcome,
+            timeout=item.limit,
         )

@@ -18,20 +18,22 @@ Data flow (one way, like CPython's ``concurrent/futures/process.py``)::
           writes the TASK itself (try_dispatch, under _lock)              memfd, over a socket)
                                       |
                                       +-- results/errors ---> Ledger: set_result / set_exception
-                                      +-- deadline passed --> stack dump, SIGTERM+SIGCONT group,
-                                      |                       SIGKILL after kill_grace, replace
+                                      +-- a detector kills -> stack dump, SIGTERM+SIGCONT group,
+                                      |   (_supervision)      SIGKILL after kill_grace, replace
                                       +-- long task ahead --> take back the tasks waiting behind
                                       |                       it (permits), run them elsewhere
                                       +-- pidfd readable ---> fail the running task, requeue the
                                                               rest, kill the group, THEN reap
 
 The parts, each in its own module: ``_mailbox`` (how other threads reach this one),
-``_worker_handle`` (one worker: state, pipes, timers, its group), ``_scheduling``
-(how many workers, how deep each pipe), ``_ledger`` (outcomes, counters, TaskInfo),
+``_worker_handle`` (one worker: state, pipes, timers, its group), ``_supervision``
+(the detectors: time limits fixed or learned, memory, stalls, heartbeats; what each
+concludes), ``_scheduling`` (how many workers, how deep each pipe), ``_ledger``
+(outcomes, counters, TaskInfo),
 ``_process`` (POSIX: start, signal, reap), ``_platform`` (pidfd or polling),
 ``_guardian`` (the parent's death) and ``_exit`` (interpreter exit, fork). This module
-joins them: the loop, the events, the commands, supervision (timeouts, memory, death,
-reaping) and shutdown.
+joins them: the loop, the events, the commands, applying what supervision concludes,
+death, reaping and shutdown.
 
 Ownership (who may write what):
 
@@ -41,7 +43,8 @@ state                          owner
 ``queue``, ``workers``,        whoever holds ``Manager._lock``: the manager thread,
 worker handles, ``scheduler``, which lets go only while it sleeps in poll(); then a
 ``ledger``/stats, ``pids``,    caller may take it without waiting (``try_dispatch``)
-``_dump`` (stack-dump pipe)
+``_dump`` (stack-dump pipe),
+``supervisor`` (learned times)
 ``mailbox.inbox``              any thread appends; the manager pops
 ``mailbox.sweep_due``          any thread sets (a cancel); the manager clears
 ``mailbox`` wake/close         ``Mailbox._lock``
@@ -71,7 +74,6 @@ from __future__ import annotations
 import errno
 import logging
 import select
-import signal
 import threading
 import time
 from collections import deque
@@ -88,13 +90,9 @@ from . import _protocol as proto
 from ._ledger import Ledger, Stats, TaskInfo, WorkItem
 from ._mailbox import Command, KillTask, Mailbox, Shutdown, Terminate
 from ._scheduling import MAX_START_FAILURES, SHORTAGE_ERRNOS, Scheduler
-from ._worker_handle import SERVING, State, WorkerHandle
-from .errors import (
-    MemoryLimitError,
-    TaskTimeoutError,
-    WorkerCrashedError,
-    WorkerInitializerError,
-)
+from ._supervision import ASK_STACK, Kill, Supervisor, Watch
+from ._worker_handle import SERVING, DumpGate, State, WorkerHandle
+from .errors import WorkerCrashedError, WorkerInitializerError
 
 __all__ = ["Manager", "ManagerConfig", "TaskInfo", "WorkItem", "Stats"]
 
@@ -121,6 +119,7 @@ class ManagerConfig:
     kill_grace: float
     #: seconds a worker's initializer may run (from INIT_BEGUN), or None
     init_timeout: float | None = None
+    py_spy: str | None = None  # native_stacks=True: the py-spy executable (see _native)
 
 
 class Manager:
@@ -133,6 +132,7 @@ class Manager:
         self.workers: dict[int, WorkerHandle] = {}
         self.scheduler = Scheduler(config.max_workers)
         self.ledger = Ledger()
+        self.supervisor = Supervisor(config.py_spy)  # the detectors; learned run times
         self.shutting_down = False
         # Pids of the workers serving the executor, republished on every change;
         # other threads read this tuple and nothing else of ``workers``.
@@ -142,6 +142,7 @@ class Manager:
         self._register(self.mailbox.wake_r, select.POLLIN, _WAKE, None)
         self._use_pidfd = _platform.USE_PIDFD  # False once a worker came without one
         self._dump: tuple[int, int] | None = None  # the workers' stack-dump pipe (r, w)
+        self._dump_gate = DumpGate()  # which worker's dump that pipe may carry now
         self._refusals_logged: set[tuple[str, int | None]] = set()  # causes of failed starts
         self._next_exit_poll = 0.0  # without pidfds: next look for dead workers
         self._lock = threading.Lock()  # see the ownership table
@@ -175,14 +176,14 @@ class Manager:
         make up a third of a round trip. The manager changes its state only while it
         holds ``_lock`` and lets go of it only to sleep in poll(), so whoever holds the
         lock owns the state. We do only what needs no later attention from the
-        sleeping manager: no deadline or memory limit (it would not wake for them),
+        sleeping manager: nothing to supervise (it would not wake for it),
         a small frame written whole (no POLLOUT to watch), no older work queued (order),
         an idle worker (what dispatch would pick; the queue stays empty, so no new
         worker is due). Otherwise, or when the manager is awake (the lock is taken),
         False: post the item as usual.
         """
         payload = item.payload
-        if item.settings.timeout is not None or item.settings.max_memory is not None:
+        if item.settings.watched:
             return False
         if type(payload) is not bytes or len(payload) >= _DIRECT_MAX:
             return False
@@ -601,7 +602,7 @@ class Manager:
             _guardian.unregister(proc.pid)
             proc_mod.abandon(proc)
             raise
-        w = WorkerHandle(proc)
+        w = WorkerHandle(proc, self.supervisor, self._dump_gate)
         self.workers[w.pid] = w
         self._publish_pids()
         self.ledger.stats.workers_started += 1
@@ -683,6 +684,7 @@ class Manager:
         if kind == proto.ERROR:
             self.ledger.fail(item, proto.load_exception(payload), "error", now, raw=(kind, payload))
             return True
+        self.supervisor.succeeded(item, now - item.started)
         try:
             if kind == proto.RESULT:
                 value = proto.loads(payload)
@@ -705,16 +707,14 @@ class Manager:
         if t is not None and now >= t:
             self._on_init_timeout(w, now)
             return
-        t = w.timeout_at()
-        if t is not None and now >= t:
-            self._on_timeout(w, now)
-            return
+        watch = w.watching()
+        if watch is not None:
+            t = watch.due()
+            if t is not None and now >= t and self._supervise(w, watch, now):
+                return
         t = w.revoke_at()
         if t is not None and now >= t:
             self._revoke(w)
-        t = w.memory_at()
-        if t is not None and now >= t:
-            self._sample_memory(w, now)
         t = w.escalate_at()
         if t is not None and now >= t:
             logger.info("worker pid=%d ignored SIGTERM for %gs; sending SIGKILL", w.pid, self.cfg.kill_grace)
@@ -723,24 +723,30 @@ class Manager:
         if t is not None and now >= t and not w.group_lingers(now):
             self._reap(w)
 
-    def _on_timeout(self, w: WorkerHandle, now: float) -> None:
+    def _supervise(self, w: WorkerHandle, watch: Watch, now: float) -> bool:
+        """Apply what the running task's detectors conclude (see _supervision);
+        True if its worker was killed."""
+        verdict = watch.look(now)
+        if verdict is None:
+            return False
+        if verdict is ASK_STACK:
+            w.request_stack(now)
+            return False
+        assert isinstance(verdict, Kill)
         self._read_results(w)  # the answer may be sitting in the pipe
-        item = w.head()
-        t = w.timeout_at()
-        if item is None or t is None or now < t:
-            return  # it finished after all; the next task's clock has started
-        stack = w.collect_stack()
+        item = watch.item
+        if w.head() is not item:
+            return False  # it finished after all; the next task's clock has started
+        stack, native = w.take_stacks(now) if verdict.stack else (None, None)
         w.inflight.popleft()
-        self.ledger.stats.timed_out += 1
-        timeout = item.settings.timeout
-        assert timeout is not None
+        self.ledger.stats.count(verdict.counter)
         logger.warning(
-            "task %d timed out after %gs on worker pid=%d pgid=%d; killing its group",
-            item.task_id, timeout, w.pid, w.pid,
+            "task %d %s on worker pid=%d pgid=%d; killing its group",
+            item.task_id, verdict.why, w.pid, w.pid,
         )
-        self._kill(w, "timeout", hard=False, now=now)
-        err = TaskTimeoutError(timeout, w.pid, stack, item.attempts)
-        self._retry_or_fail(item, err, "timeout", time.monotonic())
+        self._kill(w, verdict.reason, hard=verdict.hard, now=now)
+        self._retry_or_fail(item, verdict.error(stack, native), verdict.outcome, time.monotonic())
+        return True
 
     def _on_init_timeout(self, w: WorkerHandle, now: float) -> None:
         """A worker's initializer ran past ``initializer_timeout``: kill its group and
@@ -756,7 +762,7 @@ class Manager:
         if t is None or now < t:
             return
         timeout = self.cfg.init_timeout
-        stack = w.collect_stack()  # where it hangs: the error's "remote traceback"
+        stack, _native = w.take_stacks(now)  # where it hangs: the error's "remote traceback"
         logger.warning(
             "initializer of worker pid=%d ran past initializer_timeout=%gs; killing its group",
             w.pid, timeout,
@@ -770,31 +776,6 @@ class Manager:
         text = None if stack is None else "Stack of the worker when it was killed:\n" + stack
         self._fail_queue(partial(WorkerInitializerError, message, text))
         self.scheduler.stop_growing()  # do not restart workers to hang again
-
-    def _sample_memory(self, w: WorkerHandle, now: float) -> None:
-        item = w.head()
-        if item is None or item.settings.max_memory is None:
-            return
-        limit = item.settings.max_memory
-        used = w.sample_memory(now)
-        if used > limit:
-            # The task may have finished with its answer still in the pipe: then the
-            # memory belongs to no running task and killing would fail a success.
-            self._read_results(w)
-            if w.head() is not item:
-                return
-        if item.peak_memory is None or used > item.peak_memory:
-            item.peak_memory = used
-        if used > limit:
-            w.inflight.popleft()
-            self.ledger.stats.memory_killed += 1
-            logger.warning(
-                "task %d: group of worker pid=%d uses %d bytes, over its limit of %d; killing it",
-                item.task_id, w.pid, used, limit,
-            )
-            self._kill(w, "memory limit", hard=True, now=now)
-            err = MemoryLimitError(used, limit, w.pid, -signal.SIGKILL, item.attempts)
-            self._retry_or_fail(item, err, "memory", now)
 
     def _retry_or_fail(self, item: WorkItem, exc: BaseException, outcome: str, now: float) -> None:
         if self.ledger.retry_or_fail(item, exc, outcome, now):

@@ -674,3 +674,51 @@ def group_memory(pgid: int) -> int:
         except Exception:  # psutil.NoSuchProcess/AccessDenied, OSError: it is gone
             continue
     return total
+
+
+def process_progress(pid: int) -> int:
+    """One process's work so far, as one number that grows while it works: CPU clock
+    ticks (utime+stime of itself, cutime+cstime of the children it reaped) plus the
+    bytes it read and wrote (``rchar``+``wchar``, any fd: files, pipes, sockets).
+
+    Linux: ``/proc/<pid>/stat`` fields 14-17 and ``/proc/<pid>/io`` (the latter needs
+    the same user; without it, CPU alone). Elsewhere psutil's CPU times. Raises
+    OSError (or psutil's errors) for a process that is gone.
+    """
+    if _platform.LINUX:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        # fields[0] is field 3 (state): utime..cstime are fields 14-17
+        total = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+        try:
+            with open(f"/proc/{pid}/io", "rb") as f:
+                for line in f.read().splitlines():
+                    if line.startswith((b"rchar:", b"wchar:")):
+                        total += int(line.split()[1])
+        except PermissionError:
+            pass
+        return total
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return int((times.user + times.system + times.children_user + times.children_system) * 1e6)
+
+
+def group_progress(pgid: int) -> int:
+    """The sum of :func:`process_progress` over the group's members (zombies too:
+    their counts move into their parent's only when reaped, so both are counted
+    until then). Compare two readings for equality: a member leaving the group
+    (reaped by a parent outside it) can make the sum smaller, which also is a
+    change. Never raises. Cost: the member scan of :func:`group_members` plus two
+    small reads per member (benchmarks/supervision_costs.py)."""
+    try:
+        members = group_members(pgid)
+    except Exception:  # /proc unreadable for a moment
+        return 0
+    total = 0
+    for pid in members:
+        try:
+            total += process_progress(pid)
+        except Exception:  # gone, or not readable
+            continue
+    return total

@@ -1,6 +1,7 @@
 """Per-task settings, as one frozen and validated value, and the checks of every number.
 
-A task's ``task_timeout``, ``max_memory`` and ``retries`` come from the executor's
+A task's ``task_timeout`` (seconds, or learned: :class:`AutoTimeout`), ``max_memory``,
+``retries``, ``stall_timeout`` and ``heartbeat_timeout`` come from the executor's
 constructor or an ``options()`` view; they travel together from the front end to the
 manager as one :class:`TaskSettings`, checked once where the user gave them, so an
 error names the parameter and points at the caller's line, never at a thread.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 #: "not given" for ``options()`` keywords, where None means "no limit"
@@ -66,6 +67,58 @@ def check_initializer_timeout(value: Any, task_timeout: float | None) -> float |
     if value is UNSET:
         return task_timeout
     return check_timeout(value, "initializer_timeout")
+@dataclass(frozen=True)
+class AutoTimeout:
+    """A time limit learned from the task function's own run times.
+
+    Per task function (its module and qualified name; for ``map`` chunks, the
+    function mapped, each chunk's time counted per item), the run times of the
+    tasks that succeeded are kept (the last 1000). Until ``min_samples`` exist a
+    task's limit is ``initial`` (None: no limit); then it is ``max(floor, factor x
+    the quantile of those run times)``. It is recomputed as samples arrive and applies
+    to the tasks already running too. ``task_timeout="auto"`` is ``AutoTimeout()``.
+    """
+
+    factor: float = 10.0
+    quantile: float = 0.95
+    min_samples: int = 20
+    initial: float | None = None
+    floor: float = 1.0
+
+    def __post_init__(self) -> None:
+        factor = real(self.factor, "AutoTimeout factor", "a finite number > 0")
+        if not (factor > 0 and math.isfinite(factor)):
+            raise ValueError(f"AutoTimeout factor must be a finite number > 0, not {self.factor!r}")
+        quantile = real(self.quantile, "AutoTimeout quantile", "a number in (0, 1]")
+        if not 0 < quantile <= 1:
+            raise ValueError(f"AutoTimeout quantile must be a number in (0, 1], not {self.quantile!r}")
+        samples = integer(self.min_samples, "AutoTimeout min_samples", "a whole number >= 1")
+        if samples < 1:
+            raise ValueError(f"AutoTimeout min_samples must be a whole number >= 1, not {self.min_samples!r}")
+        floor = real(self.floor, "AutoTimeout floor", "a finite number of seconds >= 0")
+        if not (floor >= 0 and math.isfinite(floor)):
+            raise ValueError(f"AutoTimeout floor must be a finite number of seconds >= 0, not {self.floor!r}")
+        initial = check_timeout(self.initial, "AutoTimeout initial")
+        for name, value in (
+            ("factor", factor), ("quantile", quantile), ("min_samples", samples),
+            ("floor", floor), ("initial", initial),
+        ):
+            object.__setattr__(self, name, value)
+
+
+def check_task_timeout(value: Any) -> tuple[float | None, AutoTimeout | None]:
+    """task_timeout: seconds (see check_timeout), ``"auto"`` or an AutoTimeout;
+    returns (fixed seconds or None, learned or None)."""
+    if isinstance(value, AutoTimeout):
+        return None, value
+    if isinstance(value, str):
+        if value == "auto":
+            return None, AutoTimeout()
+        raise ValueError(
+            f"task_timeout must be a positive number of seconds, None, 'auto' or an "
+            f"AutoTimeout, not {value!r}"
+        )
+    return check_timeout(value), None
 
 
 def check_grace(value: Any) -> float:
@@ -95,29 +148,75 @@ def check_retries(value: Any) -> int:
 
 @dataclass(frozen=True)
 class TaskSettings:
-    """What applies to one task: its time limit (seconds, or None), the memory its
-    worker's group may use (bytes, or None) and how often it is run again after its
-    worker was lost under it (timeout, crash, memory). Build it with :meth:`checked`;
-    the fields are then known to be valid."""
+    """What applies to one task: its time limit (seconds, learned, or None), the memory its
+    worker's group may use (bytes, or None), how often it is run again after its
+    worker was lost under it (timeout, crash, memory), and how long it may go without
+    progress (CPU or I/O) or between heartbeats (seconds, or None). Build it with
+    :meth:`checked`; the fields are then known to be valid."""
 
     timeout: float | None = None
     max_memory: int | None = None
     retries: int = 0
+    #: a learned time limit (``task_timeout="auto"``); then ``timeout`` is None
+    auto: AutoTimeout | None = None
+    #: seconds without CPU time or I/O in the worker's group (``stall_timeout``)
+    stall: float | None = None
+    #: seconds between heartbeat() calls, once the task made one (``heartbeat_timeout``)
+    heartbeat: float | None = None
     #: Keep the worker's bytes of the outcome on the future (``TaskFuture.raw_outcome``):
     #: a journaled map stores them. Off elsewhere: a held future would keep its result
     #: twice.
     keep_raw: bool = False
+    #: True if anything watches the task while it runs (see _supervision): such a task
+    #: is never handed to a worker behind the sleeping manager's back
+    watched: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        watched = any(
+            limit is not None
+            for limit in (self.timeout, self.max_memory, self.auto, self.stall, self.heartbeat)
+        )
+        object.__setattr__(self, "watched", watched)
 
     @classmethod
-    def checked(cls, task_timeout: Any = None, max_memory: Any = None, retries: Any = 0) -> TaskSettings:
-        return cls(check_timeout(task_timeout), check_memory(max_memory), check_retries(retries))
+    def checked(
+        cls,
+        task_timeout: Any = None,
+        max_memory: Any = None,
+        retries: Any = 0,
+        stall_timeout: Any = None,
+        heartbeat_timeout: Any = None,
+    ) -> TaskSettings:
+        timeout, auto = check_task_timeout(task_timeout)
+        return cls(
+            timeout, check_memory(max_memory), check_retries(retries), auto,
+            check_timeout(stall_timeout, "stall_timeout"),
+            check_timeout(heartbeat_timeout, "heartbeat_timeout"),
+        )
+
+    @property
+    def task_timeout(self) -> float | AutoTimeout | None:
+        """The time limit as the user gave it: seconds, an AutoTimeout, or None."""
+        return self.auto if self.auto is not None else self.timeout
 
     def updated(
-        self, task_timeout: Any = UNSET, max_memory: Any = UNSET, retries: Any = UNSET
+        self,
+        task_timeout: Any = UNSET,
+        max_memory: Any = UNSET,
+        retries: Any = UNSET,
+        stall_timeout: Any = UNSET,
+        heartbeat_timeout: Any = UNSET,
     ) -> TaskSettings:
         """These settings with the ones given replaced (each checked); UNSET keeps."""
+        timeout, auto = (
+            (self.timeout, self.auto) if task_timeout is UNSET else check_task_timeout(task_timeout)
+        )
         return TaskSettings(
-            self.timeout if task_timeout is UNSET else check_timeout(task_timeout),
+            timeout,
             self.max_memory if max_memory is UNSET else check_memory(max_memory),
             self.retries if retries is UNSET else check_retries(retries),
+            auto,
+            self.stall if stall_timeout is UNSET else check_timeout(stall_timeout, "stall_timeout"),
+            self.heartbeat if heartbeat_timeout is UNSET
+            else check_timeout(heartbeat_timeout, "heartbeat_timeout"),
         )

@@ -20,7 +20,7 @@ import os
 import sys
 import time as _time
 
-from . import _platform
+from . import _heartbeat, _platform
 from . import _protocol as proto
 from ._protocol import (
     CHILD_DUMP_FD,
@@ -329,6 +329,11 @@ def _serve(
         _exit_cleanly(1)
         return
     del first, config, initializer
+    if shm_fd is not None:
+        import _socket
+
+        chan.shm_sock = _socket.socket(fileno=shm_fd)
+        _heartbeat.receive(chan.shm_sock)  # sent before INIT: it is there by now
     chan.send(proto.READY, os.getpid())
 
     held = -1  # a permit taken that belongs to a later task (see _claim)
@@ -386,12 +391,15 @@ def _run_one(chan: _Channel, task_id: int, payload: bytes | bytearray, oob: bool
         # ran meanwhile.
         chan.send(proto.UNPICKLED, task_id, proto.SECONDS.pack(took))
     chunked = fn is run_chunk
+    _heartbeat.task_id = task_id  # whose heartbeat() it is (see _heartbeat)
     try:
         result = fn(*args, **kwargs)
     except BaseException as exc:
+        _heartbeat.task_id = 0
         del fn, args, kwargs
         chan.send(proto.ERROR, task_id, proto.dump_exception(exc))
         return
+    _heartbeat.task_id = 0
     del fn, args, kwargs
     data: bytes | proto.OOBPayload | None
     try:

@@ -13,7 +13,8 @@ or shutdown). KILLING: its group got SIGTERM+SIGCONT (SIGKILL at ``kill_deadline
 DEAD: the leader exited but is not reaped, so its pgid stays reserved and the group can
 still be signalled safely; it is reaped once the group is empty or ``reap_deadline``
 passed. Each state's timers are defined once, below (``*_at`` methods), and
-``next_due`` is their minimum.
+``next_due`` is their minimum. The running task's supervision (time limits, memory)
+is its :class:`~pgexecutor._supervision.Watch`, made when its clock starts.
 
 Owner: the manager thread (whoever holds ``Manager._lock``).
 """
@@ -29,21 +30,23 @@ import signal
 import time
 from collections import deque
 
-from . import _process
+from . import _native, _process
 from . import _protocol as proto
+from ._heartbeat import BeatPage
 from ._ledger import WorkItem
 from ._scheduling import REVOKE_AFTER
+from ._supervision import Supervisor, Watch
 from ._worker import DUMP_SIGNAL
 
 _JOIN_BELOW = 1 << 16  # task payloads smaller than this are copied into their frame
 _IOV_MAX = 1024  # buffers per writev (Linux's IOV_MAX)
-_MEMORY_INTERVAL = 0.1  # seconds between memory samples of a limited task's group
-#: A task's first memory sample waits this long after its start. A sample costs
-#: ~0.5 ms per process of the group (benchmarks/memory_sampling.py); taken at
-#: every start it slowed tiny limited tasks (0.66-0.83x throughput there).
-_FIRST_SAMPLE = 0.02
 _DEAD_CHECK = 0.02  # how often a dead leader's group is looked at before the reap
-_STACK_WAIT = 0.1  # at most this long to collect a timed-out worker's stack dump
+#: At most this long to wait for a stack dump asked for at the kill itself (see
+#: take_stack); one asked for earlier (Watch: before a deadline) is not waited for.
+_STACK_WAIT = 0.05
+#: A dump asked for at least this long ago has arrived if it ever will: the signal
+#: handler writes it in one burst as soon as the worker runs.
+_STACK_SETTLED = 0.002
 # The dump is complete once it ends a line and the pipe stays quiet this long. The
 # faulthandler signal handler writes the whole dump in one burst, GIL or not (0.1-0.2
 # ms measured, even for a task spinning in C), so a short pause means it is over; a
@@ -84,11 +87,18 @@ class WorkerHandle:
         "kill_deadline",
         "reap_deadline",
         "next_check",
-        "next_memory",
         "init_deadline",
+        "dumps",
+        "supervisor",
+        "watch",
+        "stack_asked",
+        "beats",
+        "native",
     )
 
-    def __init__(self, proc: _process.WorkerProcess) -> None:
+    def __init__(
+        self, proc: _process.WorkerProcess, supervisor: Supervisor, dumps: DumpGate
+    ) -> None:
         self.proc = proc
         self.pid = proc.pid  # also its pgid
         self.state = State.STARTING
@@ -109,8 +119,14 @@ class WorkerHandle:
         self.kill_deadline: float | None = None  # KILLING: SIGKILL is due then
         self.reap_deadline: float | None = None  # DEAD: reap then, members or not
         self.next_check = 0.0  # DEAD: next look at the group's members
-        self.next_memory = 0.0
         self.init_deadline: float | None = None  # STARTING: its initializer must end by then
+        self.dumps = dumps  # the pool's one stack-dump pipe: who may use it now
+        self.supervisor = supervisor
+        self.watch: Watch | None = None  # the supervision of the task that began last
+        self.stack_asked = 0.0  # when a stack dump was asked for this task; 0.0: not
+        # Its heartbeat page, sent on its fd channel before INIT (see _heartbeat).
+        self.beats = BeatPage.create(proc.channel)
+        self.native: list[_native.NativeDump] | None = None  # py-spy dumps under way
 
     # ------------------------------------------------------------ timers
 
@@ -126,27 +142,26 @@ class WorkerHandle:
     # Each timer is defined once, on the running task (``_*_of``); ``*_at`` and
     # ``next_due`` only find that task first.
 
-    def _timeout_of(self, head: WorkItem) -> float | None:
-        timeout = head.settings.timeout
-        return None if timeout is None else head.started + timeout
+    def _watch_of(self, head: WorkItem) -> Watch | None:
+        """The watch of the running task (not a stale one of a task taken back)."""
+        watch = self.watch
+        return watch if watch is not None and watch.item is head else None
+
+    def _supervise_of(self, head: WorkItem) -> float | None:
+        watch = self._watch_of(head)
+        return None if watch is None else watch.due()
 
     def _revoke_of(self, head: WorkItem) -> float | None:
         return head.started + REVOKE_AFTER if len(self.inflight) > 1 else None
 
-    def _memory_of(self, head: WorkItem) -> float | None:
-        return None if head.settings.max_memory is None else self.next_memory
-
-    def timeout_at(self) -> float | None:
+    def watching(self) -> Watch | None:
+        """The watch of the running task, if anything watches it."""
         head = self.head()
-        return None if head is None else self._timeout_of(head)
+        return None if head is None else self._watch_of(head)
 
     def revoke_at(self) -> float | None:
         head = self.head()
         return None if head is None else self._revoke_of(head)
-
-    def memory_at(self) -> float | None:
-        head = self.head()
-        return None if head is None else self._memory_of(head)
 
     def init_at(self) -> float | None:
         """STARTING: when its initializer overruns ``initializer_timeout``, if it has
@@ -176,8 +191,9 @@ class WorkerHandle:
             if self.state is State.STARTING:
                 return self.init_at()
             return self.escalate_at() if self.state is State.KILLING else self.check_at()
-        best = self._timeout_of(head)
-        for t in (self._revoke_of(head), self._memory_of(head)):
+        best = self._revoke_of(head)
+        if self.watch is not None:
+            t = self._supervise_of(head)
             if t is not None and (best is None or t < best):
                 best = t
         return best
@@ -190,8 +206,12 @@ class WorkerHandle:
         """
         item.started = now
         item.attempts += 1
-        if item.settings.max_memory is not None:
-            self.next_memory = now + _FIRST_SAMPLE
+        self.stack_asked = 0.0
+        if self.native is not None:  # asked for the task before, which ended in time
+            _native.discard(self.native)
+            self.native = None
+        # (On the hot path: a task without limits skips the supervisor's call.)
+        self.watch = self.supervisor.watch(item, self, now) if item.settings.watched else None
 
     # ------------------------------------------------------------ the task pipe
 
@@ -368,44 +388,131 @@ class WorkerHandle:
         _process.signal_group(self.pid, signal.SIGKILL)
         code = _process.reap(self.proc)
         self.proc.close_fds()
+        self.dumps.release(self.pid)
+        _native.discard(self.native)
+        self.native = None
+        if self.beats is not None:
+            self.beats.close()
         return escalated, code
 
-    def sample_memory(self, now: float) -> int:
-        self.next_memory = now + _MEMORY_INTERVAL
-        return _process.group_memory(self.pid)
-
-    def collect_stack(self) -> str | None:
-        """Ask the worker for a faulthandler dump of its threads; wait briefly."""
-        fd = self.proc.dump
-        try:
-            while os.read(fd, 65536):  # drop anything stale
+    def request_stack(self, now: float) -> bool:
+        """Ask the worker for a faulthandler dump of its threads (not waiting for
+        it: see take_stack), and with native_stacks start py-spy on its group. False
+        if no Python dump was asked for: the leader is gone, or the pool's dump pipe
+        carries another worker's dump right now (see DumpGate)."""
+        asked = alive = False
+        if not self.dumps.take(self.pid, now):
+            alive = True  # as far as we know: py-spy still looks
+        else:
+            fd = self.proc.dump
+            try:
+                while os.read(fd, 65536):  # drop anything stale (an earlier task's)
+                    pass
+            except OSError:
                 pass
-        except OSError:
-            pass
-        if not _process.signal_leader(self.pid, DUMP_SIGNAL):
+            if _process.signal_leader(self.pid, DUMP_SIGNAL):
+                _process.signal_leader(self.pid, signal.SIGCONT)  # a stopped worker cannot answer
+                self.stack_asked = now
+                asked = alive = True
+            else:
+                self.dumps.release(self.pid)
+        py_spy = self.supervisor.py_spy
+        if py_spy is not None and alive:
+            _native.discard(self.native)
+            self.native = None
+            try:
+                self.native = _native.start(py_spy, self.pid)
+            except OSError:
+                pass  # take_stacks tries again and says why
+        return asked
+
+    def take_stacks(self, now: float) -> tuple[str | None, str | None]:
+        """(the Python stack dump, the native one) of the running task, for its kill
+        decided at ``now``; the native one only with ``native_stacks=True`` (py-spy:
+        see _native, waited for until NATIVE_WAIT after ``now``)."""
+        python = self._take_python_stack(now)
+        py_spy = self.supervisor.py_spy
+        if py_spy is None:
+            return python, None
+        native, why, late = _native.take(self.native, py_spy, self.pid, now)
+        self.native = None
+        if why is not None:
+            self.supervisor.native_failed(self.pid, why, late)
+        return python, native
+
+    def _take_python_stack(self, now: float) -> str | None:
+        """The faulthandler dump of the running task, best effort and without
+        delaying its kill: one asked for a while ago (before the deadline) is taken
+        as far as it arrived, waiting only to complete one that is being written; one
+        not asked for yet is asked for now and waited for at most _STACK_WAIT.
+
+        A worker spinning in C with every signal blocked never answers: asked early,
+        it costs nothing (the old way waited 0.1 s for it at every such kill).
+        """
+        asked = self.stack_asked
+        if not asked and not self.request_stack(now):
             return None
-        _process.signal_leader(self.pid, signal.SIGCONT)  # a stopped worker cannot answer
+        fresh = not asked or now - asked < _STACK_SETTLED
+        self.stack_asked = 0.0
+        try:
+            return self._read_dump(fresh)
+        finally:
+            self.dumps.release(self.pid)
+
+    def _read_dump(self, fresh: bool) -> str | None:
+        fd = self.proc.dump
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         dump = bytearray()
         deadline = time.monotonic() + _STACK_WAIT
         while not _process.dump_is_complete(self.proc, dump):
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                data = None
+            except OSError:
+                break
+            if data:
+                dump += data
+                continue
+            if data is not None or (not dump and not fresh):
+                break  # EOF; or asked long ago and nothing came: nothing will
             left_ms = math.ceil((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 break
             settled = dump.endswith(b"\n")
-            if not poller.poll(min(left_ms, _STACK_QUIET_MS) if settled else left_ms):
-                if settled:
-                    break
-                continue
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                continue
-            except OSError:
+            if not poller.poll(min(left_ms, _STACK_QUIET_MS) if settled else left_ms) and settled:
                 break
-            if not data:
-                break
-            dump += data
         text = dump.decode("utf-8", "replace").strip()
         return text or None
+
+
+class DumpGate:
+    """Who may use the pool's one stack-dump pipe (see _process.dump_pipe) now.
+
+    faulthandler writes a dump as raw text in many small writes: two workers dumping
+    into one pipe at once would interleave, and a dump could not be told from
+    another. So one worker at a time is asked; an ask whose dump was never taken
+    (the task finished meanwhile, or the worker spins in C with signals blocked)
+    stops holding the pipe after HOLD seconds. Stacks are best effort: a second
+    worker that needs one while the pipe is held goes without its Python dump.
+    Owner: the manager thread.
+    """
+
+    HOLD = 0.25
+
+    __slots__ = ("holder", "since")
+
+    def __init__(self) -> None:
+        self.holder = 0  # pid of the worker asked; 0: the pipe is free
+        self.since = 0.0
+
+    def take(self, pid: int, now: float) -> bool:
+        if self.holder and self.holder != pid and now - self.since < self.HOLD:
+            return False
+        self.holder, self.since = pid, now
+        return True
+
+    def release(self, pid: int) -> None:
+        if self.holder == pid:
+            self.holder = 0

@@ -60,6 +60,31 @@ def _innermost_frame(stack: str | None) -> str | None:
     return _with_source(innermost)
 
 
+#: Runtime libraries a native frame is rarely *about* (an allocation, a thread pool,
+#: the libffi call into the library): the innermost frame elsewhere is named instead.
+_RUNTIME_LIBRARIES = ("libc.so", "libstdc++", "libgomp", "libpthread", "libffi", "ld-linux", "libm.so", "libgcc")
+
+
+def _innermost_native_frame(dump: str | None) -> str | None:
+    """The innermost named native frame of the task's thread in a ``py-spy dump
+    --native`` (``function (library)`` lines, innermost first; the task's thread is
+    the one whose frames pass through the worker's loop), preferring one outside the
+    runtime libraries. Stripped libraries show bare addresses: skipped."""
+    if not dump:
+        return None
+    blocks = [b for b in dump.split("\nThread ") if "(" in b]
+    chosen = next((b for b in blocks if "_worker.py" in b), blocks[-1] if blocks else "")
+    named = [
+        frame
+        for frame in (line.strip() for line in chosen.splitlines()[1:])
+        if frame.endswith(")") and ".py:" not in frame and not frame.startswith("0x")
+    ]
+    for frame in named:
+        if not any(lib in frame for lib in _RUNTIME_LIBRARIES):
+            return frame
+    return named[0] if named else None
+
+
 def _with_source(frame: str) -> str:
     """``File "...", line N in f`` followed by that line's source, as a traceback shows it.
 
@@ -97,7 +122,14 @@ class TaskTimeoutError(_FuturesTimeoutError):
     ``stack`` holds the Python stacks of every thread of the worker at the moment of
     expiry (a ``faulthandler`` dump), or ``None`` when the worker could not answer;
     ``str(error)`` names the innermost frame, which is usually where it hung.
+    ``derivation`` says how a learned limit (``task_timeout="auto"``) was derived,
+    None for a fixed one. ``native_stack`` (``native_stacks=True``, with py-spy) holds
+    the worker's native and Python frames taken before the kill; ``str(error)`` then
+    names the innermost native frame too.
     """
+
+    derivation: str | None = None
+    native_stack: str | None = None
 
     def __init__(
         self,
@@ -113,13 +145,19 @@ class TaskTimeoutError(_FuturesTimeoutError):
         super().__init__(timeout, pid, stack, attempts)
 
     def __reduce__(self):  # type: ignore[override]
-        return (type(self), (self.timeout, self.pid, self.stack, self.attempts))
+        # The state: ``derivation`` (and a subclass's own attributes) travel too.
+        return (type(self), (self.timeout, self.pid, self.stack, self.attempts), self.__dict__)
 
     def __str__(self) -> str:
         msg = f"task exceeded its timeout of {self.timeout:g} s (worker pid {self.pid})"
+        if self.derivation:
+            msg += f"; the limit was {self.derivation}"
         where = _innermost_frame(self.stack)
         if where:
             msg += f"; it was at {where}"
+        native = _innermost_native_frame(self.native_stack)
+        if native:
+            msg += f"; natively in {native}"
         if self.attempts > 1:
             msg += f"; gave up after {self.attempts} attempts"
         return msg
@@ -328,3 +366,47 @@ class QuarantinedError(Exception):
                 f"{f.get('outcome')}: {f.get('error')}" for f in self.failures
             ) + ")"
         return msg + "; it was not run again"
+
+
+# ---------------------------------------------------------------- supervision
+# Kept at the end of the module (with their own __all__ entries) to ease merging.
+
+__all__ += ["TaskStalledError"]
+
+
+class TaskStalledError(TaskTimeoutError):
+    """The task stopped making progress; its worker's whole group was killed.
+
+    ``reason`` says which sign of life was missing: no CPU time used and no I/O done
+    by any process of the group for ``timeout`` seconds (``stall_timeout``), or no
+    :func:`pgexecutor.heartbeat` call for ``timeout`` seconds after an earlier one
+    (``heartbeat_timeout``). A ``TaskTimeoutError``, so ``except`` clauses for
+    timeouts catch it; ``stack`` is as there.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        timeout: float,
+        pid: int | None = None,
+        stack: str | None = None,
+        attempts: int = 1,
+    ) -> None:
+        super().__init__(timeout, pid, stack, attempts)
+        self.reason = reason
+        self.args = (reason, timeout, pid, stack, attempts)  # attempts last, as the ledger expects
+
+    def __reduce__(self):  # type: ignore[override]
+        return (type(self), self.args, self.__dict__)
+
+    def __str__(self) -> str:
+        msg = f"task stalled: {self.reason} (worker pid {self.pid})"
+        where = _innermost_frame(self.stack)
+        if where:
+            msg += f"; it was at {where}"
+        native = _innermost_native_frame(self.native_stack)
+        if native:
+            msg += f"; natively in {native}"
+        if self.attempts > 1:
+            msg += f"; gave up after {self.attempts} attempts"
+        return msg

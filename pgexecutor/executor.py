@@ -23,6 +23,7 @@ import socket  # noqa: F401
 import sys
 import threading
 import traceback  # noqa: F401
+import warnings
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -32,13 +33,14 @@ import cloudpickle  # noqa: F401
 import psutil  # noqa: F401
 import tblib  # noqa: F401  (the manager thread rebuilds tracebacks with it)
 
-from . import _exit, _process, _settings
+from . import _exit, _native, _process, _settings
 from . import _protocol as proto
 from ._frontend import PoolFrontEnd, unpicklable_arguments
 from ._future import TaskFuture
 from ._mailbox import KillTask, Shutdown, Terminate
 from ._manager import Manager, ManagerConfig, TaskInfo, WorkItem
-from ._settings import TaskSettings
+from ._settings import AutoTimeout, TaskSettings
+from ._supervision import task_key
 
 
 def _default_workers() -> int:
@@ -56,6 +58,24 @@ def spawned_groups() -> frozenset[int]:
     return _process.spawned_pgids()
 
 
+def _native_stacks(wanted: Any) -> str | None:
+    """native_stacks: the py-spy executable, or None (not wanted, or not installed:
+    then a warning, here, at construction)."""
+    if not isinstance(wanted, bool):
+        raise TypeError(f"native_stacks must be True or False, not {wanted!r}")
+    if not wanted:
+        return None
+    py_spy = _native.find_py_spy()
+    if py_spy is None:
+        warnings.warn(
+            "native_stacks=True needs py-spy (pip install 'pgexecutor[native]'), which is "
+            "not installed: errors carry the Python stack only",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return py_spy
+
+
 def task_info(future: Future[Any]) -> TaskInfo | None:
     """What happened to a finished task: duration, worker pid, attempts, peak memory.
 
@@ -69,11 +89,16 @@ def task_info(future: Future[Any]) -> TaskInfo | None:
 class ProcessGroupExecutor(PoolFrontEnd):
     """A ``ProcessPoolExecutor`` whose workers each lead their own process group.
 
-    A task that runs past ``task_timeout``, crashes its worker, or (with
-    ``max_memory``) lets its group grow past the budget fails on its own with
-    :class:`TaskTimeoutError`, :class:`WorkerCrashedError` or
-    :class:`MemoryLimitError`; the worker's *whole group* (every process the task
-    spawned) is killed, SIGTERM then SIGKILL after ``kill_grace`` seconds, and a fresh
+    A task that runs past ``task_timeout`` (seconds; or ``"auto"`` /
+    :class:`AutoTimeout`: learned from the function's own run times), crashes its
+    worker, or (with ``max_memory``) lets its group grow past the budget fails on its
+    own with :class:`TaskTimeoutError`, :class:`WorkerCrashedError` or
+    :class:`MemoryLimitError`; one whose group makes no CPU or I/O progress for
+    ``stall_timeout`` seconds, or that called :func:`heartbeat` and then not again
+    within ``heartbeat_timeout`` seconds, fails with :class:`TaskStalledError`
+    (``native_stacks=True``: its error carries the native frames too, via py-spy). The
+    worker's *whole group* (every process the task spawned) is killed, SIGTERM then
+    SIGKILL after ``kill_grace`` seconds, and a fresh
     worker takes its place. The pool is never broken.
 
     ``initializer_timeout`` (seconds; default: ``task_timeout``, else None for no
@@ -91,11 +116,14 @@ class ProcessGroupExecutor(PoolFrontEnd):
         initargs: tuple[Any, ...] = (),
         *,
         max_tasks_per_child: int | None = None,
-        task_timeout: float | None = None,
+        task_timeout: float | str | AutoTimeout | None = None,
         kill_grace: float = 1.0,
         max_memory: int | None = None,
         retries: int = 0,
         initializer_timeout: float | None = _settings.UNSET,
+        stall_timeout: float | None = None,
+        heartbeat_timeout: float | None = None,
+        native_stacks: bool = False,
     ) -> None:
         if os.name != "posix":
             raise OSError("ProcessGroupExecutor needs POSIX process groups (Linux, macOS)")
@@ -115,9 +143,12 @@ class ProcessGroupExecutor(PoolFrontEnd):
         if isinstance(mp_context, str):
             mp_context = multiprocessing.get_context(mp_context)
         kill_grace = _settings.check_grace(kill_grace)
+        py_spy = _native_stacks(native_stacks)
         self._max_workers = max_workers
         self._mp_context = mp_context
-        self._settings = TaskSettings.checked(task_timeout, max_memory, retries)
+        self._settings = TaskSettings.checked(
+            task_timeout, max_memory, retries, stall_timeout, heartbeat_timeout
+        )
         init_timeout = _settings.check_initializer_timeout(initializer_timeout, self._settings.timeout)
         self._kill_grace = kill_grace
         init_payload = proto.dumps(
@@ -137,6 +168,7 @@ class ProcessGroupExecutor(PoolFrontEnd):
                 max_tasks_per_child=max_tasks_per_child,
                 kill_grace=kill_grace,
                 init_timeout=init_timeout,
+                py_spy=py_spy,
             )
         )
         self._shutdown_lock = threading.Lock()
@@ -185,7 +217,10 @@ class ProcessGroupExecutor(PoolFrontEnd):
                 assert error is not None
                 return unpicklable_arguments(error)
             fut = TaskFuture(self._manager.mailbox.note_cancel, self._manager.thread)
-            item = WorkItem(fut, payload, settings)
+            if settings.auto is None:
+                item = WorkItem(fut, payload, settings)
+            else:  # a learned limit: learned per task function
+                item = WorkItem(fut, payload, settings, *task_key(fn, args))
             if not self._manager.try_dispatch(item):
                 self._manager.post(item)
             return fut

@@ -136,14 +136,28 @@ BAD_GMSH = {  # case -> (outcome, signal)
 
 
 @pytest.mark.timeout(150)
-def test_gmsh_meshing_each_bad_input_costs_one_result(tmp_path: Any) -> None:
+@pytest.mark.parametrize(
+    "timeout, native", [("5", False), ("auto", False), ("auto", True)],
+    ids=["fixed", "learned", "learned-native"],
+)
+def test_gmsh_meshing_each_bad_input_costs_one_result(
+    tmp_path: Any, timeout: str, native: bool
+) -> None:
     require("gmsh", "gmsh")
+    if native:
+        from pgexecutor import _native
+
+        if _native.find_py_spy() is None:
+            if os.environ.get("PGEXECUTOR_REQUIRE_EXTRAS"):
+                pytest.fail("py-spy (the 'native' extra) is not installed")
+            pytest.skip("py-spy is not installed: pip install -e '.[native]'")
     sys.path.insert(0, EXAMPLES)
     try:
         from _gmsh_cases import CASES
     finally:
         sys.path.remove(EXAMPLES)
-    s = run_example(tmp_path, "gmsh_meshing", "--quick", "--timeout", "5", limit=120)
+    extra = ["--native"] if native else []
+    s = run_example(tmp_path, "gmsh_meshing", "--quick", "--timeout", timeout, *extra, limit=120)
     assert s["_returncode"] == 0, s["_stdout"]
     inputs = s["inputs"]
 
@@ -155,6 +169,9 @@ def test_gmsh_meshing_each_bad_input_costs_one_result(tmp_path: Any) -> None:
         assert x["params"] == CASES[label], "a failure is reported with its parameters"
         if outcome == "timeout":
             assert "generate" in x["hung_in"], x  # stuck inside gmsh's mesher
+            if timeout == "auto":  # the limit was learned (or the initial one), and says so
+                assert x["derivation"] and "mesh_case" in x["derivation"], x
+                assert x["limit"] >= 2.0, x  # the floor
         else:
             assert x["signal"] == sig, (label, x)
     # each bad input killed its own worker: no two failures share one
@@ -167,6 +184,11 @@ def test_gmsh_meshing_each_bad_input_costs_one_result(tmp_path: Any) -> None:
         assert st["nodes"] > 0 and st["elements"] > 0 and st["dim"] in (2, 3), x
         assert st["shape"] == x["params"]["shape"]
     assert s["stats"]["timed_out"] == 3 and s["stats"]["crashed"] == 3
+    if timeout == "auto":
+        assert s["learned_limit"] >= 2.0
+    if native:  # best effort (py-spy may be late under load), but not never
+        hung_in = [x["native_in"] for x in failed.values() if x["outcome"] == "timeout"]
+        assert any(f and "gmsh::" in f for f in hung_in), hung_in
 
     assert_worker_groups_empty(s["worker_pgids"])
 

@@ -242,7 +242,7 @@ def test_an_infinite_map_timeout_means_no_limit():
         ({"task_timeout": 0}, ValueError, "task_timeout"),
         ({"task_timeout": -5}, ValueError, "task_timeout"),
         ({"task_timeout": float("-inf")}, ValueError, "task_timeout"),
-        ({"task_timeout": "10"}, TypeError, "task_timeout"),
+        ({"task_timeout": "10"}, ValueError, "task_timeout"),  # a string other than "auto"
         ({"task_timeout": True}, TypeError, "task_timeout"),
         ({"max_memory": 1.5}, ValueError, "max_memory"),
         ({"max_memory": float("inf")}, ValueError, "max_memory"),
