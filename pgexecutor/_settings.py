@@ -77,6 +77,13 @@ def check_memory(value: Any) -> int | None:
     return number
 
 
+def check_flag(value: Any, name: str) -> bool:
+    """A yes/no setting: a bool only (``1`` or ``"yes"`` is a mistake, not a setting)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {type(value).__name__} {value!r}")
+    return value
+
+
 def check_retries(value: Any) -> int:
     number = integer(value, "retries", "a whole number >= 0")
     if number < 0:
@@ -88,23 +95,35 @@ def check_retries(value: Any) -> int:
 class TaskSettings:
     """What applies to one task: its time limit (seconds, or None), the memory its
     worker's group may use (bytes, or None) and how often it is run again after its
-    worker was lost under it (timeout, crash, memory). Build it with :meth:`checked`;
-    the fields are then known to be valid."""
+    worker was lost under it (timeout, crash, memory); ``cancel_running``: whether
+    ``future.cancel()`` stops the task once it runs (the standard library's cancel
+    only reaches queued ones). Build it with :meth:`checked`; the fields are then
+    known to be valid."""
 
     timeout: float | None = None
     max_memory: int | None = None
     retries: int = 0
+    cancel_running: bool = False
 
     @classmethod
-    def checked(cls, task_timeout: Any = None, max_memory: Any = None, retries: Any = 0) -> TaskSettings:
-        return cls(check_timeout(task_timeout), check_memory(max_memory), check_retries(retries))
+    def checked(
+        cls, task_timeout: Any = None, max_memory: Any = None, retries: Any = 0,
+        cancel_running: Any = False,
+    ) -> TaskSettings:
+        return cls(
+            check_timeout(task_timeout), check_memory(max_memory), check_retries(retries),
+            check_flag(cancel_running, "cancel_running"),
+        )
 
     def updated(
-        self, task_timeout: Any = UNSET, max_memory: Any = UNSET, retries: Any = UNSET
+        self, task_timeout: Any = UNSET, max_memory: Any = UNSET, retries: Any = UNSET,
+        cancel_running: Any = UNSET,
     ) -> TaskSettings:
         """These settings with the ones given replaced (each checked); UNSET keeps."""
         return TaskSettings(
             self.timeout if task_timeout is UNSET else check_timeout(task_timeout),
             self.max_memory if max_memory is UNSET else check_memory(max_memory),
             self.retries if retries is UNSET else check_retries(retries),
+            self.cancel_running if cancel_running is UNSET
+            else check_flag(cancel_running, "cancel_running"),
         )

@@ -75,6 +75,14 @@ class ProcessGroupExecutor(PoolFrontEnd):
     :class:`MemoryLimitError`; the worker's *whole group* (every process the task
     spawned) is killed, SIGTERM then SIGKILL after ``kill_grace`` seconds, and a fresh
     worker takes its place. The pool is never broken.
+
+    ``cancel_running=True`` (or ``options(cancel_running=True)``) makes
+    ``future.cancel()`` stop a task that already runs: its worker's group gets
+    SIGINT (the task sees KeyboardInterrupt; its ``finally`` blocks run), then
+    SIGTERM and SIGKILL within ``kill_grace``; the future ends cancelled at once. By
+    default ``cancel()`` keeps the standard meaning (a running task is not stopped).
+    ``await ex.run(fn, ...)`` stops its task whenever the awaiting coroutine is
+    cancelled.
     """
 
     def __init__(
@@ -89,6 +97,7 @@ class ProcessGroupExecutor(PoolFrontEnd):
         kill_grace: float = 1.0,
         max_memory: int | None = None,
         retries: int = 0,
+        cancel_running: bool = False,
     ) -> None:
         if os.name != "posix":
             raise OSError("ProcessGroupExecutor needs POSIX process groups (Linux, macOS)")
@@ -110,7 +119,7 @@ class ProcessGroupExecutor(PoolFrontEnd):
         kill_grace = _settings.check_grace(kill_grace)
         self._max_workers = max_workers
         self._mp_context = mp_context
-        self._settings = TaskSettings.checked(task_timeout, max_memory, retries)
+        self._settings = TaskSettings.checked(task_timeout, max_memory, retries, cancel_running)
         self._kill_grace = kill_grace
         init_payload = proto.dumps(
             {
@@ -139,6 +148,15 @@ class ProcessGroupExecutor(PoolFrontEnd):
         # not the manager thread, and the workers are the parent's (see _forked).
         self._owner_pid = os.getpid()
         self._generation = _exit.fork_generation()
+        manager = self._manager
+
+        def stop(fut: TaskFuture) -> None:
+            manager.post(KillTask(fut))
+
+        # cancel_running=True: a running future's cancel() stops its task (see
+        # _future); one hook for all futures, nothing built per submit. It must not
+        # reference self (the finalizer below).
+        self._stop_task = stop
         # If the executor is dropped without shutdown, finish its work and clean up,
         # as shutdown(wait=False) would. The finalizer must not reference self.
         weakref.finalize(self, self._manager.post, Shutdown(False))
@@ -175,7 +193,10 @@ class ProcessGroupExecutor(PoolFrontEnd):
                 self._failed_in_caller += 1
                 assert error is not None
                 return unpicklable_arguments(error)
-            fut = TaskFuture(self._manager.mailbox.note_cancel, self._manager.thread)
+            fut = TaskFuture(
+                self._manager.mailbox.note_cancel, self._manager.thread,
+                self._stop_task if settings.cancel_running else None,
+            )
             item = WorkItem(fut, payload, settings)
             if not self._manager.try_dispatch(item):
                 self._manager.post(item)
@@ -294,7 +315,8 @@ class ProcessGroupExecutor(PoolFrontEnd):
     def kill_task(self, future: Future[Any]) -> None:
         """Stop ``future``'s task for good, unlike ``future.cancel()``, which (as the
         standard library says) cannot stop a task that runs: if it runs, its worker's
-        whole group is killed (SIGTERM, SIGKILL after ``kill_grace``) and replaced; if
+        whole group is stopped (SIGINT, then SIGTERM and SIGKILL within ``kill_grace``)
+        and replaced; if
         it waits (queued, or in a worker's pipe), it is dropped. The future ends
         cancelled. Returns at once; a future of another executor, or one that already
         ended, is left alone. (Dask's cancel and Ray use this.)"""
