@@ -258,6 +258,52 @@ def test_cancel_of_a_queued_future_is_as_before():
 # ----------------------------------------------------------------- 2. nothing lost
 
 
+def _running_future(stops):
+    from pgexecutor._future import TaskFuture
+
+    fut = TaskFuture(stop=stops.append)
+    assert fut.set_running_or_notify_cancel()
+    return fut
+
+
+def test_taskfuture_cancel_of_running_decides_against_a_late_result():
+    """The future's own protocol: cancel() wins over a RUNNING future at once (the
+    pool asked to stop it once, callbacks once); the outcome arriving afterwards is
+    dropped quietly instead of raising InvalidStateError in the pool's thread."""
+    stops, calls = [], []
+    fut = _running_future(stops)
+    fut.add_done_callback(calls.append)
+    assert fut.cancel() is True
+    assert stops == [fut] and calls == [fut]
+    fut.set_result(42)  # lost the race: quiet
+    fut.set_exception(ValueError("late"))
+    assert fut.cancelled()
+    assert fut.cancel() is True
+    assert stops == [fut] and calls == [fut]
+
+
+def test_taskfuture_result_first_keeps_it():
+    stops, calls = [], []
+    fut = _running_future(stops)
+    fut.add_done_callback(calls.append)
+    fut.set_result(42)
+    assert fut.cancel() is False
+    assert fut.result(0) == 42 and stops == [] and calls == [fut]
+    from concurrent.futures import InvalidStateError
+
+    with pytest.raises(InvalidStateError):
+        fut.set_result(1)  # a second outcome is still a bug, cancelled or not
+
+
+def test_taskfuture_without_stop_hook_keeps_the_standard_meaning():
+    from pgexecutor._future import TaskFuture
+
+    fut = TaskFuture()
+    fut.set_running_or_notify_cancel()
+    assert fut.cancel() is False
+    assert fut.running()
+
+
 def test_many_cancels_race_finishing_tasks():
     """300 tiny tasks while 4 threads cancel them at random: each future ends done,
     either cancelled or with its correct result, and each callback runs exactly once."""
