@@ -72,7 +72,7 @@ def hang_with_finally(path):
 
 def hang_with_child(path):
     """Starts a child that sleeps, reports both processes, hangs."""
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    child = subprocess.Popen(["sleep", "300"])
     _report(path, [os.getpid(), child.pid])
     time.sleep(300)
 
