@@ -102,6 +102,14 @@ def hang_item(path, i):
     return i
 
 
+def hang_once(path, i):
+    """Item 1 hangs the first time only (until its finally ran); reports whether the
+    stopped run happened before."""
+    if i == 1 and not os.path.exists(path + ".finally"):
+        hang_with_finally(path)
+    return i, os.path.exists(path + ".finally")
+
+
 # ----------------------------------------------------------------- helpers
 
 
@@ -463,3 +471,22 @@ def test_abandoned_map_without_cancel_running_lets_the_running_task_finish(tmp_p
         stats = ex.stats()
     assert stats["workers_killed"] == 0
     assert stats["completed"] == 2 and stats["cancelled"] == 2
+
+
+def test_abandoned_journaled_map_stops_running_tasks_they_run_next_time(tmp_path):
+    """A journaled map left early stops its running task (cancel_running=True); the
+    stopped task is not recorded as finished, so the next run of the map runs it."""
+    db = str(tmp_path / "sweep.db")
+    path = str(tmp_path / "j")
+    args = ([path] * 4, range(4))
+    with ProcessGroupExecutor(max_workers=2, cancel_running=True, kill_grace=2.0) as ex:
+        for first in ex.map(hang_once, *args, journal=db):
+            assert first == (0, False)
+            report = started(path)
+            break
+        assert wait_file(path + ".finally"), "the running item's finally never ran"
+        assert_tree_gone(report, 15)
+        again = list(ex.map(hang_once, *args, journal=db))
+    assert again[0] == (0, False)  # recorded the first time: not run again
+    assert again[1] == (1, True)  # stopped, not recorded: run again, after the stop
+    assert [i for i, _ in again] == [0, 1, 2, 3]
