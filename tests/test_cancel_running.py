@@ -469,8 +469,10 @@ def test_abandoned_map_without_cancel_running_lets_the_running_task_finish(tmp_p
             break
         ex.shutdown(wait=True)
         stats = ex.stats()
+    # "b" ran to its end: no worker was stopped. (Tasks written ahead into the
+    # worker's pipe are RUNNING too and finish, as in the standard library.)
     assert stats["workers_killed"] == 0
-    assert stats["completed"] == 2 and stats["cancelled"] == 2
+    assert stats["completed"] >= 2 and stats["completed"] + stats["cancelled"] == 4
 
 
 def test_abandoned_journaled_map_stops_running_tasks_they_run_next_time(tmp_path):
