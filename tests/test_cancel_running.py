@@ -110,6 +110,15 @@ def hang_once(path, i):
     return i, os.path.exists(path + ".finally")
 
 
+def chunk_item(path, i):
+    """Item 3 hangs; the items after it leave a mark if they ever start."""
+    if i == 3:
+        hang_with_finally(path)
+    if i > 3:
+        open(f"{path}.after{i}", "w").close()
+    return i
+
+
 # ----------------------------------------------------------------- helpers
 
 
@@ -492,3 +501,19 @@ def test_abandoned_journaled_map_stops_running_tasks_they_run_next_time(tmp_path
     assert again[0] == (0, False)  # recorded the first time: not run again
     assert again[1] == (1, True)  # stopped, not recorded: run again, after the stop
     assert [i for i, _ in again] == [0, 1, 2, 3]
+
+
+def test_stopped_chunk_starts_no_further_item(tmp_path):
+    """chunksize > 1: stopping a chunk stops it whole; the items after the one that
+    saw KeyboardInterrupt do not start (each item's errors are otherwise its own)."""
+    path = str(tmp_path / "c")
+    with ProcessGroupExecutor(max_workers=1, cancel_running=True, kill_grace=2.0) as ex:
+        it = ex.map(chunk_item, [path] * 6, range(6), chunksize=3)
+        assert [next(it), next(it), next(it)] == [0, 1, 2]
+        report = started(path)
+        del it
+        gc.collect()
+        assert wait_file(path + ".finally"), "the running item's finally never ran"
+        assert_tree_gone(report, 15)
+        assert ex.submit(square, 3).result(timeout=T) == 9
+    assert not [n for n in os.listdir(tmp_path) if ".after" in n]
