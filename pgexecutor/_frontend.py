@@ -125,8 +125,9 @@ class TaskSubmitter:
         max_memory: int | None = UNSET,
         stall_timeout: float | None = UNSET,
         heartbeat_timeout: float | None = UNSET,
+        cancel_running: bool = UNSET,
     ) -> ExecutorOptions:
-        """A light view whose ``submit``/``map`` use these settings per task.
+        """A light view whose ``submit``/``map``/``run`` use these settings per task.
 
         The executor's own defaults stay as they are::
 
@@ -135,8 +136,25 @@ class TaskSubmitter:
         """
         return ExecutorOptions(
             self,
-            self._settings.updated(task_timeout, max_memory, retries, stall_timeout, heartbeat_timeout),
+            self._settings.updated(
+                task_timeout, max_memory, retries, stall_timeout, heartbeat_timeout, cancel_running
+            ),
         )
+
+    async def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """``await ex.run(fn, *args, **kwargs)``: the result, or the task's exception.
+
+        Cancelling the awaiting coroutine (``asyncio.wait_for``'s timeout, a
+        ``TaskGroup`` sibling failing, Ctrl-C under ``asyncio.run``, a client gone)
+        stops the task and its whole process tree, whatever ``cancel_running`` says:
+        nobody can ever read its result, so it must not hold a CPU, memory or children.
+        (asyncio's ``wrap_future`` cancels the source future when the awaiting side is
+        cancelled; ``cancel_running=True`` makes that cancel stop a running task.)
+        """
+        import asyncio
+
+        fut = self._submit(fn, args, kwargs, self._settings.updated(cancel_running=True))
+        return await asyncio.wrap_future(fut)
 
 
 class PoolFrontEnd(TaskSubmitter, Executor):
@@ -204,6 +222,10 @@ class ExecutorOptions(TaskSubmitter):
     @property
     def heartbeat_timeout(self) -> float | None:
         return self._settings.heartbeat
+
+    @property
+    def cancel_running(self) -> bool:
+        return self._settings.cancel_running
 
 
 def journal_map(*args: Any) -> Iterator[Any]:

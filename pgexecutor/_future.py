@@ -15,6 +15,14 @@ pool needs and the base class cannot give through its public protocol:
   invariants: the state changes under ``_condition``, every waiter of ``wait()`` /
   ``as_completed()`` is told (``add_cancelled``), callbacks run once. Touching those
   fields is this subclass's business alone; no other module does.
+* **cancel() may stop a running task** (``cancel_running=True``): the future is given
+  a ``stop`` hook. ``cancel()`` then ends a RUNNING future cancelled itself, under
+  ``_condition``, so it decides atomically against the task's outcome arriving: if
+  the outcome came first, ``cancel()`` returns False and the result stays; if the
+  cancel came first, the late outcome is dropped (``set_result`` / ``set_exception``
+  on a future cancelled that way return quietly instead of raising
+  ``InvalidStateError`` in the pool's thread). Then ``stop`` asks the pool to stop
+  the task (it posts a command: quick, safe from any thread, callbacks included).
 """
 
 from __future__ import annotations
@@ -34,9 +42,12 @@ class TaskFuture(Future[Any]):
         self,
         on_cancel: Callable[[], None] | None = None,
         resolver: threading.Thread | None = None,
+        stop: Callable[[TaskFuture], None] | None = None,
     ) -> None:
         super().__init__()
         self._on_cancel = on_cancel
+        # cancel_running=True: how cancel() has the pool stop this task once it runs
+        self._stop = stop
         # The thread that resolves it (the manager's): done-callbacks run there, and a
         # wait for an unfinished future from there could never end. Compared by
         # ident: result() is on every caller's hot path.
@@ -81,18 +92,35 @@ class TaskFuture(Future[Any]):
         return raw
 
     def cancel(self) -> bool:
-        """``Future.cancel()``; if it took effect, tell the pool (it may be asleep)."""
+        """``Future.cancel()``; if it took effect, tell the pool (it may be asleep).
+
+        With a ``stop`` hook (``cancel_running=True``) a RUNNING future is cancelled
+        too and its task stopped. Tried again after ``Future.cancel()`` refused: the
+        pool may have handed the task over between the two looks (states only move
+        forward, so twice is enough).
+        """
+        stop = self._stop
+        if stop is not None and self._end_if_running():
+            self._stopped(stop)
+            return True
         cancelled = super().cancel()
-        if cancelled and self._on_cancel is not None:
-            self._on_cancel()
+        if cancelled:
+            if self._on_cancel is not None:
+                self._on_cancel()
+        elif stop is not None and self._end_if_running():
+            self._stopped(stop)
+            return True
         return cancelled
 
-    def cancel_running(self) -> bool:
-        """End a RUNNING future as cancelled; False if it is not running.
+    def _stopped(self, stop: Callable[[TaskFuture], None]) -> None:
+        """This RUNNING future was just cancelled by its user: have the pool stop the
+        task first (quick), then run the callbacks (user code, maybe slow)."""
+        stop(self)
+        self._invoke_callbacks()  # type: ignore[attr-defined]  # Future's own, not typeshed's
 
-        For the pool only: the task is known to be stopped (its group was killed, or
-        it never left a worker's pipe) before this is called.
-        """
+    def _end_if_running(self) -> bool:
+        """RUNNING -> cancelled, waiters told, under ``_condition``; callbacks not yet
+        run (the caller runs them once). False if it was not RUNNING."""
         with self._condition:
             if self._state != RUNNING:
                 return False
@@ -100,8 +128,35 @@ class TaskFuture(Future[Any]):
             for waiter in self._waiters:
                 waiter.add_cancelled(self)
             self._condition.notify_all()
+        return True
+
+    def cancel_running(self) -> bool:
+        """End a RUNNING future as cancelled; False if it is not running.
+
+        For the pool only: the task is known to be stopped (its group was killed, or
+        it never left a worker's pipe) before this is called.
+        """
+        if not self._end_if_running():
+            return False
         self._invoke_callbacks()  # type: ignore[attr-defined]  # Future's own, not typeshed's
         return True
+
+    def set_result(self, result: Any) -> None:
+        """``Future.set_result``; quiet if its user cancelled it while it ran (the
+        outcome lost that race: see the module docstring)."""
+        try:
+            super().set_result(result)
+        except InvalidStateError:
+            if not self.cancelled():
+                raise
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        """``Future.set_exception``; quiet if cancelled while it ran (as set_result)."""
+        try:
+            super().set_exception(exception)
+        except InvalidStateError:
+            if not self.cancelled():
+                raise
 
 
 def end_cancelled(fut: Future[Any], running: bool) -> bool:

@@ -407,8 +407,11 @@ class Manager:
         self.queue = keep
 
     def _kill_task(self, future: Future[Any]) -> None:
-        """Stop ``future``'s task for good (integrations such as Dask): kill the
-        worker running it, or drop it from the queue or from a worker's pipe."""
+        """Stop ``future``'s task for good (a running future's cancel() with
+        cancel_running, ``run()``'s cancellation, integrations such as Dask): stop the
+        worker running it (SIGINT first, so its finally blocks run), or drop it from
+        the queue or from a worker's pipe. The future may be cancelled already (its
+        user's cancel() did it); then this only stops the task."""
         now = time.monotonic()
         for w in list(self.workers.values()):
             if w.state not in SERVING or not any(i.future is future for i in w.inflight):
@@ -417,7 +420,11 @@ class Manager:
             head = w.head()
             if head is not None and head.future is future:
                 w.inflight.popleft()
-                self._kill(w, "its task was cancelled", hard=False, now=now)
+                # The worker lives on through the SIGINT for a moment: take back the
+                # permits of the tasks behind it first, so it cannot start one of
+                # them while the queue runs them elsewhere (it skips them).
+                self.queue.extendleft(w.take_back(everything=True))
+                self._kill(w, "its task was cancelled", hard=False, now=now, interrupt=True)
                 self.ledger.fail(head, CancelledError(), "cancelled", now)
                 return
             self._revoke(w, everything=True)  # waiting in the pipe: take it back
@@ -717,8 +724,8 @@ class Manager:
             self._revoke(w)
         t = w.escalate_at()
         if t is not None and now >= t:
-            logger.info("worker pid=%d ignored SIGTERM for %gs; sending SIGKILL", w.pid, self.cfg.kill_grace)
-            w.escalate()
+            sent = w.escalate()
+            logger.info("worker pid=%d outlived its kill grace stage; sent %s", w.pid, sent)
         t = w.check_at()
         if t is not None and now >= t and not w.group_lingers(now):
             self._reap(w)
@@ -782,10 +789,14 @@ class Manager:
             self.queue.appendleft(item)
         self.scheduler.pause_spawning(time.monotonic())
 
-    def _kill(self, w: WorkerHandle, reason: str, *, hard: bool, now: float, count: bool = True) -> None:
+    def _kill(
+        self, w: WorkerHandle, reason: str, *, hard: bool, now: float, count: bool = True,
+        interrupt: bool = False,
+    ) -> None:
         """Signal a live worker's group; its leader's death finishes the job. What
         waited in its pipe goes back to the queue. ``count``: a kill to report in
-        the stats (not a worker stopped as not needed)."""
+        the stats (not a worker stopped as not needed); ``interrupt``: SIGINT first
+        (see WorkerHandle.signal)."""
         if w.state not in SERVING:
             return
         w.reason = reason
@@ -796,7 +807,7 @@ class Manager:
         if w.want_write:
             w.want_write = False
             self._unregister(w.proc.to_worker)
-        w.signal(hard, now, self.cfg.kill_grace)
+        w.signal(hard, now, self.cfg.kill_grace, interrupt)
         self._publish_pids()
 
     def _on_exit(self, w: WorkerHandle) -> None:

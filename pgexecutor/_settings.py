@@ -139,6 +139,13 @@ def check_memory(value: Any) -> int | None:
     return number
 
 
+def check_flag(value: Any, name: str) -> bool:
+    """A yes/no setting: a bool only (``1`` or ``"yes"`` is a mistake, not a setting)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {type(value).__name__} {value!r}")
+    return value
+
+
 def check_retries(value: Any) -> int:
     number = integer(value, "retries", "a whole number >= 0")
     if number < 0:
@@ -151,8 +158,10 @@ class TaskSettings:
     """What applies to one task: its time limit (seconds, learned, or None), the memory its
     worker's group may use (bytes, or None), how often it is run again after its
     worker was lost under it (timeout, crash, memory), and how long it may go without
-    progress (CPU or I/O) or between heartbeats (seconds, or None). Build it with
-    :meth:`checked`; the fields are then known to be valid."""
+    progress (CPU or I/O) or between heartbeats (seconds, or None); ``cancel_running``:
+    whether ``future.cancel()`` stops the task once it runs (the standard library's
+    cancel only reaches queued ones). Build it with :meth:`checked`; the fields are
+    then known to be valid."""
 
     timeout: float | None = None
     max_memory: int | None = None
@@ -163,6 +172,8 @@ class TaskSettings:
     stall: float | None = None
     #: seconds between heartbeat() calls, once the task made one (``heartbeat_timeout``)
     heartbeat: float | None = None
+    #: ``future.cancel()`` stops the task once it runs (``cancel_running``)
+    cancel_running: bool = False
     #: Keep the worker's bytes of the outcome on the future (``TaskFuture.raw_outcome``):
     #: a journaled map stores them. Off elsewhere: a held future would keep its result
     #: twice.
@@ -186,12 +197,14 @@ class TaskSettings:
         retries: Any = 0,
         stall_timeout: Any = None,
         heartbeat_timeout: Any = None,
+        cancel_running: Any = False,
     ) -> TaskSettings:
         timeout, auto = check_task_timeout(task_timeout)
         return cls(
             timeout, check_memory(max_memory), check_retries(retries), auto,
             check_timeout(stall_timeout, "stall_timeout"),
             check_timeout(heartbeat_timeout, "heartbeat_timeout"),
+            check_flag(cancel_running, "cancel_running"),
         )
 
     @property
@@ -206,6 +219,7 @@ class TaskSettings:
         retries: Any = UNSET,
         stall_timeout: Any = UNSET,
         heartbeat_timeout: Any = UNSET,
+        cancel_running: Any = UNSET,
     ) -> TaskSettings:
         """These settings with the ones given replaced (each checked); UNSET keeps."""
         timeout, auto = (
@@ -219,4 +233,7 @@ class TaskSettings:
             self.stall if stall_timeout is UNSET else check_timeout(stall_timeout, "stall_timeout"),
             self.heartbeat if heartbeat_timeout is UNSET
             else check_timeout(heartbeat_timeout, "heartbeat_timeout"),
+            self.cancel_running if cancel_running is UNSET
+            else check_flag(cancel_running, "cancel_running"),
+            self.keep_raw,
         )

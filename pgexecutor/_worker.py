@@ -39,6 +39,22 @@ if TYPE_CHECKING:  # ``typing`` costs a worker start milliseconds; annotations o
 DUMP_SIGNAL = _signal.SIGUSR2
 _monotonic = _time.monotonic
 
+# SIGINT reaches a worker's group only from the pool (no terminal's Ctrl-C does: the
+# worker leads a group of its own), when it stops a cancelled task. The task sees
+# KeyboardInterrupt so its finally blocks run; then the worker exits instead of
+# taking its next task (which the pool runs elsewhere). Outside a task the worker
+# just exits: a KeyboardInterrupt in its own loop would print a traceback.
+_in_task = False
+_interrupted = False
+
+
+def _on_interrupt(signum: int, frame: Any) -> None:
+    global _interrupted
+    _interrupted = True
+    if _in_task:
+        raise KeyboardInterrupt
+    _exit_cleanly(0)
+
 
 def main() -> None:
     """Entry point of a fresh-interpreter worker (pipes at fds 3, 4, 5 and 7; socket at 6)."""
@@ -336,20 +352,29 @@ def _serve(
         _heartbeat.receive(chan.shm_sock)  # sent before INIT: it is there by now
     chan.send(proto.READY, os.getpid())
 
+    global _in_task
+    _signal.signal(_signal.SIGINT, _on_interrupt)
     held = -1  # a permit taken that belongs to a later task (see _claim)
-    while True:
-        msg = chan.next_frame()
-        if msg is None or msg[0] == proto.EXIT:
-            break
-        kind, task_id, payload = msg
-        del msg
-        if kind != proto.TASK and kind != proto.TASK_OOB:
-            continue
-        held = _claim(permit_fd, task_id, held)
-        if held == task_id:
-            held = -1
-            _run_one(chan, task_id, payload, kind == proto.TASK_OOB)
-        del payload
+    try:
+        while not _interrupted:
+            msg = chan.next_frame()
+            if msg is None or msg[0] == proto.EXIT:
+                break
+            kind, task_id, payload = msg
+            del msg
+            if kind != proto.TASK and kind != proto.TASK_OOB:
+                continue
+            held = _claim(permit_fd, task_id, held)
+            if held == task_id:
+                held = -1
+                _in_task = True
+                _run_one(chan, task_id, payload, kind == proto.TASK_OOB)
+                _in_task = False
+            del payload
+    except KeyboardInterrupt:
+        if not _interrupted:
+            raise
+        # the pool's SIGINT outside the task's own code (sending its outcome, say)
     _exit_cleanly(0)
 
 
@@ -459,6 +484,8 @@ def run_chunk(
         try:
             values.append(fn(*args))
         except BaseException as exc:
+            if _interrupted:
+                raise  # the pool stops this chunk: no further item may start
             if errors is None:
                 errors = {}
             errors[len(values)] = proto.dump_exception(exc)

@@ -8,8 +8,10 @@ Lifecycle::
                       (timeout, memory, cancel, terminate: group signalled)
 
 STARTING: spawned, INIT written; tasks may be handed to it already (they begin once
-the initializer ran); its one timer is ``initializer_timeout``, from INIT_BEGUN on. RETIRING: EXIT is queued behind its tasks (max_tasks_per_child
-or shutdown). KILLING: its group got SIGTERM+SIGCONT (SIGKILL at ``kill_deadline``).
+the initializer ran); its one timer is ``initializer_timeout``, from INIT_BEGUN on.
+RETIRING: EXIT is queued behind its tasks (max_tasks_per_child or shutdown). KILLING:
+its group got SIGTERM+SIGCONT (SIGKILL at ``kill_deadline``), or, for a cancelled
+task, SIGINT first (SIGTERM at ``term_at``).
 DEAD: the leader exited but is not reaped, so its pgid stays reserved and the group can
 still be signalled safely; it is reaped once the group is empty or ``reap_deadline``
 passed. Each state's timers are defined once, below (``*_at`` methods), and
@@ -85,6 +87,7 @@ class WorkerHandle:
         "term_sent",
         "kill_sent",
         "kill_deadline",
+        "term_at",
         "reap_deadline",
         "next_check",
         "init_deadline",
@@ -117,6 +120,7 @@ class WorkerHandle:
         self.term_sent = False
         self.kill_sent = False
         self.kill_deadline: float | None = None  # KILLING: SIGKILL is due then
+        self.term_at = 0.0  # KILLING after SIGINT: SIGTERM is due then
         self.reap_deadline: float | None = None  # DEAD: reap then, members or not
         self.next_check = 0.0  # DEAD: next look at the group's members
         self.init_deadline: float | None = None  # STARTING: its initializer must end by then
@@ -176,8 +180,11 @@ class WorkerHandle:
             self.init_deadline = now + timeout
 
     def escalate_at(self) -> float | None:
-        if self.state is State.KILLING and not self.kill_sent:
-            return self.kill_deadline
+        if self.state is State.KILLING:
+            if not self.term_sent:
+                return self.term_at
+            if not self.kill_sent:
+                return self.kill_deadline
         return None
 
     def check_at(self) -> float | None:
@@ -328,8 +335,14 @@ class WorkerHandle:
 
     # ------------------------------------------------------------ the group
 
-    def signal(self, hard: bool, now: float, grace: float) -> None:
-        """SIGTERM (or SIGKILL) + SIGCONT the live worker's group: KILLING."""
+    def signal(self, hard: bool, now: float, grace: float, interrupt: bool = False) -> None:
+        """SIGTERM (or SIGKILL) + SIGCONT the live worker's group: KILLING.
+
+        ``interrupt`` (a cancelled task): SIGINT first, so the task sees
+        KeyboardInterrupt and its ``finally`` blocks and context managers run; SIGTERM
+        follows at half the grace, SIGKILL at its end, as ever. (No terminal's Ctrl-C
+        reaches a worker's group: a SIGINT there comes from us alone.)
+        """
         self.state = State.KILLING
         self.out.clear()
         self.permits.clear()
@@ -338,6 +351,13 @@ class WorkerHandle:
             _process.signal_group(self.pid, signal.SIGKILL)
             self.kill_sent = True
             self.kill_deadline = now
+        elif interrupt and grace > 0:
+            _process.signal_group(self.pid, signal.SIGINT)
+            self.kill_deadline = now + grace
+            self.term_at = now + grace / 2
+            # SIGCONT: a stopped process would otherwise never act on it.
+            _process.signal_group(self.pid, signal.SIGCONT)
+            return  # term_sent stays False: escalate() sends SIGTERM next
         else:
             _process.signal_group(self.pid, signal.SIGTERM)
             self.kill_deadline = now + grace
@@ -345,10 +365,17 @@ class WorkerHandle:
         _process.signal_group(self.pid, signal.SIGCONT)
         self.term_sent = True
 
-    def escalate(self) -> None:
-        """The grace period is over and the leader still lives: SIGKILL the group."""
+    def escalate(self) -> str:
+        """A stage of the kill is due and the leader still lives: after SIGINT, SIGTERM
+        (+SIGCONT); after SIGTERM, SIGKILL. Returns the signal's name (for the log)."""
+        if not self.term_sent:
+            _process.signal_group(self.pid, signal.SIGTERM)
+            _process.signal_group(self.pid, signal.SIGCONT)
+            self.term_sent = True
+            return "SIGTERM"
         _process.signal_group(self.pid, signal.SIGKILL)
         self.kill_sent = True
+        return "SIGKILL"
 
     def mark_dead(self, now: float, grace: float) -> None:
         """The leader exited (not reaped: the pgid stays reserved). Whatever the task

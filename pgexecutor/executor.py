@@ -106,6 +106,13 @@ class ProcessGroupExecutor(PoolFrontEnd):
     worker begins it (its unpickling, hence its module's import, included). One that
     runs longer has its worker's group killed, and the tasks waiting for it fail with
     :class:`WorkerInitializerError`, as when the initializer raises.
+    ``cancel_running=True`` (or ``options(cancel_running=True)``) makes
+    ``future.cancel()`` stop a task that already runs: its worker's group gets
+    SIGINT (the task sees KeyboardInterrupt; its ``finally`` blocks run), then
+    SIGTERM and SIGKILL within ``kill_grace``; the future ends cancelled at once. By
+    default ``cancel()`` keeps the standard meaning (a running task is not stopped).
+    ``await ex.run(fn, ...)`` stops its task whenever the awaiting coroutine is
+    cancelled.
     """
 
     def __init__(
@@ -124,6 +131,7 @@ class ProcessGroupExecutor(PoolFrontEnd):
         stall_timeout: float | None = None,
         heartbeat_timeout: float | None = None,
         native_stacks: bool = False,
+        cancel_running: bool = False,
     ) -> None:
         if os.name != "posix":
             raise OSError("ProcessGroupExecutor needs POSIX process groups (Linux, macOS)")
@@ -147,7 +155,7 @@ class ProcessGroupExecutor(PoolFrontEnd):
         self._max_workers = max_workers
         self._mp_context = mp_context
         self._settings = TaskSettings.checked(
-            task_timeout, max_memory, retries, stall_timeout, heartbeat_timeout
+            task_timeout, max_memory, retries, stall_timeout, heartbeat_timeout, cancel_running
         )
         init_timeout = _settings.check_initializer_timeout(initializer_timeout, self._settings.timeout)
         self._kill_grace = kill_grace
@@ -180,6 +188,15 @@ class ProcessGroupExecutor(PoolFrontEnd):
         # not the manager thread, and the workers are the parent's (see _forked).
         self._owner_pid = os.getpid()
         self._generation = _exit.fork_generation()
+        manager = self._manager
+
+        def stop(fut: TaskFuture) -> None:
+            manager.post(KillTask(fut))
+
+        # cancel_running=True: a running future's cancel() stops its task (see
+        # _future); one hook for all futures, nothing built per submit. It must not
+        # reference self (the finalizer below).
+        self._stop_task = stop
         # If the executor is dropped without shutdown, finish its work and clean up,
         # as shutdown(wait=False) would. The finalizer must not reference self.
         weakref.finalize(self, self._manager.post, Shutdown(False))
@@ -216,7 +233,10 @@ class ProcessGroupExecutor(PoolFrontEnd):
                 self._failed_in_caller += 1
                 assert error is not None
                 return unpicklable_arguments(error)
-            fut = TaskFuture(self._manager.mailbox.note_cancel, self._manager.thread)
+            fut = TaskFuture(
+                self._manager.mailbox.note_cancel, self._manager.thread,
+                self._stop_task if settings.cancel_running else None,
+            )
             if settings.auto is None:
                 item = WorkItem(fut, payload, settings)
             else:  # a learned limit: learned per task function
@@ -338,7 +358,8 @@ class ProcessGroupExecutor(PoolFrontEnd):
     def kill_task(self, future: Future[Any]) -> None:
         """Stop ``future``'s task for good, unlike ``future.cancel()``, which (as the
         standard library says) cannot stop a task that runs: if it runs, its worker's
-        whole group is killed (SIGTERM, SIGKILL after ``kill_grace``) and replaced; if
+        whole group is stopped (SIGINT, then SIGTERM and SIGKILL within ``kill_grace``)
+        and replaced; if
         it waits (queued, or in a worker's pipe), it is dropped. The future ends
         cancelled. Returns at once; a future of another executor, or one that already
         ended, is left alone. (Dask's cancel and Ray use this.)"""

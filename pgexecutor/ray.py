@@ -61,7 +61,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import Any
 
 import ray
@@ -78,6 +78,7 @@ __all__ = ["RayExecutor"]
 logger = logging.getLogger("pgexecutor")
 
 _POLL = 0.05  # seconds: how soon the manager sees a new submit while tasks run
+_CANCEL_POLL = 0.1  # how soon a running Ray task notices a plain ray.cancel()
 _GIVE_UP_AFTER_CANCEL = 60.0  # a force-cancelled task that never answers: fail it anyway
 
 ENABLE_HINT = (
@@ -107,6 +108,11 @@ def _run_task(
             time.sleep(0.002)
         node = ray.get_runtime_context().get_node_id()
         yield ("started", os.getpid(), node, host.worker_pids())
+        # Short waits, not one long one: a plain ray.cancel() raises KeyboardInterrupt
+        # here through _thread.interrupt_main(), which sets a flag the interpreter
+        # checks between bytecodes but cannot wake a lock acquire that blocks for good.
+        while not fut.done():
+            wait([fut], timeout=_CANCEL_POLL)
         try:
             value = fut.result()
         except BaseException as exc:  # the call's own error, or a pgexecutor one
@@ -147,7 +153,8 @@ class _Item:
         self.task_pids: list[int] = []
         self.backstop: float | None = None
         self.cancelled_at: float | None = None
-        self.reason: str | None = None  # why *we* force-cancelled it: "timeout" or "terminate"
+        # why *we* cancelled it: "timeout" or "terminate" (forced), "cancel" (its user's)
+        self.reason: str | None = None
 
 
 class RayExecutor(PoolFrontEnd):
@@ -168,8 +175,11 @@ class RayExecutor(PoolFrontEnd):
     died.
 
     ``future.cancel()`` works while a task waits in this executor's queue (at most
-    ``max_workers`` are handed to Ray); ``terminate_workers()`` also stops the running
-    ones (WorkerCrashedError), killing their groups.
+    ``max_workers`` are handed to Ray); with ``cancel_running=True`` (or
+    ``options(cancel_running=True)``) it also stops a running task and its process
+    tree on its node, as ProcessGroupExecutor's does; ``await ex.run(fn, ...)`` stops
+    its task whenever the awaiting coroutine is cancelled. ``terminate_workers()``
+    also stops the running ones (WorkerCrashedError), killing their groups.
 
     The errors' ``pid`` is the task process's, except for the errors the driver
     raises itself (a lost Ray worker, the backstop below): there it is the Ray worker's.
@@ -188,6 +198,7 @@ class RayExecutor(PoolFrontEnd):
         kill_grace: float = 1.0,
         max_memory: int | None = None,
         retries: int = 0,
+        cancel_running: bool = False,
         remote_args: dict[str, Any] | None = None,
         address: str | None = None,
         init_kwargs: dict[str, Any] | None = None,
@@ -195,7 +206,9 @@ class RayExecutor(PoolFrontEnd):
         backstop_margin: float = 30.0,
     ) -> None:
         kill_grace = check_grace(kill_grace)
-        self._settings = TaskSettings.checked(task_timeout, max_memory, retries)
+        self._settings = TaskSettings.checked(
+            task_timeout, max_memory, retries, cancel_running=cancel_running
+        )
         self._kill_grace = kill_grace
         self._backstop_margin = float(backstop_margin)
         self._owns_ray = False
@@ -267,7 +280,10 @@ class RayExecutor(PoolFrontEnd):
             except BaseException as exc:
                 return unpicklable_arguments(exc)
             # A cancel() wakes the manager, which tells the waiters (see _launch).
-            fut: Future[Any] = TaskFuture(self._note_cancel, self._thread)
+            fut: Future[Any] = TaskFuture(
+                self._note_cancel, self._thread,
+                self._stop_task if settings.cancel_running else None,
+            )
             _post(
                 self._inbox, self._wake,
                 _Item(fut, payload, settings),
@@ -345,6 +361,8 @@ class RayExecutor(PoolFrontEnd):
                 self._stopping = True
                 if msg[1]:
                     self._cancel_queue(running_too=False)
+            elif msg[0] == "stop":
+                self._stop(msg[1])
             elif msg[0] == "terminate":
                 self._stopping = True
                 self._cancel_queue(running_too=True)
@@ -366,6 +384,27 @@ class RayExecutor(PoolFrontEnd):
             else:
                 end_cancelled(item.future, running=item.gen is not None)
         self._queue = keep
+
+    def _stop_task(self, fut: TaskFuture) -> None:
+        """A running future's cancel() with cancel_running (any thread): stop its task."""
+        _post(self._inbox, self._wake, ("stop", fut))
+
+    def _stop(self, fut: Future[Any]) -> None:
+        """Stop ``fut``'s task: a plain ``ray.cancel`` raises KeyboardInterrupt in the
+        Ray task, which has its host stop the task's process group (SIGINT first, see
+        ``_run_task``); a retry waiting in the queue is dropped."""
+        for item in self._running.values():
+            if item.future is fut:
+                if item.cancelled_at is None:
+                    item.reason = "cancel"
+                    item.cancelled_at = time.monotonic()
+                    ray.cancel(item.gen, force=False)
+                return
+        for item in self._queue:
+            if item.future is fut:
+                self._queue.remove(item)
+                end_cancelled(fut, running=item.gen is not None)
+                return
 
     def _note_cancel(self) -> None:
         """A queued future was cancelled (any thread): sweep the queue soon."""
@@ -436,6 +475,10 @@ class RayExecutor(PoolFrontEnd):
             return
         if item.reason == "terminate":
             self._finish(item, exc=WorkerCrashedError(item.pid, None, "terminated by terminate_workers()"))
+            return
+        if item.reason == "cancel":  # its user cancelled it: the future says so already
+            self._running.pop(id(item.gen), None)
+            end_cancelled(item.future, running=True)
             return
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         reason = f"the Ray worker was lost ({type(err).__name__}: {first})"

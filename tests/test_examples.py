@@ -253,3 +253,23 @@ def test_scaling_out_example_runs_and_leaves_nothing(
             assert not (same and proc.status() != psutil.STATUS_ZOMBIE), f"pid {pid} survived"
         except psutil.NoSuchProcess:
             pass
+
+
+# ------------------------------------------------------------------ asyncio_service
+
+
+@pytest.mark.timeout(120)
+def test_asyncio_service_stops_jobs_past_their_deadline_or_whose_client_left(
+    tmp_path: Any,
+) -> None:
+    s = run_example(tmp_path, "asyncio_service", limit=90)
+    assert s["_returncode"] == 0, s["_stdout"]
+    assert s["answers"] == {"fast": "worked 0.2s", "slow": "deadline exceeded", "gone": "hung up"}
+    # Checked here too: every process of the stopped jobs (worker and child) is gone.
+    for name in ("slow", "gone"):
+        procs = s["procs"][name]
+        assert len(procs) == 2
+        still = [pid for pid, ctime in procs if alive(pid, ctime)]
+        assert not still, f"{name}: processes of the stopped job survived: {still}"
+    assert s["stats"]["cancelled"] == 2 and s["stats"]["completed"] == 1
+    assert_worker_groups_empty(s["worker_pgids"])

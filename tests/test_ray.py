@@ -197,6 +197,45 @@ def test_cancelled_futures_reach_wait_at_once(tmp_path, how):
     assert_tree_gone(report)
 
 
+def test_cancel_running_stops_a_running_task_and_its_tree(tmp_path):
+    """cancel_running=True: cancel() of a running task returns True, the future is
+    cancelled at once, and the task's tree on its node is stopped."""
+    from concurrent.futures import CancelledError
+
+    ex = RayExecutor(max_workers=1, kill_grace=0.5, cancel_running=True)
+    try:
+        path = str(tmp_path / "tree.json")
+        fut = ex.submit(tasks.spawn_tree_and_hang, path)
+        report = read_report(path)
+        assert fut.cancel() is True
+        assert fut.cancelled()
+        with pytest.raises(CancelledError):
+            fut.result(timeout=0)
+        assert_tree_gone(report)
+        assert ex.submit(tasks.add, 2, 3).result(timeout=60) == 5
+    finally:
+        ex.terminate_workers()
+
+
+def test_run_returns_and_its_cancellation_stops_the_tree(ex, tmp_path):
+    import asyncio
+
+    path = str(tmp_path / "tree.json")
+
+    async def main():
+        assert await ex.run(tasks.add, 1, 2) == 3
+        job = asyncio.ensure_future(ex.run(tasks.spawn_tree_and_hang, path))
+        while not os.path.exists(path):  # it runs (Ray may take a while to start it)
+            await asyncio.sleep(0.05)
+        job.cancel()  # as wait_for's timeout or a client gone would
+        with pytest.raises(asyncio.CancelledError):
+            await job
+
+    asyncio.run(main())
+    assert_tree_gone(read_report(path))
+    assert ex.submit(tasks.add, 1, 1).result(timeout=60) == 2
+
+
 def test_hung_task_times_out_and_its_tree_is_gone(ex, tmp_path):
     path = str(tmp_path / "tree.json")
     t0 = time.monotonic()
