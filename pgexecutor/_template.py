@@ -352,12 +352,23 @@ class Template:
         except (PreloadError, TemplateGone):
             raise
         except OSError as exc:
-            self.close()
+            self._lost(str(exc))
             raise TemplateGone(0, f"the template died ({exc})") from exc
         if len(reply) != size:
-            self.close()
+            self._lost("end of file")
             raise TemplateGone(0, "the template died")
         return reply
+
+    def _lost(self, why: str) -> None:
+        """The template died under a request: say so, reap it; the next fork starts
+        a new one. Its live workers go on (they are orphans now: see _process)."""
+        import logging
+
+        logging.getLogger("pgexecutor").warning(
+            "the worker template (pid %s) died (%s); the next worker comes from a new one",
+            self.pid, why,
+        )
+        self.close()
 
     def fork(self, fds: list[int]) -> int:
         """Fork a worker that gets ``fds`` at 3, 4, ...; its pid. Raises OSError."""
@@ -366,17 +377,10 @@ class Template:
                 fresh = self._ensure()
                 try:
                     (pid,) = _PID.unpack(self._request(b"F", 0, fds, _PID.size))
-                except TemplateGone as exc:
+                except TemplateGone:
                     if fresh or attempt:
                         raise
-                    import logging
-
-                    logging.getLogger("pgexecutor").warning(
-                        "the worker template (pid %s) died (%s); starting a new one",
-                        self.pid, exc,
-                    )
-                    self.close()
-                    continue
+                    continue  # it died since the last request (logged): a new one
                 if pid < 0:
                     raise OSError(-pid, os.strerror(-pid))
                 return pid
