@@ -11,6 +11,12 @@ IMPORTED_IN = os.getpid()
 STATE: list[int] = []
 
 random.seed(1234)  # every fork would draw the same numbers without a reseed
+try:
+    import numpy
+
+    numpy.random.seed(1234)  # the same for numpy's global generator
+except ImportError:
+    numpy = None
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGHUP})

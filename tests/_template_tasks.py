@@ -27,6 +27,14 @@ def signal_state() -> dict:
     }
 
 
+def draw_numpy() -> float | None:
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return float(numpy.random.random())
+
+
 def draw() -> float:
     return random.random()
 

@@ -105,6 +105,9 @@ def test_signals_are_reset_and_random_reseeded_in_each_worker():
         assert state["term_default"] and state["usr1_default"] and state["int_python"]
         draws = {ex.submit(tasks.draw).result() for _ in range(4)}
         assert len(draws) == 4  # four workers, four different streams
+        np_draws = {ex.submit(tasks.draw_numpy).result() for _ in range(4)}
+        if np_draws != {None}:  # numpy's global generator too (reseeded by us)
+            assert len(np_draws) == 4
 
 
 def test_dead_worker_stays_a_zombie_until_the_parent_says_reap():
