@@ -474,6 +474,9 @@ def _spawn_from_template(start: TemplateStart, dump: tuple[int, int], python: st
     """
     if not start.usable():
         return _spawn_fresh(python, dump)
+    template = start.ready_template(python)
+    if template is None:
+        return _spawn_fresh(python, dump)
     opened: list[int] = []
     channel = channel_child = None
     try:
@@ -487,7 +490,6 @@ def _spawn_from_template(start: TemplateStart, dump: tuple[int, int], python: st
         child_ends = [task_r, res_w, dump[1], permits_r]
         if channel_child is not None:
             child_ends.append(channel_child.fileno())
-        template = start.template_for(python)
         pid = template.fork(child_ends)
     except BaseException:
         _close_all(opened, (channel, channel_child))

@@ -315,6 +315,20 @@ class Template:
         self.close()
         raise TemplateGone(0, "the template exited before it was ready")
 
+    def ready_now(self) -> bool:
+        """Has the template said it is ready (without waiting)? Raises OSError if it
+        said it cannot be (a preload failed) or died."""
+        if self.ready:
+            return True
+        import select
+
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        if not poller.poll(0):
+            return False
+        self._await_ready()
+        return True
+
     ready = False
     generation = 0  # templates started so far (the log names a restart)
 
@@ -399,10 +413,18 @@ class Template:
         """Close the control socket (the template exits at EOF) and reap it."""
         from . import _guardian, _process
 
-        sock, pid = self.sock, self.pid
+        sock, pid, ready = self.sock, self.pid, self.ready
         self.sock = None
         self.pid = None
         self.ready = False
+        if pid is not None and not ready:
+            # Still importing (an executor that lived a few ms): it has forked no
+            # worker yet, and it is our unreaped child leading its own group, so
+            # killing that group is safe and spares shutdown the wait for its imports.
+            try:
+                os.killpg(pid, 9)
+            except OSError:
+                pass
         if sock is not None:
             _process.unmark_parent_only(sock.fileno())
             sock.close()
@@ -438,8 +460,12 @@ class TemplateStart:
     it at shutdown (``_process.close_start``).
     """
 
-    def __init__(self, preload: tuple[str, ...] = ()) -> None:
+    def __init__(self, preload: tuple[str, ...] = (), eager: bool = True) -> None:
         self.preload = preload
+        #: False (the default start, nothing to preload): workers start as fresh
+        #: interpreters until the template is ready, and for good if it cannot start.
+        self.eager = eager
+        self.broken = False
         self.template: Template | None = None
 
     @staticmethod
@@ -453,6 +479,37 @@ class TemplateStart:
         from . import _platform
 
         return bool(_platform.USE_PIDFD)
+
+    def ready_template(self, python: str) -> Template | None:
+        """The template to fork from, or None: start a fresh interpreter instead.
+
+        Eager (a preload, or ``mp_context="template"``): always the template, started
+        and waited for here. Otherwise a fresh worker is as good as a forked one
+        until the template is up, and starting one costs no more than waiting for
+        the template: start it, go on without it, use it once it said it is ready.
+        A template that cannot start (a broken interpreter, say) is given up for
+        good, with a warning: the pool runs on fresh interpreters.
+        """
+        if self.broken:
+            return None
+        template = self.template_for(python)
+        if self.eager:
+            return template
+        try:
+            if template.sock is None:
+                template.start()
+            if template.ready_now():
+                return template
+        except OSError as exc:
+            import logging
+
+            logging.getLogger("pgexecutor").warning(
+                "could not start the worker template (%s); workers start as fresh "
+                "interpreters", exc,
+            )
+            self.broken = True
+            template.close()
+        return None
 
     def template_for(self, python: str) -> Template:
         if self.template is None or self.template.python != python:

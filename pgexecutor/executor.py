@@ -83,12 +83,15 @@ class ProcessGroupExecutor(PoolFrontEnd):
     runs longer has its worker's group killed, and the tasks waiting for it fail with
     :class:`WorkerInitializerError`, as when the initializer raises.
 
-    ``mp_context="template"`` (implied by a non-empty ``preload``, a tuple of module
-    names) forks each worker from a template: a fresh single-threaded interpreter per
-    executor that imported the worker code and the ``preload`` modules once. A worker
-    then starts in milliseconds instead of an interpreter's start (plus, say, torch's
-    import). A preload module that fails to import fails the queued tasks with its
-    traceback. Linux only (pidfds); elsewhere each worker is a fresh interpreter.
+    By default (``mp_context=None``) workers are forked from a template: a fresh,
+    single-threaded interpreter per executor that imported the worker code and the
+    ``preload`` modules (a tuple of module names) once. A replacement worker then
+    starts in milliseconds instead of an interpreter's start (plus, say, torch's
+    import). Without ``preload`` the first workers start as fresh interpreters while
+    the template starts beside them; ``mp_context="template"`` (or a ``preload``)
+    waits for it instead. A preload module that fails to import fails the queued
+    tasks with its traceback. Linux only (pidfds); elsewhere, or if the template
+    cannot start, each worker is a fresh interpreter.
     """
 
     def __init__(
@@ -122,8 +125,8 @@ class ProcessGroupExecutor(PoolFrontEnd):
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         preload = _settings.check_preload(preload)
-        if mp_context == "template" or (mp_context is None and preload):
-            mp_context = TemplateStart(preload)
+        if mp_context is None or mp_context == "template":
+            mp_context = TemplateStart(preload, eager=mp_context == "template" or bool(preload))
         elif preload:
             raise ValueError(
                 "preload needs workers forked from a template: mp_context=None or "

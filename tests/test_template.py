@@ -71,6 +71,26 @@ def test_workers_are_forked_from_the_template_and_lead_their_own_groups():
     assert not templates_of(os.getpid())  # reaped, not a zombie of ours
 
 
+def test_default_start_forks_replacements_from_the_template():
+    """mp_context=None: the first worker may be a fresh interpreter (the template
+    starts beside it); once the template is up, replacements are its forks."""
+    with ProcessGroupExecutor(1) as ex:
+        first = ex.submit(tasks.whoami).result()
+        assert first["pid"] == first["pgid"]
+        tpl = None
+        for _ in range(50):
+            with pytest.raises(WorkerCrashedError):
+                ex.submit(tasks.crash).result(timeout=60)
+            info = ex.submit(tasks.whoami).result(timeout=60)
+            assert info["pid"] == info["pgid"]
+            tpls = [t.pid for t in templates_of(os.getpid())]
+            if info["ppid"] in tpls:
+                tpl = info["ppid"]
+                break
+            assert info["ppid"] == os.getpid()  # else a fresh interpreter of ours
+        assert tpl is not None, "no worker ever came from the template"
+
+
 def test_worker_owns_exactly_its_fds_and_stdin_is_devnull():
     with ProcessGroupExecutor(2, mp_context="template") as ex:
         futs = [ex.submit(tasks.sleep_then, 0.3, i) for i in range(2)]
