@@ -8,12 +8,13 @@ task's future has failed and the next task is submitted, and stops at its result
 the time a sweep's worker sits idle per crash. ``N`` times per executor (default 10),
 with a task module that imports nothing and one that imports torch, for:
 
-* ``pgexecutor`` (default: a fresh interpreter per worker),
+* ``pgexecutor fresh`` (``mp_context="fresh"``: a fresh interpreter per worker),
 * ``pgexecutor template`` (``mp_context="template"``; for torch ``preload=("torch",)``),
 * ``pebble`` (``pebble.ProcessPool``: forks the parent, which imported the module).
 
 Startup: construct a 2-worker pool and get one trivial result (shutdown not timed),
-``N`` times, alternating ``pgexecutor``, ``pgexecutor template`` and
+``N`` times, alternating ``pgexecutor fresh``, ``pgexecutor default`` (the template
+starts beside the first, fresh, workers), ``pgexecutor template`` and
 ``ProcessPoolExecutor(mp_context=spawn)``.
 
 Medians in ms, and ratios to pebble (replacement) or to ProcessPoolExecutor(spawn)
@@ -62,8 +63,8 @@ def _replacements(submit, mod, reps: int) -> list[float]:
 def bench_replacement(reps: int, torch: bool) -> dict[str, list[float]]:
     mod = importlib.import_module("benchmarks._torch_tasks" if torch else "benchmarks._replace_tasks")
     results: dict[str, list[float]] = {}
-    with ProcessGroupExecutor(1) as ex:
-        results["pgexecutor"] = _replacements(ex.submit, mod, reps)
+    with ProcessGroupExecutor(1, mp_context="fresh") as ex:
+        results["pgexecutor fresh"] = _replacements(ex.submit, mod, reps)
     preload = ("torch",) if torch else ()
     with ProcessGroupExecutor(1, mp_context="template", preload=preload) as ex:
         results["pgexecutor template"] = _replacements(ex.submit, mod, reps)
@@ -95,7 +96,8 @@ def _startup_once(make) -> float:
 def bench_startup(reps: int) -> dict[str, list[float]]:
     spawn = multiprocessing.get_context("spawn")
     makers = {
-        "pgexecutor": lambda: ProcessGroupExecutor(2),
+        "pgexecutor fresh": lambda: ProcessGroupExecutor(2, mp_context="fresh"),
+        "pgexecutor default": lambda: ProcessGroupExecutor(2),
         "pgexecutor template": lambda: ProcessGroupExecutor(2, mp_context="template"),
         "ProcessPoolExecutor(spawn)": lambda: ProcessPoolExecutor(2, mp_context=spawn),
     }

@@ -91,7 +91,7 @@ class ProcessGroupExecutor(PoolFrontEnd):
     the template starts beside them; ``mp_context="template"`` (or a ``preload``)
     waits for it instead. A preload module that fails to import fails the queued
     tasks with its traceback. Linux only (pidfds); elsewhere, or if the template
-    cannot start, each worker is a fresh interpreter.
+    cannot start, each worker is a fresh interpreter, as with ``mp_context="fresh"``.
     """
 
     def __init__(
@@ -125,7 +125,11 @@ class ProcessGroupExecutor(PoolFrontEnd):
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         preload = _settings.check_preload(preload)
-        if mp_context is None or mp_context == "template":
+        if mp_context == "fresh":
+            if preload:
+                raise ValueError("preload needs the template: not with mp_context='fresh'")
+            mp_context = None  # each worker a fresh interpreter (posix_spawn), as before
+        elif mp_context is None or mp_context == "template":
             mp_context = TemplateStart(preload, eager=mp_context == "template" or bool(preload))
         elif preload:
             raise ValueError(

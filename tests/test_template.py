@@ -91,6 +91,16 @@ def test_default_start_forks_replacements_from_the_template():
         assert tpl is not None, "no worker ever came from the template"
 
 
+def test_fresh_start_has_no_template():
+    with ProcessGroupExecutor(1, mp_context="fresh") as ex:
+        for _ in range(3):
+            with pytest.raises(WorkerCrashedError):
+                ex.submit(tasks.crash).result(timeout=60)
+            info = ex.submit(tasks.whoami).result(timeout=60)
+            assert info["ppid"] == os.getpid() and info["pid"] == info["pgid"]
+        assert not templates_of(os.getpid())
+
+
 def test_worker_owns_exactly_its_fds_and_stdin_is_devnull():
     with ProcessGroupExecutor(2, mp_context="template") as ex:
         futs = [ex.submit(tasks.sleep_then, 0.3, i) for i in range(2)]
@@ -239,6 +249,7 @@ def test_missing_preload_module_names_it():
         (("a..b",), None, ValueError),
         (("",), None, ValueError),
         (("os",), "spawn", ValueError),
+        (("os",), "fresh", ValueError),
     ],
 )
 def test_preload_is_validated(preload, mp_context, error):
