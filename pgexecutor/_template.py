@@ -27,7 +27,8 @@ The hazards, and what answers each (DESIGN fact 14):
   /dev/null from the template (which got it at its spawn), resets every signal's
   disposition to a fresh interpreter's and unblocks every signal, and reseeds
   ``random`` (and numpy's global generator, if loaded): forks of one template would
-  otherwise all draw the same numbers.
+  otherwise all draw the same numbers. It takes the parent's working directory and
+  environment as they are at the request (sent with it), as a fresh spawn would.
 * **The template's death.** If it dies (a stray signal, the OOM killer), init reaps
   its zombies at once and their pgids may be recycled. The parent notices at its
   next request (EOF), marks that template's workers as orphans, whose groups are then
@@ -39,7 +40,7 @@ The hazards, and what answers each (DESIGN fact 14):
 
 Protocol (SOCK_SEQPACKET, one message per datagram; ``!cI`` = op + pid):
 template -> parent first: ``b"OK"`` or ``b"ER" + text`` (a preload import failed).
-``F`` + fds: fork a worker; reply ``!i`` pid (or ``-errno``).
+``F`` + cwd/environ + fds: fork a worker; reply ``!i`` pid (or ``-errno``).
 ``W pid``: exit status without reaping; reply ``!ii`` (1, code) or (0, 0) if alive.
 ``R pid``: reap; reply ``!ii`` (1, code).
 
@@ -62,6 +63,7 @@ _REPLY = struct.Struct("!ii")
 _PID = struct.Struct("!i")
 _CONTROL_FD = 3
 _MAX_MSG = 1 << 16
+_MAX_FORK_MSG = 1 << 20  # a fork request carries the cwd and environment
 
 
 class PreloadError(OSError):
@@ -121,7 +123,7 @@ def serve() -> None:
             break  # EOF: the parent closed us or died
         op, pid = _REQ.unpack(msg[: _REQ.size])
         if op == b"F":
-            sock.send(_PID.pack(_fork_worker(fds, fcntl)))
+            sock.send(_PID.pack(_fork_worker(fds, fcntl, msg[_REQ.size :])))
         elif op == b"W":
             sock.send(_REPLY.pack(*_status(pid, reap=False)))
         elif op == b"R":
@@ -136,7 +138,7 @@ def _recv_fds(sock: Any, fcntl: Any) -> tuple[bytes, list[int], int, Any]:
     import array
 
     fds = array.array("i")
-    msg, ancdata, flags, addr = sock.recvmsg(64, _socket.CMSG_SPACE(8 * fds.itemsize))
+    msg, ancdata, flags, addr = sock.recvmsg(_MAX_FORK_MSG, _socket.CMSG_SPACE(8 * fds.itemsize))
     for level, kind, data in ancdata:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
@@ -158,14 +160,14 @@ def _status(pid: int, reap: bool) -> tuple[int, int]:
     return 1, res.si_status
 
 
-def _fork_worker(fds: list[int], fcntl: Any) -> int:
+def _fork_worker(fds: list[int], fcntl: Any, where: bytes) -> int:
     try:
         pid = os.fork()
     except OSError as exc:
         return -(exc.errno or 1)
     if pid == 0:
         try:
-            _become_worker(fds, fcntl)
+            _become_worker(fds, fcntl, where)
         except BaseException:
             import traceback
 
@@ -179,11 +181,12 @@ def _fork_worker(fds: list[int], fcntl: Any) -> int:
     return pid
 
 
-def _become_worker(fds: list[int], fcntl: Any) -> None:
+def _become_worker(fds: list[int], fcntl: Any, where: bytes) -> None:
     """In the forked child: own group, own fds only, fresh signals and seeds, serve."""
     import _signal
 
     os.setpgid(0, 0)
+    _take_cwd_and_environ(where)
     from pgexecutor._protocol import (
         CHILD_DUMP_FD,
         CHILD_PERMIT_FD,
@@ -217,6 +220,26 @@ def _become_worker(fds: list[int], fcntl: Any) -> None:
     from pgexecutor._worker import main
 
     main()
+
+
+def _pack_cwd_and_environ() -> bytes:
+    """The parent's working directory and environment now, as a fresh worker would
+    inherit them at its spawn (a template started earlier may have older ones)."""
+    items = [os.getcwdb()] + [k + b"=" + v for k, v in os.environb.items()]
+    return b"\0".join(items)
+
+
+def _take_cwd_and_environ(where: bytes) -> None:
+    if not where:
+        return
+    cwd, *items = where.split(b"\0")
+    try:
+        os.chdir(cwd)
+    except OSError:
+        pass  # removed since: stay in the template's, as a spawn would have failed
+    env = dict(item.split(b"=", 1) for item in items if b"=" in item)
+    os.environb.clear()  # through os.environ: putenv/unsetenv follow
+    os.environb.update(env)
 
 
 def _max_fd() -> int:
@@ -357,7 +380,7 @@ class Template:
         try:
             if not self.ready:
                 self._await_ready()
-            data = _REQ.pack(op, pid)
+            data = _REQ.pack(op, pid) + (_pack_cwd_and_environ() if op == b"F" else b"")
             if fds:
                 self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
             else:

@@ -68,3 +68,7 @@ def run_mp_child() -> int:
     p.start()
     p.join()
     return p.exitcode
+
+
+def cwd_and_env(name: str) -> tuple[str, str | None]:
+    return os.getcwd(), os.environ.get(name)

@@ -101,6 +101,19 @@ def test_fresh_start_has_no_template():
         assert not templates_of(os.getpid())
 
 
+def test_worker_sees_the_parents_cwd_and_environment_at_its_start(tmp_path, monkeypatch):
+    """As a fresh interpreter would: the template started earlier, with older ones."""
+    with ProcessGroupExecutor(1, mp_context="template") as ex:
+        assert ex.submit(tasks.cwd_and_env, "PGX_TEMPLATE_TEST").result()[1] is None
+        monkeypatch.setenv("PGX_TEMPLATE_TEST", "now")
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(WorkerCrashedError):  # its replacement starts after the change
+            ex.submit(tasks.crash).result(timeout=60)
+        cwd, value = ex.submit(tasks.cwd_and_env, "PGX_TEMPLATE_TEST").result()
+    assert value == "now"
+    assert os.path.samefile(cwd, tmp_path)
+
+
 def test_worker_owns_exactly_its_fds_and_stdin_is_devnull():
     with ProcessGroupExecutor(2, mp_context="template") as ex:
         futs = [ex.submit(tasks.sleep_then, 0.3, i) for i in range(2)]
