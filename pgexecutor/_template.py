@@ -22,7 +22,8 @@ The hazards, and what answers each (DESIGN fact 14):
   ``waitid(WNOWAIT)``, the zombie stays), signals the group, and only then asks the
   template to reap (``R``). Until that request the pgid stays reserved.
 * **What a worker must not inherit.** The child moves the pipe ends the parent
-  passed (over ``SCM_RIGHTS``) to fds 3-7, closes every other fd above 2 (the
+  passed (over ``SCM_RIGHTS``) to fds 3-7 (and the parent's current stdout and
+  stderr to 1 and 2, as a fresh spawn would inherit them), closes every other fd above 2 (the
   template's control socket, whatever a preloaded module opened), gets stdin
   /dev/null from the template (which got it at its spawn), resets every signal's
   disposition to a fresh interpreter's and unblocks every signal, and reseeds
@@ -195,7 +196,9 @@ def _become_worker(fds: list[int], fcntl: Any, where: bytes) -> None:
         CHILD_TASK_FD,
     )
 
-    targets = [CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD, CHILD_PERMIT_FD, CHILD_SHM_FD]
+    # The parent sends its stdout and stderr first (a fresh spawn inherits them as
+    # they are now; the template's may be older), then the worker's pipes.
+    targets = [1, 2, CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD, CHILD_PERMIT_FD, CHILD_SHM_FD]
     top = max(targets) + 1
     # Copy every source above the targets first, so that no dup2 overwrites a source.
     high = [fcntl.fcntl(fd, fcntl.F_DUPFD, top) for fd in fds]
@@ -240,6 +243,21 @@ def _take_cwd_and_environ(where: bytes) -> None:
     env = dict(item.split(b"=", 1) for item in items if b"=" in item)
     os.environb.clear()  # through os.environ: putenv/unsetenv follow
     os.environb.update(env)
+
+
+def _std_fds() -> tuple[list[int], list[int]]:
+    """Our fds 1 and 2 to pass to a worker, and the ones opened for it: a closed one
+    (a daemon's) is passed as /dev/null, since a fd that is not open cannot travel."""
+    out, opened = [], []
+    for fd in (1, 2):
+        try:
+            os.fstat(fd)
+            out.append(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            opened.append(null)
+            out.append(null)
+    return out, opened
 
 
 def _max_fd() -> int:
@@ -408,7 +426,16 @@ class Template:
         self.close()
 
     def fork(self, fds: list[int]) -> int:
-        """Fork a worker that gets ``fds`` at 3, 4, ...; its pid. Raises OSError."""
+        """Fork a worker that gets our stdout and stderr at 1 and 2 and ``fds`` at
+        3, 4, 5, 7, 6 (see _protocol); its pid. Raises OSError."""
+        std, opened = _std_fds()
+        try:
+            return self._fork(std + fds)
+        finally:
+            for fd in opened:
+                os.close(fd)
+
+    def _fork(self, fds: list[int]) -> int:
         with self._lock:
             for attempt in range(2):
                 fresh = self._ensure()

@@ -72,3 +72,7 @@ def run_mp_child() -> int:
 
 def cwd_and_env(name: str) -> tuple[str, str | None]:
     return os.getcwd(), os.environ.get(name)
+
+
+def write_stdout(text: str) -> None:
+    os.write(1, text.encode())

@@ -114,6 +114,24 @@ def test_worker_sees_the_parents_cwd_and_environment_at_its_start(tmp_path, monk
     assert os.path.samefile(cwd, tmp_path)
 
 
+def test_worker_writes_to_the_parents_stdout_as_it_is_at_its_start(tmp_path):
+    out = tmp_path / "out"
+    with ProcessGroupExecutor(1, mp_context="template") as ex:
+        ex.submit(tasks.whoami).result()  # the template runs, with our old stdout
+        saved = os.dup(1)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT)
+        try:
+            os.dup2(fd, 1)
+            with pytest.raises(WorkerCrashedError):  # its replacement starts now
+                ex.submit(tasks.crash).result(timeout=60)
+            ex.submit(tasks.write_stdout, "marker-for-template-test").result(timeout=60)
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+            os.close(fd)
+    assert "marker-for-template-test" in out.read_text()
+
+
 def test_worker_owns_exactly_its_fds_and_stdin_is_devnull():
     with ProcessGroupExecutor(2, mp_context="template") as ex:
         futs = [ex.submit(tasks.sleep_then, 0.3, i) for i in range(2)]
