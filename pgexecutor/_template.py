@@ -510,8 +510,14 @@ class TemplateStart:
     it at shutdown (``_process.close_start``).
     """
 
-    def __init__(self, preload: tuple[str, ...] = (), eager: bool = True) -> None:
+    def __init__(self, preload: tuple[str, ...] = (), eager: bool = True, first_fresh: int = 0) -> None:
         self.preload = preload
+        #: not eager: this many first workers start fresh, with no template at all. A
+        #: pool's first workers start at once, and a template starting beside them
+        #: competes for the CPUs (2-worker startup: ~50 -> ~90 ms measured); only
+        #: replacements (crashes, timeouts, recycling) need it.
+        self.first_fresh = first_fresh
+        self.spawns = 0
         #: False (the default start, nothing to preload): workers start as fresh
         #: interpreters until the template is ready, and for good if it cannot start.
         self.eager = eager
@@ -534,7 +540,8 @@ class TemplateStart:
         """The template to fork from, or None: start a fresh interpreter instead.
 
         Eager (a preload, or ``mp_context="template"``): always the template, started
-        and waited for here. Otherwise a fresh worker is as good as a forked one
+        and waited for here. Otherwise the pool's first workers start fresh (see
+        ``first_fresh``), and after them a fresh worker is as good as a forked one
         until the template is up, and starting one costs no more than waiting for
         the template: start it, go on without it, use it once it said it is ready.
         A template that cannot start (a broken interpreter, say) is given up for
@@ -542,9 +549,12 @@ class TemplateStart:
         """
         if self.broken:
             return None
-        template = self.template_for(python)
+        self.spawns += 1
         if self.eager:
-            return template
+            return self.template_for(python)
+        if self.spawns <= self.first_fresh:
+            return None
+        template = self.template_for(python)
         try:
             if template.sock is None:
                 template.start()

@@ -87,9 +87,10 @@ class ProcessGroupExecutor(PoolFrontEnd):
     single-threaded interpreter per executor that imported the worker code and the
     ``preload`` modules (a tuple of module names) once. A replacement worker then
     starts in milliseconds instead of an interpreter's start (plus, say, torch's
-    import). Without ``preload`` the first workers start as fresh interpreters while
-    the template starts beside them; ``mp_context="template"`` (or a ``preload``)
-    waits for it instead. A preload module that fails to import fails the queued
+    import). Without ``preload`` the pool's first ``max_workers`` workers start as
+    fresh interpreters and the template starts with the first replacement (which is
+    fresh too if the template is not ready yet); ``mp_context="template"`` (or a
+    ``preload``) starts it with the first worker and waits for it. A preload module that fails to import fails the queued
     tasks with its traceback. Linux only (pidfds); elsewhere, or if the template
     cannot start, each worker is a fresh interpreter, as with ``mp_context="fresh"``.
     """
@@ -130,7 +131,8 @@ class ProcessGroupExecutor(PoolFrontEnd):
                 raise ValueError("preload needs the template: not with mp_context='fresh'")
             mp_context = None  # each worker a fresh interpreter (posix_spawn), as before
         elif mp_context is None or mp_context == "template":
-            mp_context = TemplateStart(preload, eager=mp_context == "template" or bool(preload))
+            eager = mp_context == "template" or bool(preload)
+            mp_context = TemplateStart(preload, eager, first_fresh=max_workers)
         elif preload:
             raise ValueError(
                 "preload needs workers forked from a template: mp_context=None or "
