@@ -125,8 +125,10 @@ class WorkerProcess:
     channel: Any = None  # unix socket: memfds of large results arrive here (or None)
     is_child: bool = True  # False for forkserver: only the forkserver can wait for it
     mp_process: Any = None
-    # The _template.Template that forked it (its parent, which alone can reap it)
+    # The _template.Template that forked it (its parent, which alone can reap it),
+    # and which of its processes did (a restarted template is another parent)
     template: Any = None
+    template_gen: int = 0
     create_time: float = 0.0
     reaped: bool = False
     exitcode: int | None = None
@@ -491,6 +493,7 @@ def _spawn_from_template(start: TemplateStart, dump: tuple[int, int], python: st
         if channel_child is not None:
             child_ends.append(channel_child.fileno())
         pid = template.fork(child_ends)
+        generation = template.generation  # after fork(): it may have restarted it
     except BaseException:
         _close_all(opened, (channel, channel_child))
         raise
@@ -501,6 +504,7 @@ def _spawn_from_template(start: TemplateStart, dump: tuple[int, int], python: st
     proc = WorkerProcess(
         pid=pid, to_worker=task_w, from_worker=res_r, dump=dump[0], channel=channel,
         permits_w=permits_w, permits_r=permits_r, is_child=False, template=template,
+        template_gen=generation,
     )
     _template_workers[pid] = proc
     return proc
@@ -625,6 +629,9 @@ def _observe_template_worker(proc: WorkerProcess) -> tuple[bool, int | None]:
         poller.register(proc.pidfd, select.POLLIN)
         if not poller.poll(0):
             return False, None
+    if _parent_gone(proc):  # init reaps it: no status, and its pgid may go
+        proc.reaped = True
+        return True, None
     try:
         dead, code = proc.template.status(proc.pid, reap=False)
     except OSError:  # the template died: init reaped its zombies (the pgid may go)
@@ -641,9 +648,16 @@ def _orphaned(pgid: int) -> WorkerProcess | None:
     proc = _template_workers.get(pgid)
     if proc is None:
         return None
-    if proc.reaped or not proc.template.alive():
+    if proc.reaped or _parent_gone(proc):
         return proc
     return None
+
+
+def _parent_gone(proc: WorkerProcess) -> bool:
+    """Whether the template process that forked ``proc`` is gone (a template that
+    was restarted since counts as gone: the new one is not its parent)."""
+    tpl = proc.template
+    return bool(tpl.generation != proc.template_gen or not tpl.alive())
 
 
 def signal_group(pgid: int, sig: int) -> bool:
@@ -709,6 +723,9 @@ def reap(proc: WorkerProcess) -> int | None:
         return proc.exitcode
     if proc.template is not None:
         _template_workers.pop(proc.pid, None)
+        if _parent_gone(proc):
+            proc.reaped = True
+            return proc.exitcode
         try:
             _, proc.exitcode = proc.template.status(proc.pid, reap=True)
         except OSError:

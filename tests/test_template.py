@@ -255,6 +255,34 @@ def test_template_death_mid_run_starts_a_new_one(caplog):
     assert "template" in caplog.text and "died" in caplog.text
 
 
+def test_orphan_of_a_dead_template_is_not_taken_for_the_new_ones_child():
+    """A worker outliving its template: once a new template runs, the orphan's death
+    must not be read (or reaped, or its group signalled) through the new one."""
+    with ProcessGroupExecutor(2, mp_context="template") as ex:
+        running = [ex.submit(tasks.sleep_then, 0.5, i) for i in range(2)]
+        assert [f.result() for f in running] == [0, 1]
+        old = the_template()
+        orphan = ex.submit(tasks.sleep_then, 3.0, 5)  # keeps one worker busy
+        time.sleep(0.3)
+        old.kill()
+        old.wait(10)
+        # The other worker crashes: its replacement comes from a new template.
+        with pytest.raises(WorkerCrashedError):
+            ex.submit(tasks.crash).result(timeout=60)
+        assert ex.submit(tasks.whoami).result(timeout=60)["ppid"] == the_template().pid
+        assert orphan.result(timeout=60) == 5
+        # Now the orphan crashes: its exit status is lost with its parent (None),
+        # never a made-up 0 from the new template.
+        errors = []
+        for _ in range(8):  # until the orphan is the one that ran a crash
+            with pytest.raises(WorkerCrashedError) as info:
+                ex.submit(tasks.crash).result(timeout=60)
+            errors.append(info.value.exitcode)
+            if info.value.exitcode != 3:
+                break
+        assert errors[-1] is None and set(errors[:-1]) <= {3}, errors
+
+
 def test_preload_import_error_is_clear_at_the_first_submit():
     with ProcessGroupExecutor(1, preload=("_template_badpreload",)) as ex:
         fut = ex.submit(tasks.whoami)
