@@ -8,6 +8,12 @@ Everything POSIX lives here so that the manager reads as policy. The hazards:
   (``posix_spawn`` is also vfork-fast and safe from a threaded parent, unlike fork.)
   With a multiprocessing ``mp_context`` the child calls ``setpgid(0, 0)`` and the parent
   calls ``setpgid(pid, pid)`` too, as shells do; whichever runs first wins.
+* **The default start forks from a template** (``_template``): a fresh interpreter
+  per executor that forks workers on request (their pipes travel over its socket).
+  A forked worker is the template's child, so the template keeps it as a zombie
+  until :func:`reap` asks; if the template died, init may have reaped it, and its
+  group is signalled only after verifying its members (:func:`signal_group`).
+  The pool's first workers, and every worker where pidfds are missing, start fresh.
 * **A pgid is reserved only while its leader is unreaped or a member lives.** Once we
   reap the leader and its members are gone, the kernel may hand the number to an
   unrelated process. Hence :func:`observe_exit` looks at a death *without* reaping

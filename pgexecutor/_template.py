@@ -294,6 +294,8 @@ class Template:
         self.create_time = 0.0
         self.sock: Any = None
         self.failed: PreloadError | None = None  # a preload that failed stays failed
+        self.ready = False  # it said "OK" (preloaded)
+        self.generation = 0  # processes started so far: tells a worker's parent apart
         self._lock = threading.Lock()
 
     # The parent starts it, lazily: at the first worker.
@@ -370,8 +372,6 @@ class Template:
         self._await_ready()
         return True
 
-    ready = False
-    generation = 0  # templates started so far (the log names a restart)
 
     def alive(self) -> bool:
         """Whether the template process runs (not yet exited): one waitid, no reap."""

@@ -288,6 +288,9 @@ def test_preload_import_error_is_clear_at_the_first_submit():
         fut = ex.submit(tasks.whoami)
         with pytest.raises(WorkerCrashedError) as info:
             fut.result(timeout=60)
+        # Later submits fail the same way (no retry loop, no hang).
+        with pytest.raises(WorkerCrashedError, match="_template_badpreload"):
+            ex.submit(tasks.whoami).result(timeout=60)
     text = str(info.value)
     assert "_template_badpreload" in text
     assert "ZeroDivisionError" in text and "the preload module's own failure" in text
