@@ -65,7 +65,7 @@ def _start_locked() -> None:
     r, w = os.pipe()
     pkg_dir = os.path.dirname(os.path.abspath(__file__))
     # A bare module stands in for the package, as in the workers' bootstrap
-    # (_process._bootstrap_code): importing pgexecutor/__init__ (cloudpickle, psutil,
+    # (_process.bootstrap_code): importing pgexecutor/__init__ (cloudpickle, psutil,
     # multiprocessing, ...) would cost every guardian start, and so every executor's
     # start and stop, ~0.1 s of CPU it never uses.
     code = (
@@ -328,6 +328,13 @@ def _signal_verified(pgid: int, create_time: float, sig: int) -> bool:
         except OSError:
             pass
     return hit
+
+
+def signal_verified(pgid: int, create_time: float, sig: int) -> bool:
+    """Signal a group whose leader may have been reaped by someone else (a template
+    worker whose template died): killpg only if the leader is still the process that
+    started at ``create_time``, else only the members no older than it."""
+    return _signal_verified(pgid, create_time, sig)
 
 
 def _group_alive(pgid: int, create_time: float) -> bool:

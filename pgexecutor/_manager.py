@@ -913,6 +913,7 @@ class Manager:
         if self.workers:
             return False
         self._close_dump()
+        proc_mod.close_start(self.cfg.mp_context)  # the template, if any, exits now
         return True
 
     def _close_dump(self) -> None:
@@ -939,6 +940,7 @@ class Manager:
         self.workers.clear()
         self._publish_pids()
         self._close_dump()
+        proc_mod.close_start(self.cfg.mp_context)
         inbox = self.mailbox.take()
         while inbox:
             msg = inbox.popleft()

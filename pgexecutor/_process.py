@@ -8,6 +8,12 @@ Everything POSIX lives here so that the manager reads as policy. The hazards:
   (``posix_spawn`` is also vfork-fast and safe from a threaded parent, unlike fork.)
   With a multiprocessing ``mp_context`` the child calls ``setpgid(0, 0)`` and the parent
   calls ``setpgid(pid, pid)`` too, as shells do; whichever runs first wins.
+* **The default start forks from a template** (``_template``): a fresh interpreter
+  per executor that forks workers on request (their pipes travel over its socket).
+  A forked worker is the template's child, so the template keeps it as a zombie
+  until :func:`reap` asks; if the template died, init may have reaped it, and its
+  group is signalled only after verifying its members (:func:`signal_group`).
+  The pool's first workers, and every worker where pidfds are missing, start fresh.
 * **A pgid is reserved only while its leader is unreaped or a member lives.** Once we
   reap the leader and its members are gone, the kernel may hand the number to an
   unrelated process. Hence :func:`observe_exit` looks at a death *without* reaping
@@ -50,6 +56,7 @@ from ._protocol import (
     CHILD_SHM_FD,
     CHILD_TASK_FD,
 )
+from ._template import TemplateStart
 
 _F_SETPIPE_SZ = 1031  # Linux: bigger pipes mean fewer syscalls for large payloads
 _PIPE_SIZE = 1 << 20
@@ -57,6 +64,9 @@ _PIPE_SIZE = 1 << 20
 # Every pgid this process created, for tests that prove nothing leaked.
 _spawned: deque[int] = deque(maxlen=100_000)
 _spawn_lock = threading.Lock()
+
+# Workers forked by a template, by pid, until reaped (see signal_group).
+_template_workers: dict[int, WorkerProcess] = {}
 
 # fds that belong to this process alone: workers' pipe ends, the managers' wake-up
 # pipes. A fork copies them all; every forked child closes them (below).
@@ -76,6 +86,7 @@ def _after_fork_in_child() -> None:
     _manager.abandon_after_fork), and a copy of a pipe end keeps its EOF away."""
     global _spawn_lock
     _spawn_lock = threading.Lock()
+    _template_workers.clear()  # the parent's workers, not ours
     for fd in _parent_only_fds:
         try:
             os.close(fd)
@@ -120,6 +131,10 @@ class WorkerProcess:
     channel: Any = None  # unix socket: memfds of large results arrive here (or None)
     is_child: bool = True  # False for forkserver: only the forkserver can wait for it
     mp_process: Any = None
+    # The _template.Template that forked it (its parent, which alone can reap it),
+    # and which of its processes did (a restarted template is another parent)
+    template: Any = None
+    template_gen: int = 0
     create_time: float = 0.0
     reaped: bool = False
     exitcode: int | None = None
@@ -222,31 +237,49 @@ def _record(pid: int) -> None:
     _spawned.append(pid)
 
 
-def _bootstrap_code() -> str:
-    """The ``python -c`` program a fresh worker runs: find this package, serve.
+def record_group(pgid: int) -> None:
+    """Record a group this process created that is no worker's (the template's), so
+    that leak checks (:func:`spawned_pgids`) see it too."""
+    _spawned.append(pgid)
+
+
+def bootstrap_code(
+    module: str = "pgexecutor._worker", func: str = "main", path: list[str] | None = None
+) -> str:
+    """The ``python -c`` program a fresh worker (or the template: ``_template``) runs:
+    find this package, call ``module.func()``.
 
     It registers a bare module as the ``pgexecutor`` package, so that importing
     ``pgexecutor._worker`` does not run ``pgexecutor/__init__.py``: the public API
     (executor, manager, logging, concurrent.futures, multiprocessing, cloudpickle)
     would cost every worker start some 50 ms of imports it never uses. The bare
     package loads its real ``__init__`` when a task first asks it for a public name
-    (see ``_worker._complete_package_on_demand``).
+    (see ``_worker._complete_package_on_demand``). ``path`` (the template's: its
+    preload imports need the parent's sys.path) goes on the same line as the
+    package's own directory, so that the call of ``main()`` stays on line 7 in
+    every variant (:func:`dump_is_complete` looks for that frame).
     """
     pkg_dir = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(pkg_dir)
+    if path is None:
+        path_line = f"sys.path.insert(0, {root!r})\n"
+    else:
+        entries = [root] + [p for p in path if p and p != root]
+        path_line = f"sys.path[:0] = [p for p in {entries!r} if p not in sys.path]\n"
     return (
         "import sys\n"
-        f"sys.path.insert(0, {os.path.dirname(pkg_dir)!r})\n"
-        "_pkg = type(sys)('pgexecutor')\n"
+        + path_line
+        + "_pkg = type(sys)('pgexecutor')\n"
         f"_pkg.__path__ = [{pkg_dir!r}]\n"
         "sys.modules['pgexecutor'] = _pkg\n"
-        "from pgexecutor._worker import main\n"
+        f"from {module} import {func} as main\n"
         "main()\n"
     )
 
 
 def _bottom_frame_line() -> bytes:
     """How a faulthandler dump of a fresh worker ends: the bootstrap's call of main()."""
-    line = _bootstrap_code().splitlines().index("main()") + 1
+    line = bootstrap_code().splitlines().index("main()") + 1
     return f'  File "<string>", line {line} in <module>\n'.encode()
 
 
@@ -335,7 +368,7 @@ def _spawn_fresh(python: str, dump: tuple[int, int]) -> WorkerProcess:
     try:
         pid = os.posix_spawn(
             python,
-            [python, "-c", _bootstrap_code()],
+            [python, "-c", bootstrap_code()],
             os.environ,
             file_actions=actions,
             setpgroup=0,  # the child leads a new group whose id is its pid
@@ -438,6 +471,57 @@ def _spawn_mp(ctx: Any, dump: tuple[int, int]) -> WorkerProcess:
     )
 
 
+def _spawn_from_template(start: TemplateStart, dump: tuple[int, int], python: str) -> WorkerProcess:
+    """Have the executor's template fork a worker holding its pipes at fds 3-7.
+
+    The parent opens the pipes (as for a fresh worker) and hands the child's ends to
+    the template over its socket; the template forks, the child moves them to 3-7
+    and closes everything else (see ``_template``). Where pidfds are missing (macOS)
+    the parent could not watch a process that is not its child: a fresh interpreter
+    starts instead (``TemplateStart.usable``).
+    """
+    if not start.usable():
+        return _spawn_fresh(python, dump)
+    template = start.ready_template(python)
+    if template is None:
+        return _spawn_fresh(python, dump)
+    opened: list[int] = []
+    channel = channel_child = None
+    try:
+        task_r, task_w = _pipe()
+        opened += (task_r, task_w)
+        res_r, res_w = _pipe()
+        opened += (res_r, res_w)
+        permits_r, permits_w = permit_pipe()
+        opened += (permits_r, permits_w)
+        channel, channel_child = _shm_channel()
+        child_ends = [task_r, res_w, dump[1], permits_r]
+        if channel_child is not None:
+            child_ends.append(channel_child.fileno())
+        pid = template.fork(child_ends)
+        generation = template.generation  # after fork(): it may have restarted it
+    except BaseException:
+        _close_all(opened, (channel, channel_child))
+        raise
+    for fd in (task_r, res_w):  # the child's ends: the template passed them on
+        os.close(fd)
+    if channel_child is not None:
+        channel_child.close()
+    proc = WorkerProcess(
+        pid=pid, to_worker=task_w, from_worker=res_r, dump=dump[0], channel=channel,
+        permits_w=permits_w, permits_r=permits_r, is_child=False, template=template,
+        template_gen=generation,
+    )
+    _template_workers[pid] = proc
+    return proc
+
+
+def close_start(mp_context: Any) -> None:
+    """The executor is done with its start method: stop its template, if any."""
+    if isinstance(mp_context, TemplateStart):
+        mp_context.close()
+
+
 def executable() -> str:
     """The interpreter a fresh worker runs: ``multiprocessing.set_executable()``'s if
     the program set one (an embedded Python, whose ``sys.executable`` is the host
@@ -458,6 +542,8 @@ def spawn_worker(mp_context: Any, dump: tuple[int, int], python: str | None = No
     with _spawn_lock:  # one spawn at a time: keeps fd bookkeeping consistent
         if mp_context is None:
             proc = _spawn_fresh(python or executable(), dump)
+        elif isinstance(mp_context, TemplateStart):
+            proc = _spawn_from_template(mp_context, dump, python or executable())
         else:
             proc = _spawn_mp(mp_context, dump)
         _record(proc.pid)
@@ -510,6 +596,8 @@ def observe_exit(proc: WorkerProcess) -> tuple[bool, int | None]:
     """
     if proc.reaped:
         return True, proc.exitcode
+    if proc.template is not None:
+        return _observe_template_worker(proc)
     if proc.is_child and _platform.HAS_WAITID:
         try:
             res = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -537,8 +625,57 @@ def observe_exit(proc: WorkerProcess) -> tuple[bool, int | None]:
     return dead, None
 
 
+def _observe_template_worker(proc: WorkerProcess) -> tuple[bool, int | None]:
+    """A template's worker: its pidfd says whether it died; the template, which alone
+    may ``waitid`` it, gives the exit status and keeps the zombie (see _template)."""
+    import select
+
+    if proc.pidfd >= 0:
+        poller = select.poll()
+        poller.register(proc.pidfd, select.POLLIN)
+        if not poller.poll(0):
+            return False, None
+    if _parent_gone(proc):  # init reaps it: no status, and its pgid may go
+        proc.reaped = True
+        return True, None
+    try:
+        dead, code = proc.template.status(proc.pid, reap=False)
+    except OSError:  # the template died: init reaped its zombies (the pgid may go)
+        proc.reaped = True
+        return True, None
+    if dead:
+        proc.exitcode = code
+    return dead, (code if dead else None)
+
+
+def _orphaned(pgid: int) -> WorkerProcess | None:
+    """The template worker ``pgid`` if its template died (or it is gone): its leader
+    may then have been reaped by init, and its pgid may be recycled."""
+    proc = _template_workers.get(pgid)
+    if proc is None:
+        return None
+    if proc.reaped or _parent_gone(proc):
+        return proc
+    return None
+
+
+def _parent_gone(proc: WorkerProcess) -> bool:
+    """Whether the template process that forked ``proc`` is gone (a template that
+    was restarted since counts as gone: the new one is not its parent)."""
+    tpl = proc.template
+    return bool(tpl.generation != proc.template_gen or not tpl.alive())
+
+
 def signal_group(pgid: int, sig: int) -> bool:
-    """Send ``sig`` to the whole group. Only call while its leader is unreaped."""
+    """Send ``sig`` to the whole group. Only call while its leader is unreaped.
+
+    A template's worker whose template died was reaped by init, maybe: its members
+    are verified one by one, as the guardian does (never a blind killpg)."""
+    orphan = _orphaned(pgid)
+    if orphan is not None:
+        from . import _guardian
+
+        return _guardian.signal_verified(pgid, orphan.create_time, sig)
     try:
         os.killpg(pgid, sig)
         return True
@@ -588,8 +725,18 @@ def live_members(pgid: int, exclude: int | None = None) -> list[int]:
 def reap(proc: WorkerProcess) -> int | None:
     """Collect the dead leader's exit status. After this its pgid may be recycled."""
     if proc.reaped:
+        _template_workers.pop(proc.pid, None)
         return proc.exitcode
-    if proc.is_child:
+    if proc.template is not None:
+        _template_workers.pop(proc.pid, None)
+        if _parent_gone(proc):
+            proc.reaped = True
+            return proc.exitcode
+        try:
+            _, proc.exitcode = proc.template.status(proc.pid, reap=True)
+        except OSError:
+            pass  # the template died: init reaped it
+    elif proc.is_child:
         try:
             _, status = os.waitpid(proc.pid, 0)
             proc.exitcode = os.waitstatus_to_exitcode(status)

@@ -129,6 +129,22 @@ def check_grace(value: Any) -> float:
     return number
 
 
+def check_preload(value: Any) -> tuple[str, ...]:
+    """preload: a tuple (or list) of module names, each a dotted Python identifier.
+
+    Checked here, where the user gave it; whether each module imports is learnt in
+    the template, at the first worker (a clear error on the first submit's future)."""
+    if isinstance(value, str) or not isinstance(value, (tuple, list)):
+        raise TypeError(f"preload must be a tuple of module names, not {value!r}")
+    names = tuple(value)
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"preload must hold module names (str), not {name!r}")
+        if not name or not all(part.isidentifier() for part in name.split(".")):
+            raise ValueError(f"preload: {name!r} is not a module name")
+    return names
+
+
 def check_memory(value: Any) -> int | None:
     """max_memory: a positive whole number of bytes, or None for no limit."""
     if value is None:

@@ -67,7 +67,7 @@ def main() -> None:
 def _complete_package_on_demand() -> None:
     """Turn the bootstrap's bare ``pgexecutor`` module into the real package, lazily.
 
-    The bootstrap (see ``_process._bootstrap_code``) skips ``pgexecutor/__init__.py``
+    The bootstrap (see ``_process.bootstrap_code``) skips ``pgexecutor/__init__.py``
     to start fast. A task may still use the package (a nested executor, an error
     class): the first lookup of a public name runs the real ``__init__`` in the bare
     module. Private names are refused, so that ``from pgexecutor import _x`` imports

@@ -41,6 +41,7 @@ from ._mailbox import KillTask, Shutdown, Terminate
 from ._manager import Manager, ManagerConfig, TaskInfo, WorkItem
 from ._settings import AutoTimeout, TaskSettings
 from ._supervision import task_key
+from ._template import TemplateStart
 
 
 def _default_workers() -> int:
@@ -113,6 +114,17 @@ class ProcessGroupExecutor(PoolFrontEnd):
     default ``cancel()`` keeps the standard meaning (a running task is not stopped).
     ``await ex.run(fn, ...)`` stops its task whenever the awaiting coroutine is
     cancelled.
+
+    By default (``mp_context=None``) workers are forked from a template: a fresh,
+    single-threaded interpreter per executor that imported the worker code and the
+    ``preload`` modules (a tuple of module names) once. A replacement worker then
+    starts in milliseconds instead of an interpreter's start (plus, say, torch's
+    import). Without ``preload`` the pool's first ``max_workers`` workers start as
+    fresh interpreters and the template starts with the first replacement (which is
+    fresh too if the template is not ready yet); ``mp_context="template"`` (or a
+    ``preload``) starts it with the first worker and waits for it. A preload module that fails to import fails the queued
+    tasks with its traceback. Linux only (pidfds); elsewhere, or if the template
+    cannot start, each worker is a fresh interpreter, as with ``mp_context="fresh"``.
     """
 
     def __init__(
@@ -132,6 +144,7 @@ class ProcessGroupExecutor(PoolFrontEnd):
         heartbeat_timeout: float | None = None,
         native_stacks: bool = False,
         cancel_running: bool = False,
+        preload: tuple[str, ...] = (),
     ) -> None:
         if os.name != "posix":
             raise OSError("ProcessGroupExecutor needs POSIX process groups (Linux, macOS)")
@@ -148,6 +161,19 @@ class ProcessGroupExecutor(PoolFrontEnd):
                 raise ValueError("max_tasks_per_child must be >= 1")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
+        preload = _settings.check_preload(preload)
+        if mp_context == "fresh":
+            if preload:
+                raise ValueError("preload needs the template: not with mp_context='fresh'")
+            mp_context = None  # each worker a fresh interpreter (posix_spawn), as before
+        elif mp_context is None or mp_context == "template":
+            eager = mp_context == "template" or bool(preload)
+            mp_context = TemplateStart(preload, eager, first_fresh=max_workers)
+        elif preload:
+            raise ValueError(
+                "preload needs workers forked from a template: mp_context=None or "
+                f"'template', not {mp_context!r}"
+            )
         if isinstance(mp_context, str):
             mp_context = multiprocessing.get_context(mp_context)
         kill_grace = _settings.check_grace(kill_grace)

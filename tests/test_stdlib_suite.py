@@ -81,8 +81,9 @@ NOT_APPLICABLE: dict[tuple[str, str], str] = {
         "tests/test_api.py::test_max_tasks_per_child_recycles_workers covers recycling"
     ),
     ("ProcessPoolExecutorTest", "test_max_tasks_per_child_defaults_to_spawn_context"): (
-        _PRIVATE.format("_mp_context") + "; without mp_context each worker is a fresh "
-        "interpreter (posix_spawn), spawn's semantics without a context object"
+        _PRIVATE.format("_mp_context") + "; without mp_context each worker is forked "
+        "from a template, a fresh single-threaded interpreter (spawn's semantics "
+        "without a context object)"
     ),
     ("ProcessPoolExecutorTest", "test_python_finalization_error"): (
         "makes the creation of ProcessPoolExecutor's second thread (its queue feeder) "

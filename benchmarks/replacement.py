@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Worker replacement latency and pool startup (issue 20, items 3 and 4).
+
+    python benchmarks/replacement.py [--reps N] [--no-torch]
+
+Replacement: one worker; a task crashes it (``os._exit``); the clock starts when that
+task's future has failed and the next task is submitted, and stops at its result:
+the time a sweep's worker sits idle per crash. ``N`` times per executor (default 10),
+with a task module that imports nothing and one that imports torch, for:
+
+* ``pgexecutor fresh`` (``mp_context="fresh"``: a fresh interpreter per worker),
+* ``pgexecutor template`` (``mp_context="template"``; for torch ``preload=("torch",)``),
+* ``pebble`` (``pebble.ProcessPool``: forks the parent, which imported the module).
+
+Startup: construct a 2-worker pool and get one trivial result (shutdown not timed),
+``N`` times, alternating ``pgexecutor fresh``, ``pgexecutor default`` (the template
+starts beside the first, fresh, workers), ``pgexecutor template`` and
+``ProcessPoolExecutor(mp_context=spawn)``.
+
+Medians in ms, and ratios to pebble (replacement) or to ProcessPoolExecutor(spawn)
+(startup). All in one run, so the ratios compare like with like on a loaded machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p
+)
+
+from pgexecutor import ProcessGroupExecutor  # noqa: E402
+
+
+def _replacements(submit, mod, reps: int) -> list[float]:
+    """``reps`` crash-then-next-task cycles on a warm one-worker pool; ms each."""
+    assert submit(mod.ident, 0).result(timeout=600) == 0  # warm: the worker exists
+    out = []
+    for i in range(reps):
+        fut = submit(mod.crash)
+        try:
+            fut.result(timeout=600)
+        except Exception:
+            pass
+        else:
+            raise AssertionError("the crash task returned")
+        t0 = time.perf_counter()
+        assert submit(mod.ident, i).result(timeout=600) == i
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def bench_replacement(reps: int, torch: bool) -> dict[str, list[float]]:
+    mod = importlib.import_module("benchmarks._torch_tasks" if torch else "benchmarks._replace_tasks")
+    results: dict[str, list[float]] = {}
+    with ProcessGroupExecutor(1, mp_context="fresh") as ex:
+        results["pgexecutor fresh"] = _replacements(ex.submit, mod, reps)
+    preload = ("torch",) if torch else ()
+    with ProcessGroupExecutor(1, mp_context="template", preload=preload) as ex:
+        results["pgexecutor template"] = _replacements(ex.submit, mod, reps)
+    try:
+        import pebble
+    except ImportError:
+        print("pebble is not installed: skipped (pip install pebble)")
+    else:
+        pool = pebble.ProcessPool(max_workers=1)
+        try:
+            results["pebble"] = _replacements(
+                lambda fn, *a: pool.schedule(fn, args=a), mod, reps
+            )
+        finally:
+            pool.close()
+            pool.join()
+    return results
+
+
+def _startup_once(make) -> float:
+    t0 = time.perf_counter()
+    ex = make()
+    ex.submit(abs, -1).result(timeout=600)
+    dt = (time.perf_counter() - t0) * 1000
+    ex.shutdown()
+    return dt
+
+
+def bench_startup(reps: int) -> dict[str, list[float]]:
+    spawn = multiprocessing.get_context("spawn")
+    makers = {
+        "pgexecutor fresh": lambda: ProcessGroupExecutor(2, mp_context="fresh"),
+        "pgexecutor default": lambda: ProcessGroupExecutor(2),
+        "pgexecutor template": lambda: ProcessGroupExecutor(2, mp_context="template"),
+        "ProcessPoolExecutor(spawn)": lambda: ProcessPoolExecutor(2, mp_context=spawn),
+    }
+    results: dict[str, list[float]] = {name: [] for name in makers}
+    for _ in range(reps):
+        for name, make in makers.items():
+            results[name].append(_startup_once(make))
+    return results
+
+
+def _table(title: str, results: dict[str, list[float]], base: str) -> None:
+    print(f"\n{title}")
+    print("| executor | median ms | min ms | max ms | x " + base + " |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    ref = statistics.median(results[base]) if base in results else None
+    for name, xs in results.items():
+        med = statistics.median(xs)
+        ratio = f"{med / ref:.2f}" if ref else "-"
+        print(f"| {name} | {med:.1f} | {min(xs):.1f} | {max(xs):.1f} | {ratio} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--no-torch", action="store_true", help="skip the torch rows")
+    args = ap.parse_args()
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, reps={args.reps}")
+    _table("replacement latency, plain task module", bench_replacement(args.reps, False), "pebble")
+    if not args.no_torch:
+        _table(
+            "replacement latency, task module imports torch",
+            bench_replacement(args.reps, True), "pebble",
+        )
+    _table("startup: 2-worker pool, first result", bench_startup(args.reps),
+           "ProcessPoolExecutor(spawn)")
+
+
+if __name__ == "__main__":
+    main()
