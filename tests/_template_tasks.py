@@ -23,7 +23,8 @@ def signal_state() -> dict:
         "blocked": blocked,
         "term_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
         "usr1_default": signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL,
-        "int_python": signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+        # SIGINT: the worker's own handler (a cancel_running stop interrupts the task)
+        "int_python": callable(signal.getsignal(signal.SIGINT)),
     }
 
 
