@@ -101,6 +101,7 @@ def test_tasks_taken_back_from_two_workers_keep_submission_order(tmp_path):
     level = logger.level
     ex = ProcessGroupExecutor(max_workers=2)
     pids: list[int] = []
+    entered, release = threading.Event(), threading.Event()
     try:
         a, b = str(tmp_path / "a"), str(tmp_path / "b")
         pair = [ex.submit(meet, a, b), ex.submit(meet, b, a)]  # both workers ready
@@ -110,7 +111,6 @@ def test_tasks_taken_back_from_two_workers_keep_submission_order(tmp_path):
         assert len(pids) == 2
         # Hold the manager in a done-callback (run in its thread, its lock held), so
         # that the five tasks below reach it together and go out in one pass.
-        entered, release = threading.Event(), threading.Event()
 
         def hold(_f):
             if threading.current_thread() is not threading.main_thread():
@@ -145,6 +145,7 @@ def test_tasks_taken_back_from_two_workers_keep_submission_order(tmp_path):
         touch(gate)
         assert [f.result(timeout=T) for f in running] == ["done", "done"]
     finally:
+        release.set()
         logger.setLevel(level)
         for h in list(logger.handlers):
             if isinstance(h, _OnTakeBack):
