@@ -110,6 +110,10 @@ _NOT_NEEDED = "not needed: the executor is shutting down"
 _WAKE, _RESULT, _PIDFD, _WRITE = range(4)  # what a polled fd is
 
 
+def _task_id(item: WorkItem) -> int:
+    return item.task_id
+
+
 @dataclass(frozen=True)
 class ManagerConfig:
     max_workers: int
@@ -465,9 +469,7 @@ class Manager:
             return
         for w in list(self.workers.values()):
             if w.state is State.STARTING and w.inflight:
-                back = w.take_back(everything=True)
-                if back:
-                    self.queue.extendleft(back)  # newest first: extendleft restores the order
+                self._put_back(w.take_back(everything=True))
 
     def _hand_out(self) -> None:
         if not self.queue:
@@ -531,14 +533,42 @@ class Manager:
         self._read_results(w)  # finished ones are not waiting any more
         back = w.take_back(everything)
         if back:
-            self.queue.extendleft(back)  # newest first: extendleft restores the order
+            self._put_back(back)
             logger.debug("took %d waiting task(s) back from worker pid=%d", len(back), w.pid)
 
     def _requeue(self, items: Iterable[WorkItem]) -> None:
         """Tasks handed to a worker that never began them go back to the front."""
-        for item in reversed(list(items)):
+        items = list(items)
+        for item in items:
             item.started = 0.0
-            self.queue.appendleft(item)
+        self._put_back(items)
+
+    def _put_back(self, items: list[WorkItem]) -> None:
+        """Queue tasks that came back from a worker unbegun ahead of the tasks
+        submitted after them, in submission (task id) order.
+
+        The race this closes: one pass of the loop can take tasks back from several
+        workers (their revoke timers fall due together when their heads were handed
+        out together; and a worker slow to claim its head gives that back too).
+        Pushing each worker's tasks to the front in turn put the last worker's
+        tasks ahead of the first's: a task submitted later went to a worker before
+        one submitted earlier, which was then stuck behind a long task. So, with two
+        workers each given a long task and tiny ones written ahead behind it, a tiny
+        one ran first on a worker that was then blocked by the long task it should
+        have begun before (and shutdown(cancel_futures=True) found it FINISHED).
+        Only the front of the queue is merged: what waits behind tasks newer than
+        these is already in order.
+        """
+        if not items:
+            return
+        queue = self.queue
+        back = sorted(items, key=_task_id)
+        front: list[WorkItem] = []
+        for item in back:
+            while queue and queue[0].task_id < item.task_id:
+                front.append(queue.popleft())
+            front.append(item)
+        queue.extendleft(reversed(front))
 
     def _adjust_workers(self) -> bool:
         """Start workers up to the target: replace dead ones, grow for queued work.

@@ -93,3 +93,10 @@ def exit_unless_first(path):
 def short_sleep(i):
     time.sleep(0.05)
     return os.getpid()
+
+
+def meet(mine, other):
+    """Say it began (``mine``), then wait for its partner (``other``): two of these
+    end only if they run side by side, on two workers."""
+    touch(mine)
+    return wait_path(other)

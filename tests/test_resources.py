@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -19,7 +21,7 @@ from concurrent.futures import wait
 
 import psutil
 import pytest
-from _resource_tasks import gated, noop, touch, wait_path
+from _resource_tasks import gated, meet, noop, touch, wait_path
 from conftest import ROOT, format_survivors, survivors_of
 
 from pgexecutor import ProcessGroupExecutor, _platform
@@ -70,6 +72,92 @@ def test_shutdown_cancel_futures_cancels_every_task_not_yet_begun(tmp_path):
         finally:
             ex.shutdown(wait=True)
 
+
+class _OnTakeBack(logging.Handler):
+    """Runs ``then`` in the manager thread once it has taken tasks back from
+    ``count`` workers (its DEBUG record of each take-back)."""
+
+    def __init__(self, count: int, then) -> None:
+        super().__init__(logging.DEBUG)
+        self.left, self.then, self.seen = count, then, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.left and record.getMessage().startswith("took "):
+            self.left -= 1
+            if not self.left:
+                self.then()
+                self.seen.set()
+
+
+def test_tasks_taken_back_from_two_workers_keep_submission_order(tmp_path):
+    """The interleaving behind a rare failure of the test above, forced: two workers,
+    each handed a long task with tiny ones written ahead behind it in the same pass
+    (so their revoke timers fall due together), are both too slow to claim even
+    their long task (stopped here). One pass takes back every task of both; they
+    must be handed out again in submission order. Put back worker by worker, the
+    second worker's tasks went first: a tiny task submitted later became the head
+    of a worker whose long task, submitted earlier, waited behind it, and ran
+    while both long tasks were meant to run (shutdown found it FINISHED)."""
+    logger = logging.getLogger("pgexecutor")
+    level = logger.level
+    ex = ProcessGroupExecutor(max_workers=2)
+    pids: list[int] = []
+    entered, release = threading.Event(), threading.Event()
+    try:
+        a, b = str(tmp_path / "a"), str(tmp_path / "b")
+        pair = [ex.submit(meet, a, b), ex.submit(meet, b, a)]  # both workers ready
+        assert [f.result(timeout=T) for f in pair] == [True, True]
+        assert list(ex.map(noop, range(200))) == list(range(200))  # tiny: prefetching
+        pids = ex.worker_pids()
+        assert len(pids) == 2
+        # Hold the manager in a done-callback (run in its thread, its lock held), so
+        # that the five tasks below reach it together and go out in one pass.
+
+        def hold(_f):
+            if threading.current_thread() is not threading.main_thread():
+                entered.set()
+                release.wait(T)
+
+        for _ in range(100):
+            ex.submit(noop, 0).add_done_callback(hold)
+            if entered.wait(0.5):
+                break
+        assert entered.is_set(), "never held the manager"
+
+        def resume():
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)  # too slow to claim anything: all is taken back
+        handler = _OnTakeBack(2, resume)
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        marks = [str(tmp_path / f"started-{i}") for i in range(2)]
+        gate = str(tmp_path / "gate")
+        running = [ex.submit(gated, m, gate, "done") for m in marks]
+        queued = [ex.submit(noop, i) for i in range(3)]
+        release.set()
+        assert handler.seen.wait(T), "no pass took tasks back from both workers"
+        assert all(wait_path(m) for m in marks)
+        ex.shutdown(wait=False, cancel_futures=True)
+        done, _ = wait(queued, timeout=T)
+        assert [f.cancelled() for f in queued] == [True] * 3, [f._state for f in queued]
+        touch(gate)
+        assert [f.result(timeout=T) for f in running] == ["done", "done"]
+    finally:
+        release.set()
+        logger.setLevel(level)
+        for h in list(logger.handlers):
+            if isinstance(h, _OnTakeBack):
+                logger.removeHandler(h)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        touch(str(tmp_path / "gate"))
+        ex.shutdown(wait=True)
 
 
 def test_shutdown_cancel_futures_keeps_each_workers_next_task():
