@@ -17,6 +17,7 @@ from .errors import (
     TaskTimeoutError,
     WorkerCrashedError,
     WorkerInitializerError,
+    WorkerProtocolError,
 )
 from .executor import ProcessGroupExecutor, spawned_groups, task_info
 
@@ -27,6 +28,7 @@ __all__ = [
     "WorkerCrashedError",
     "MemoryLimitError",
     "WorkerInitializerError",
+    "WorkerProtocolError",
     "RemoteTaskError",
     "TaskPicklingError",
     "TaskInfo",

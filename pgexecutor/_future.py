@@ -15,6 +15,13 @@ pool needs and the base class cannot give through its public protocol:
   invariants: the state changes under ``_condition``, every waiter of ``wait()`` /
   ``as_completed()`` is told (``add_cancelled``), callbacks run once. Touching those
   fields is this subclass's business alone; no other module does.
+* **The result's own bytes.** A journal stores what the worker pickled, not a
+  pickle made again here (which may differ, or fail): :meth:`keep_result_bytes`
+  before the task ends, :meth:`result_bytes` after.
+
+Its resolver is the thread that resolves it and runs its done-callbacks (the
+executor's delivery thread, see ``_delivery``); ``result()`` there of a future not
+yet done refuses rather than wait for itself.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import threading
 from _thread import get_ident
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
-from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import Any
 
 
@@ -37,12 +44,15 @@ class TaskFuture(Future[Any]):
     ) -> None:
         super().__init__()
         self._on_cancel = on_cancel
-        # The thread that resolves it (the manager's): done-callbacks run there, and a
-        # wait for an unfinished future from there could never end. Compared by
-        # ident: result() is on every caller's hot path.
+        # The thread that resolves it (the delivery thread): done-callbacks run there,
+        # and a wait for an unfinished future from there could never end (its turn
+        # comes after the callback's). Compared by ident: result() is on every
+        # caller's hot path.
         self._resolver = resolver
         #: the task's TaskInfo once it ended (pgexecutor.task_info reads it)
         self.info: Any = None
+        # None: not wanted; b"": wanted, not there (yet); else the result's pickle.
+        self._result_bytes: bytes | None = None
 
     def result(self, timeout: float | None = None) -> Any:
         resolver = self._resolver
@@ -57,14 +67,33 @@ class TaskFuture(Future[Any]):
         return Future.exception(self, timeout)
 
     def _refuse_self_wait(self, what: str) -> None:
-        """A done-callback (it runs in the manager's thread) that waits for a future
-        the same manager has yet to resolve would wait forever: say so instead."""
+        """A done-callback (it runs in the executor's delivery thread) that waits for
+        a future that thread has yet to resolve would wait forever: say so instead."""
         if not self.done():
             raise RuntimeError(
                 f"{what}() of an unfinished future called from a done-callback: callbacks "
-                "run in the executor's manager thread, which would wait for itself. Wait "
+                "run in the executor's delivery thread, which would wait for itself. Wait "
                 "in another thread, or chain with add_done_callback"
             )
+
+    def keep_result_bytes(self) -> None:
+        """Ask for :meth:`result_bytes`: call before the task ends (at submit)."""
+        if self._result_bytes is None:
+            self._result_bytes = b""
+
+    def wants_result_bytes(self) -> bool:
+        return self._result_bytes is not None
+
+    def set_result_bytes(self, data: bytes) -> None:
+        """For the pool: the result as the worker pickled it, before the future ends."""
+        self._result_bytes = data
+
+    def result_bytes(self) -> bytes | None:
+        """The result exactly as the worker pickled it: one standard pickle, which
+        ``pickle.loads`` turns into the result (large buffers a worker sent out of
+        band are put back in band). None unless :meth:`keep_result_bytes` was called
+        before the task ended, or if the task did not return a result."""
+        return self._result_bytes or None
 
     def cancel(self) -> bool:
         """``Future.cancel()``; if it took effect, tell the pool (it may be asleep)."""
@@ -72,6 +101,37 @@ class TaskFuture(Future[Any]):
         if cancelled and self._on_cancel is not None:
             self._on_cancel()
         return cancelled
+
+    def end_now(self, exc: BaseException | None) -> bool:
+        """End it in the calling thread (the manager's) with ``exc``, or cancelled
+        (None), if that runs no code but the standard library's: no done-callback is
+        attached. True if it ended (or had already); False if callbacks must run,
+        which is the delivery thread's job.
+
+        Checked and done under ``_condition``, so a callback added meanwhile either
+        comes before (False) or finds the future done (and runs in its adder's
+        thread, as ever). The same steps as set_exception / cancel +
+        set_running_or_notify_cancel, with the same invariants.
+        """
+        with self._condition:
+            if self._done_callbacks:  # type: ignore[attr-defined]
+                return False
+            state = self._state  # type: ignore[has-type]
+            if state == FINISHED or state == CANCELLED_AND_NOTIFIED:
+                return True
+            if exc is None:
+                self._state = CANCELLED_AND_NOTIFIED
+                for waiter in self._waiters:
+                    waiter.add_cancelled(self)
+            else:
+                if state != RUNNING and state != PENDING:
+                    return False  # cancelled by its user: the slow path sorts it out
+                self._exception = exc
+                self._state = FINISHED
+                for waiter in self._waiters:
+                    waiter.add_exception(self)
+            self._condition.notify_all()
+        return True
 
     def cancel_running(self) -> bool:
         """End a RUNNING future as cancelled; False if it is not running.

@@ -3,8 +3,18 @@
 Every future a worker took ends here exactly once: a result, an exception, or
 cancelled. The ledger also keeps the standard library's rule that
 ``set_running_or_notify_cancel()`` is called once per future (``hand_over``), which
-is where a user's ``cancel()`` of a queued future wins or loses. Owner: the manager
-thread (whoever holds ``Manager._lock``); nothing here is thread-safe on its own.
+is where a user's ``cancel()`` of a queued future wins or loses.
+
+The ledger decides and counts; the delivery thread (``_delivery``) carries it out:
+it unpickles the outcome and resolves the future, which runs its done-callbacks,
+none of which may hold up the manager. The TaskInfo is on the future and the
+counters count it before the job is queued, so a callback, or a caller woken by
+the future, sees both.
+
+Owner: the manager thread (whoever holds ``Manager._lock``); nothing here is
+thread-safe on its own, except ``decode_failed``, which only the delivery thread
+calls and which writes only ``Stats.unpickle_failed`` and the TaskInfo of a future
+the manager is done with.
 """
 
 from __future__ import annotations
@@ -16,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _protocol as proto
-from ._future import TaskFuture, end_cancelled
+from ._delivery import Delivery, Encoded
+from ._future import TaskFuture
 from ._settings import TaskSettings
 
 logger = logging.getLogger("pgexecutor")
@@ -115,9 +126,16 @@ class Stats:
         self.retried = 0
         self.workers_started = 0
         self.workers_killed = 0
+        # Results counted as completed whose unpickling then failed (in the delivery
+        # thread, its one writer): failed after all. Kept apart, not moved between the
+        # two counters, so that each counter has one writer.
+        self.unpickle_failed = 0
 
     def snapshot(self) -> dict[str, int]:
         counters = {name: getattr(self, name, 0) for name in self.FIELDS}
+        moved = self.unpickle_failed
+        counters["completed"] -= moved
+        counters["failed"] += moved
         counters["submitted"] = 0  # the executor's count (see the class docstring)
         return counters
 
@@ -125,8 +143,9 @@ class Stats:
 class Ledger:
     """Ends futures and counts it (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, delivery: Delivery) -> None:
         self.stats = Stats()
+        self.delivery = delivery
 
     def hand_over(self, item: WorkItem, now: float) -> bool:
         """The task leaves the queue for a worker: its future becomes RUNNING. False
@@ -139,26 +158,40 @@ class Ledger:
         item.sent = True
         return True
 
-    def resolve(self, item: WorkItem, value: Any, now: float) -> None:
+    def answer(self, item: WorkItem, outcome: Encoded, now: float) -> None:
+        """The worker answered (a result, or the task's exception, both still
+        pickled): the delivery thread decodes it and ends the future."""
         item.payload = b""
-        self._record(item, "ok", now)
-        if not item.future.done():
-            item.future.set_result(value)
+        self._record(item, "error" if outcome.kind == proto.ERROR else "ok", now)
+        self.delivery.decode(item.future, outcome)
+
+    def decode_failed(self, fut: Any) -> None:
+        """Delivery thread: a result counted as completed did not unpickle here."""
+        self.stats.unpickle_failed += 1
+        info = getattr(fut, "info", None)
+        if isinstance(info, TaskInfo):
+            info.outcome = "error"
 
     def fail(self, item: WorkItem, exc: BaseException, outcome: str, now: float) -> None:
         """End the task with ``exc`` (a CancelledError ends it cancelled)."""
         item.payload = b""
         fut = item.future
+        # An error of ours (timeout, crash, cancel) needs no unpickling: a future
+        # without done-callbacks ends here at once, so that it is not queued
+        # behind another's slow result or callback.
+        quick = isinstance(fut, TaskFuture)
         if isinstance(exc, CancelledError):
             self._record(item, "cancelled", now)
-            end_cancelled(fut, running=item.sent)
+            if not (quick and fut.end_now(None)):  # type: ignore[attr-defined]
+                self.delivery.cancel(fut, running=item.sent)
             return
         self._record(item, outcome, now)
         if fut.done():
             return
         if not self.hand_over(item, now):
             return  # never handed over, and cancelled by its user just now
-        fut.set_exception(exc)
+        if not (quick and fut.end_now(exc)):  # type: ignore[attr-defined]
+            self.delivery.fail(fut, exc)
 
     def retry_or_fail(self, item: WorkItem, exc: BaseException, outcome: str, now: float) -> bool:
         """A worker was lost under this task (timeout, crash, memory). True: it is to
