@@ -17,7 +17,17 @@ Data flow (one way, like CPython's ``concurrent/futures/process.py``)::
       :.. idle worker, manager asleep, no deadline: the caller ...:       buffers come in a
           writes the TASK itself (try_dispatch, under _lock)              memfd, over a socket)
                                       |
-                                      +-- results/errors ---> Ledger: set_result / set_exception
+                                      +-- results/errors ---> Ledger: count, TaskInfo ------+
+                                      |   (still pickled)                                  |
+                                      +-- not a valid frame -> SIGKILL group, fail its task |
+                                      |   (WorkerProtocolError), the rest goes on          v
+                                      |                         delivery thread (_delivery):
+                                      |                         unpickle, set_result /
+                                      |                         set_exception, done-callbacks
+                                      |                         (user's, journal's, bars'),
+                                      |                         in order. Our own errors of a
+                                      |                         future with no callback end
+                                      |                         right here (TaskFuture.end_now)
                                       +-- deadline passed --> stack dump, SIGTERM+SIGCONT group,
                                       |                       SIGKILL after kill_grace, replace
                                       +-- long task ahead --> take back the tasks waiting behind
@@ -28,10 +38,18 @@ Data flow (one way, like CPython's ``concurrent/futures/process.py``)::
 The parts, each in its own module: ``_mailbox`` (how other threads reach this one),
 ``_worker_handle`` (one worker: state, pipes, timers, its group), ``_scheduling``
 (how many workers, how deep each pipe), ``_ledger`` (outcomes, counters, TaskInfo),
+``_delivery`` (the thread that unpickles outcomes and ends futures),
 ``_process`` (POSIX: start, signal, reap), ``_platform`` (pidfd or polling),
 ``_guardian`` (the parent's death) and ``_exit`` (interpreter exit, fork). This module
 joins them: the loop, the events, the commands, supervision (timeouts, memory, death,
 reaping) and shutdown.
+
+Nothing a task controls runs here: no unpickling of what a worker sent (the delivery
+thread does it), no done-callback, and what a worker writes is checked frame by frame
+(``FrameReader`` with limits, then the frame's kind against the worker's state). A
+worker that breaks the protocol, or whose event handling raises, is killed with its
+group and its task fails; the loop goes on (``_contained``). Only a failure outside
+any one worker's handling stops the pool (``_emergency_stop``).
 
 Ownership (who may write what):
 
@@ -44,7 +62,13 @@ worker handles, ``scheduler``, which lets go only while it sleeps in poll(); the
 ``mailbox.inbox``              any thread appends; the manager pops
 ``mailbox.sweep_due``          any thread sets (a cancel); the manager clears
 ``mailbox`` wake/close         ``Mailbox._lock``
-``shutting_down``              the manager thread
+``shutting_down``,             the manager thread
+``_eof_due``
+delivery job queue             the manager puts, the delivery thread gets
+``finished``                   the delivery thread sets it, after the manager ended
+                               and every job (future, callback) was done
+``Stats.unpickle_failed``,     the delivery thread (a result that did not unpickle)
+that task's TaskInfo.outcome
 executor ``_shutdown``,        ``ProcessGroupExecutor._shutdown_lock``
 ``_started``, its counts
 guardian registry              ``_guardian._lock``
@@ -54,9 +78,11 @@ spawn bookkeeping              ``_process._spawn_lock``
 Lock order: ``_shutdown_lock`` -> ``Manager._lock`` (only ever tried, never waited
 for, from a caller) -> ``Mailbox._lock``; ``Manager._lock`` -> ``_process._spawn_lock``
 and ``Manager._lock`` -> ``_guardian._lock``. No lock is held while pickling. Futures
-are resolved with ``Manager._lock`` held, so done-callbacks run in the manager thread:
-anything they call must not wait for the manager (``shutdown()`` raises there, see
-the executor).
+are resolved in the delivery thread, which holds none of these locks, so done-callbacks
+run there; anything they call must not wait for the executor to finish
+(``shutdown()`` raises there, see the executor). The manager ends a future itself
+only with an exception of its own (timeout, crash, cancel) and only when no callback
+is attached (``TaskFuture.end_now``): that runs no user code.
 
 The loop never blocks on a worker: pipes are non-blocking and partially written
 frames wait in the worker's buffer. Tiny tasks go deep into each worker's pipe
