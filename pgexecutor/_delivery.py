@@ -17,7 +17,7 @@ Owner: the job queue is a ``SimpleQueue``: the manager (and, for the last job, t
 thread that closes it) puts, this thread alone gets. ``finished`` is set by this
 thread when it ends, after the last job: by then the manager's thread has ended
 (its end is what closes the queue), so ``finished`` means "everything ended,
-every callback ran". ``on_decode_failure`` is called from this thread only.
+every callback ran".
 """
 
 from __future__ import annotations
@@ -42,40 +42,52 @@ _CLOSE = None  #: the last job: the manager's thread has ended
 
 
 class Encoded:
-    """A task's outcome as the worker sent it: a frame kind and its payload.
+    """A task's outcome as the worker sent it: a frame kind and its payload, and who
+    to tell if a result does not unpickle (the ledger: it counts it as failed).
 
-    For RESULT_SHM the payload is a :class:`_protocol.ShmPayload` (its memfd is
-    closed by the decode, or by ``discard``).
+    Decoded in the delivery thread, or by the future's first reader (see
+    ``TaskFuture.end_encoded``). For RESULT_SHM the payload is a
+    :class:`_protocol.ShmPayload` (its memfd is closed by the decode, or by
+    ``discard``).
     """
 
-    __slots__ = ("kind", "payload")
+    __slots__ = ("kind", "payload", "on_failure")
 
-    def __init__(self, kind: int, payload: Any) -> None:
+    def __init__(self, kind: int, payload: Any, on_failure: Callable[[Future[Any]], None]) -> None:
         self.kind = kind
         self.payload = payload
+        self.on_failure = on_failure
 
     def decode(self, fut: Future[Any]) -> tuple[bool, Any]:
-        """(True, value) or (False, exception); runs user code, never raises. The
+        """(True, value) or (False, exception); runs user code. Raises only a
+        KeyboardInterrupt that may be the user's Ctrl-C (in the main thread: a reader
+        unpickling there); the answer then stays as it is, to be decoded again. The
         result's own pickle goes to ``fut`` first if it asked for it."""
         kind, payload = self.kind, self.payload
-        self.payload = None  # the raw bytes go as soon as the value exists
         keep = isinstance(fut, TaskFuture) and fut.wants_result_bytes()
         try:
             if kind == proto.ERROR:
-                return False, proto.load_exception(payload)
-            if kind == proto.RESULT:
+                ok, value = False, proto.load_exception(payload)
+            elif kind == proto.RESULT:
                 if keep:
                     fut.set_result_bytes(bytes(payload))  # type: ignore[attr-defined]
-                return True, proto.loads(payload)
-            if kind == proto.RESULT_OOB:
-                data, buffers = proto.split_oob(payload)
+                ok, value = True, proto.loads(payload)
             else:
-                data, buffers = payload.split()  # RESULT_SHM
-            if keep:
-                fut.set_result_bytes(proto.standalone_pickle(data, buffers))  # type: ignore[attr-defined]
-            return True, proto.loads(data, buffers)
+                if kind == proto.RESULT_OOB:
+                    data, buffers = proto.split_oob(payload)
+                else:
+                    data, buffers = payload.split()  # RESULT_SHM
+                if keep:
+                    fut.set_result_bytes(proto.standalone_pickle(data, buffers))  # type: ignore[attr-defined]
+                ok, value = True, proto.loads(data, buffers)
         except BaseException as exc:  # any exception a hostile __setstate__ raises
-            return False, proto.mark_pickling_fault(exc, proto.UNPICKLE_RESULT)
+            if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
+                raise
+            ok, value = False, proto.mark_pickling_fault(exc, proto.UNPICKLE_RESULT)
+            if kind != proto.ERROR:
+                self.on_failure(fut)
+        self.payload = None  # the raw bytes go as soon as the value exists
+        return ok, value
 
     def discard(self) -> None:
         if self.kind == proto.RESULT_SHM and self.payload is not None:
@@ -85,12 +97,10 @@ class Encoded:
 
 class Delivery:
     """Decodes outcomes and ends futures in a thread of its own (see the module
-    docstring). ``on_decode_failure(future)`` hears of a result that did not
-    unpickle, before that future ends (the ledger counts it as failed)."""
+    docstring)."""
 
-    def __init__(self, on_decode_failure: Callable[[Future[Any]], None]) -> None:
+    def __init__(self) -> None:
         self._jobs: SimpleQueue[tuple[int, Future[Any], Any] | None] = SimpleQueue()
-        self._on_decode_failure = on_decode_failure
         self.thread = threading.Thread(target=self._run, name="pgexecutor-delivery", daemon=True)
         self.finished = threading.Event()
 
@@ -153,8 +163,6 @@ class Delivery:
                 arg.discard()
                 return
             ok, value = arg.decode(fut)
-            if not ok and arg.kind != proto.ERROR:
-                self._on_decode_failure(fut)
         else:
             ok, value = False, arg
         try:

@@ -22,6 +22,13 @@ pool needs and the base class cannot give through its public protocol:
 Its resolver is the thread that resolves it and runs its done-callbacks (the
 executor's delivery thread, see ``_delivery``); ``result()`` there of a future not
 yet done refuses rather than wait for itself.
+
+* **Unpickled by its reader.** A future that no callback watches ends as soon as
+  its answer arrives, still pickled (:meth:`end_encoded`); the first ``result()`` /
+  ``exception()`` unpickles it, in the caller's thread, once. So unpickling (user
+  code: any ``__setstate__``) never runs in the manager's thread, and the common
+  case costs no hop through the delivery thread either. A result that then fails to
+  unpickle fails the future from that moment (as it would have at once).
 """
 
 from __future__ import annotations
@@ -30,8 +37,22 @@ import threading
 from _thread import get_ident
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
-from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
-from typing import Any
+from concurrent.futures._base import (
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+    _AllCompletedWaiter,
+)
+from typing import Any, Protocol
+
+_PENDING: Any = object()  # ``_result`` of a future ended by end_encoded, until unpickled
+
+
+class Pending(Protocol):
+    """An answer not unpickled yet (``_delivery.Encoded``)."""
+
+    def decode(self, fut: Future[Any]) -> tuple[bool, Any]: ...
 
 
 class TaskFuture(Future[Any]):
@@ -53,18 +74,76 @@ class TaskFuture(Future[Any]):
         self.info: Any = None
         # None: not wanted; b"": wanted, not there (yet); else the result's pickle.
         self._result_bytes: bytes | None = None
+        self._pending: Pending | None = None  # FINISHED, not unpickled yet
+        self._decoding: Any = None  # the lock of that unpickling
 
     def result(self, timeout: float | None = None) -> Any:
         resolver = self._resolver
         if resolver is not None and resolver.ident == get_ident():
             self._refuse_self_wait("result")
-        return Future.result(self, timeout)
+        value = Future.result(self, timeout)  # read with the state, under _condition
+        if value is not _PENDING:
+            return value
+        self._decode()
+        return Future.result(self, 0)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         resolver = self._resolver
         if resolver is not None and resolver.ident == get_ident():
             self._refuse_self_wait("exception")
-        return Future.exception(self, timeout)
+        Future.exception(self, timeout)  # waits (or raises CancelledError, TimeoutError)
+        if self._result is _PENDING:
+            self._decode()
+        return Future.exception(self, 0)  # read again, under _condition
+
+    def end_encoded(self, answer: Pending, error: bool) -> bool:
+        """End it now with ``answer``, unpickled later by its first reader; False if
+        a done-callback (or a ``wait(return_when=FIRST_EXCEPTION)``, which must know
+        at once whether a result is an error) needs it unpickled now, elsewhere.
+
+        ``error``: the answer is the task's exception (waiters hear add_exception).
+        Runs no user code: the state changes under ``_condition``, waiters told, as
+        set_result / set_exception do.
+        """
+        with self._condition:
+            if self._done_callbacks or self._state != RUNNING:  # type: ignore[attr-defined, has-type]
+                return False
+            waiters = self._waiters
+            if not error and any(
+                type(w) is _AllCompletedWaiter and w.stop_on_exception for w in waiters
+            ):
+                return False
+            self._decoding = threading.Lock()
+            self._pending = answer
+            self._result = _PENDING
+            self._state = FINISHED
+            for waiter in waiters:
+                if error:
+                    waiter.add_exception(self)
+                else:
+                    waiter.add_result(self)
+            self._condition.notify_all()
+        return True
+
+    def _decode(self) -> None:
+        """Unpickle the pending answer, once, in this (the reading) thread."""
+        with self._decoding:
+            answer = self._pending
+            if answer is None:
+                return  # another reader did it meanwhile
+            ok, value = answer.decode(self)
+            with self._condition:
+                if ok:
+                    self._result = value
+                else:
+                    self._result = None
+                    self._exception = value
+                self._pending = None
+
+    def __repr__(self) -> str:
+        if self._result is _PENDING:
+            return f"<{type(self).__name__} at {id(self):#x} state=finished (not unpickled yet)>"
+        return Future.__repr__(self)
 
     def _refuse_self_wait(self, what: str) -> None:
         """A done-callback (it runs in the executor's delivery thread) that waits for
@@ -93,6 +172,8 @@ class TaskFuture(Future[Any]):
         ``pickle.loads`` turns into the result (large buffers a worker sent out of
         band are put back in band). None unless :meth:`keep_result_bytes` was called
         before the task ended, or if the task did not return a result."""
+        if self._result is _PENDING:
+            self._decode()
         return self._result_bytes or None
 
     def cancel(self) -> bool:

@@ -12,15 +12,17 @@ counters count it before the job is queued, so a callback, or a caller woken by
 the future, sees both.
 
 Owner: the manager thread (whoever holds ``Manager._lock``); nothing here is
-thread-safe on its own, except ``decode_failed``, which only the delivery thread
-calls and which writes only ``Stats.unpickle_failed`` and the TaskInfo of a future
-the manager is done with.
+thread-safe on its own, except ``decode_failed``: whichever thread unpickles a
+result (the delivery thread, or the future's first reader) calls it, under
+``_failed_lock``; it writes only ``Stats.unpickle_failed`` and the TaskInfo of a
+future the manager is done with.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any
@@ -127,8 +129,9 @@ class Stats:
         self.workers_started = 0
         self.workers_killed = 0
         # Results counted as completed whose unpickling then failed (in the delivery
-        # thread, its one writer): failed after all. Kept apart, not moved between the
-        # two counters, so that each counter has one writer.
+        # thread or a reader's, under Ledger._failed_lock): failed after all. Kept
+        # apart, not moved between the two counters, so the manager stays the one
+        # writer of those.
         self.unpickle_failed = 0
 
     def snapshot(self) -> dict[str, int]:
@@ -146,6 +149,7 @@ class Ledger:
     def __init__(self, delivery: Delivery) -> None:
         self.stats = Stats()
         self.delivery = delivery
+        self._failed_lock = threading.Lock()
 
     def hand_over(self, item: WorkItem, now: float) -> bool:
         """The task leaves the queue for a worker: its future becomes RUNNING. False
@@ -162,15 +166,24 @@ class Ledger:
         """The worker answered (a result, or the task's exception, both still
         pickled): the delivery thread decodes it and ends the future."""
         item.payload = b""
-        self._record(item, "error" if outcome.kind == proto.ERROR else "ok", now)
-        self.delivery.decode(item.future, outcome)
+        error = outcome.kind == proto.ERROR
+        self._record(item, "error" if error else "ok", now)
+        fut = item.future
+        # Unpickled by its first reader when no callback needs it now: no hop
+        # through the delivery thread on the common path (TaskFuture.end_encoded).
+        # Not a memfd's result: an unread future would hold the fd open.
+        if outcome.kind == proto.RESULT_SHM or not (
+            isinstance(fut, TaskFuture) and fut.end_encoded(outcome, error)
+        ):
+            self.delivery.decode(fut, outcome)
 
     def decode_failed(self, fut: Any) -> None:
-        """Delivery thread: a result counted as completed did not unpickle here."""
-        self.stats.unpickle_failed += 1
-        info = getattr(fut, "info", None)
-        if isinstance(info, TaskInfo):
-            info.outcome = "error"
+        """A result counted as completed did not unpickle here (any thread)."""
+        with self._failed_lock:
+            self.stats.unpickle_failed += 1
+            info = getattr(fut, "info", None)
+            if isinstance(info, TaskInfo):
+                info.outcome = "error"
 
     def fail(self, item: WorkItem, exc: BaseException, outcome: str, now: float) -> None:
         """End the task with ``exc`` (a CancelledError ends it cancelled)."""

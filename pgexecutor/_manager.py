@@ -165,7 +165,7 @@ class Manager:
         self.queue: deque[WorkItem] = deque()  # not handed to any worker (now)
         self.workers: dict[int, WorkerHandle] = {}
         self.scheduler = Scheduler(config.max_workers)
-        self.delivery = Delivery(self._decode_failed)
+        self.delivery = Delivery()
         self.ledger = Ledger(self.delivery)
         self.shutting_down = False
         # Pids of the workers serving the executor, republished on every change;
@@ -757,14 +757,11 @@ class Manager:
         self.scheduler.observe_run(now - item.started)
         if w.inflight:
             w.start_clock(w.inflight[0], now)
-        # Decoded in the delivery thread: unpickling runs the task's code (a
-        # __setstate__ may take seconds), which must not hold up any deadline here.
-        self.ledger.answer(item, Encoded(kind, payload), now)
+        # Decoded elsewhere (the delivery thread, or whoever reads the future first):
+        # unpickling runs the task's code (a __setstate__ may take seconds), which
+        # must not hold up any deadline here.
+        self.ledger.answer(item, Encoded(kind, payload, self.ledger.decode_failed), now)
         return True
-
-    def _decode_failed(self, fut: Future[Any]) -> None:
-        """The delivery thread: a result did not unpickle (a failure, not a success)."""
-        self.ledger.decode_failed(fut)
 
     # ------------------------------------------------------------ supervision
 
