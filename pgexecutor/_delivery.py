@@ -66,7 +66,9 @@ class Encoded:
         kind, payload = self.kind, self.payload
         keep = isinstance(fut, TaskFuture) and fut.wants_result_bytes()
         try:
-            if kind == proto.ERROR:
+            if kind == proto.RESULT and not keep:  # the common case first
+                ok, value = True, proto.loads(payload)
+            elif kind == proto.ERROR:
                 ok, value = False, proto.load_exception(payload)
             elif kind == proto.RESULT:
                 if keep:

@@ -84,7 +84,8 @@ class TaskFuture(Future[Any]):
         value = Future.result(self, timeout)  # read with the state, under _condition
         if value is not _PENDING:
             return value
-        self._decode()
+        if self._decode():
+            return self._result
         return Future.result(self, 0)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
@@ -109,7 +110,7 @@ class TaskFuture(Future[Any]):
             if self._done_callbacks or self._state != RUNNING:  # type: ignore[attr-defined, has-type]
                 return False
             waiters = self._waiters
-            if not error and any(
+            if waiters and not error and any(
                 type(w) is _AllCompletedWaiter and w.stop_on_exception for w in waiters
             ):
                 return False
@@ -125,12 +126,13 @@ class TaskFuture(Future[Any]):
             self._condition.notify_all()
         return True
 
-    def _decode(self) -> None:
-        """Unpickle the pending answer, once, in this (the reading) thread."""
+    def _decode(self) -> bool:
+        """Unpickle the pending answer, once, in this (the reading) thread. True if
+        it was a result (now in ``_result``, final)."""
         with self._decoding:
             answer = self._pending
             if answer is None:
-                return  # another reader did it meanwhile
+                return False  # another reader did it meanwhile: read it as usual
             ok, value = answer.decode(self)
             with self._condition:
                 if ok:
@@ -139,6 +141,7 @@ class TaskFuture(Future[Any]):
                     self._result = None
                     self._exception = value
                 self._pending = None
+            return ok
 
     def __repr__(self) -> str:
         if self._result is _PENDING:

@@ -691,6 +691,10 @@ class Manager:
             self.scheduler.stop_growing()
 
     def _on_frame(self, w: WorkerHandle, kind: int, ident: int, payload: bytes | bytearray) -> None:
+        if kind == proto.RESULT:  # the common case first
+            if w.state in SERVING:
+                self._on_answer(w, kind, ident, payload)
+            return
         if kind == proto.RESULT_SHM:
             # The channel carries one memfd per RESULT_SHM frame, in frame order: take
             # it now, whatever becomes of this answer.
@@ -705,7 +709,7 @@ class Manager:
             return
         if w.state not in SERVING:
             return  # a worker we gave up on: whatever it still says is moot
-        if kind == proto.RESULT or kind == proto.ERROR or kind == proto.RESULT_OOB:
+        if kind == proto.ERROR or kind == proto.RESULT_OOB:
             self._on_answer(w, kind, ident, payload)
         elif kind == proto.UNPICKLED:
             head = w.head()

@@ -408,8 +408,11 @@ class FrameReader:
         with memoryview(buf) as mv:
             while n - pos >= HEADER_SIZE:
                 kind, ident, size = HEADER.unpack_from(buf, pos)
-                if limits is not None and not self._valid(kind, size, mv[pos : pos + _SHOWN]):
-                    break
+                if limits is not None:
+                    bounds = limits.get(kind)
+                    if bounds is None or not bounds[0] <= size <= bounds[1]:
+                        self._invalid(kind, size, mv[pos : pos + _SHOWN])
+                        break
                 end = pos + HEADER_SIZE + size
                 if end > n:
                     break
@@ -427,18 +430,14 @@ class FrameReader:
             del buf[:pos]
         return out
 
-    def _valid(self, kind: int, size: int, shown: memoryview) -> bool:
-        """Check one header against the limits; on failure set ``error``."""
+    def _invalid(self, kind: int, size: int, shown: memoryview) -> None:
+        """A header broke the limits: say what was read in ``error``."""
         assert self._limits is not None
-        bounds = self._limits.get(kind)
-        if bounds is None:
+        if kind not in self._limits:
             what = f"a frame of unknown kind {kind}"
-        elif not bounds[0] <= size <= bounds[1]:
-            what = f"a frame of kind {kind} with an impossible payload size of {size} bytes"
         else:
-            return True
+            what = f"a frame of kind {kind} with an impossible payload size of {size} bytes"
         self.error = f"protocol violation: {what}; read {bytes(shown)!r}"
-        return False
 
     def _feed_big(self, data: bytes) -> list[tuple[int, int, bytes | bytearray]]:
         """``feed`` while a large frame is being filled: its bytes first."""
