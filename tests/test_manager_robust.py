@@ -373,3 +373,80 @@ def test_result_bytes_of_an_out_of_band_result_load_alone():
         value = fut.result(timeout=30)
     again = pickle.loads(fut.result_bytes())
     assert again["tag"] == "big" and np.array_equal(again["a"], value["a"])
+
+
+class _SlowBar:
+    """A progress object whose every update takes a while (a slow terminal)."""
+
+    total = None
+
+    def __init__(self):
+        self.updates = 0
+
+    def update(self, n):
+        time.sleep(0.6)
+        self.updates += n
+
+    def set_postfix(self, mapping, refresh=True):
+        pass
+
+
+def test_a_slow_progress_bar_does_not_delay_another_tasks_timeout():
+    bar = _SlowBar()
+    with ProcessGroupExecutor(max_workers=2) as ex:
+        wait([ex.submit(sleep_then, 0.2, 0) for _ in range(2)])
+        start = time.monotonic()
+        hung = ex.options(task_timeout=1.0).submit(sleep_forever)
+        out = []
+        mapping = threading.Thread(
+            target=lambda: out.extend(ex.map(abs, [-1, -2, -3, -4, -5], progress=bar))
+        )
+        mapping.start()
+        with pytest.raises(TaskTimeoutError):
+            hung.result(timeout=30)
+        fired_after = time.monotonic() - start
+        mapping.join(30)
+    assert fired_after < 2.5, f"the timeout fired after {fired_after:.2f} s"
+    assert out == [1, 2, 3, 4, 5] and bar.updates == 5
+
+
+_rebuilt: list[int] = []
+
+
+def _counted_rebuild(value):
+    if os.environ.get("PGX_TEST_PARENT") == str(os.getpid()):
+        time.sleep(0.5)
+        _rebuilt.append(value)
+    return [value]
+
+
+class CountedUnpickle:
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        return (_counted_rebuild, (self.value,))
+
+
+def make_counted(value):
+    return CountedUnpickle(value)
+
+
+def test_a_result_is_unpickled_once_whoever_reads_it():
+    """A future without callbacks ends still pickled; its readers unpickle it once
+    (in the first reader's thread), and every reader gets the same object."""
+    _rebuilt.clear()
+    with ProcessGroupExecutor(max_workers=1) as ex:
+        fut = ex.submit(make_counted, 42)
+        wait([fut], timeout=30)
+        assert fut.done() and "not unpickled yet" in repr(fut)
+        got = []
+        readers = [threading.Thread(target=lambda: got.append(fut.result())) for _ in range(4)]
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join(30)
+        assert got == [[42]] * 4 and all(g is got[0] for g in got)
+        assert fut.exception() is None and fut.result() is got[0]
+        assert "returned list" in repr(fut)
+    assert _rebuilt == [42]
