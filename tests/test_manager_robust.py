@@ -384,7 +384,8 @@ class _SlowBar:
         self.updates = 0
 
     def update(self, n):
-        time.sleep(0.6)
+        if not self.updates:
+            time.sleep(3.0)
         self.updates += n
 
     def set_postfix(self, mapping, refresh=True):
