@@ -58,13 +58,12 @@ class Encoded:
         self.payload = payload
         self.on_failure = on_failure
 
-    def decode(self, fut: Future[Any]) -> tuple[bool, Any]:
+    def decode(self, fut: Future[Any], keep: bool) -> tuple[bool, Any]:
         """(True, value) or (False, exception); runs user code. Raises only a
         KeyboardInterrupt that may be the user's Ctrl-C (in the main thread: a reader
-        unpickling there); the answer then stays as it is, to be decoded again. The
-        result's own pickle goes to ``fut`` first if it asked for it."""
+        unpickling there); the answer then stays as it is, to be decoded again. With
+        ``keep``, the result's own pickle goes to ``fut`` (a TaskFuture) first."""
         kind, payload = self.kind, self.payload
-        keep = isinstance(fut, TaskFuture) and fut.wants_result_bytes()
         try:
             if kind == proto.RESULT and not keep:  # the common case first
                 ok, value = True, proto.loads(payload)
@@ -164,7 +163,7 @@ class Delivery:
             if fut.done():  # nobody will read it (an integration's own future)
                 arg.discard()
                 return
-            ok, value = arg.decode(fut)
+            ok, value = arg.decode(fut, isinstance(fut, TaskFuture) and fut.wants_result_bytes())
         else:
             ok, value = False, arg
         try:

@@ -52,7 +52,7 @@ _PENDING: Any = object()  # ``_result`` of a future ended by end_encoded, until 
 class Pending(Protocol):
     """An answer not unpickled yet (``_delivery.Encoded``)."""
 
-    def decode(self, fut: Future[Any]) -> tuple[bool, Any]: ...
+    def decode(self, fut: Future[Any], keep_bytes: bool) -> tuple[bool, Any]: ...
 
 
 class TaskFuture(Future[Any]):
@@ -133,14 +133,17 @@ class TaskFuture(Future[Any]):
             answer = self._pending
             if answer is None:
                 return False  # another reader did it meanwhile: read it as usual
-            ok, value = answer.decode(self)
-            with self._condition:
-                if ok:
-                    self._result = value
-                else:
-                    self._result = None
-                    self._exception = value
-                self._pending = None
+            ok, value = answer.decode(self, self._result_bytes is not None)
+            # Published without _condition (the state is FINISHED already): single
+            # attribute stores, atomic under the GIL, ordered so that a reader in
+            # Future.result sees either _PENDING (and comes here) or the outcome:
+            # the exception before the result's placeholder goes.
+            if ok:
+                self._result = value
+            else:
+                self._exception = value
+                self._result = None
+            self._pending = None
             return ok
 
     def __repr__(self) -> str:

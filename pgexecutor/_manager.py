@@ -305,9 +305,10 @@ class Manager:
                 due = w.next_due()
                 if due is not None and now >= due:
                     self._contained(self._on_timer, w, now)
-            for w, due in list(self._eof_due.items()):
-                if now >= due:
-                    self._contained(self._on_eof_due, w)
+            if self._eof_due:
+                for w, due in list(self._eof_due.items()):
+                    if now >= due:
+                        self._contained(self._on_eof_due, w)
             self._dispatch()
             if self.shutting_down and self._finish_shutdown():
                 return
@@ -752,11 +753,13 @@ class Manager:
     def _on_answer(self, w: WorkerHandle, kind: int, ident: int, payload: Any) -> bool:
         """A task's outcome arrived; False if it is not the running task's (then the
         worker broke the protocol: it is killed)."""
-        head = w.head()
-        if head is None or head.task_id != ident:
+        inflight = w.inflight
+        # The running task's (w.head(), inlined: _on_frame checked the state, and a
+        # task's clock starts only once its worker is ready).
+        if not inflight or inflight[0].task_id != ident or not inflight[0].started:
             self._violation(w, self._unexpected(w, proto.KIND_NAMES.get(kind, str(kind)), ident))
             return False
-        item = w.inflight.popleft()
+        item = inflight.popleft()
         now = time.monotonic()
         self.scheduler.observe_run(now - item.started)
         if w.inflight:
