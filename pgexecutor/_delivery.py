@@ -9,6 +9,12 @@ and hands the outcome here, still encoded; this thread decodes it, resolves the
 future and so runs its callbacks, one outcome after the other, in the order the
 manager decided them.
 
+Most futures never come here: one that no callback watches ends at once, still
+encoded, and its first reader decodes it (``TaskFuture.end_encoded``); one the
+manager fails itself (timeout, crash, cancel) ends at once too
+(``TaskFuture.end_now``). Neither runs user code in the manager's thread, and the
+common round trip pays no hop through this thread.
+
 Nothing here waits for the manager, so a callback may submit, cancel, or shut the
 pool down without waiting (``shutdown(wait=True)`` from a callback must still
 refuse: it would wait for this very thread, see the executor).
