@@ -157,7 +157,7 @@ class TaskFuture(Future[Any]):
         if not self.done():
             raise RuntimeError(
                 f"{what}() of an unfinished future called from a done-callback: callbacks "
-                "run in the executor's delivery thread, which would wait for itself. Wait "
+                "run in the executor's thread that resolves futures, which would wait for itself. Wait "
                 "in another thread, or chain with add_done_callback"
             )
 
