@@ -722,17 +722,20 @@ class Manager:
             if took == took:  # not NaN
                 head.started += max(0.0, min(took, time.monotonic() - head.started))
         elif kind == proto.READY:
-            if w.state is not State.STARTING:
+            # (A worker may be RETIRING before it is ready: its max_tasks_per_child
+            # tasks were all handed to it while it started.)
+            if w.ready_seen or w.init_failed:
                 self._violation(w, self._unexpected(w, "READY", ident))
                 return
-            w.state = State.READY
+            if w.state is State.STARTING:
+                w.state = State.READY
             w.ready_seen = True
             self.scheduler.start_failures = 0
             if w.inflight and not w.inflight[0].started:
                 # Handed over while the worker started: it begins now.
                 w.start_clock(w.inflight[0], time.monotonic())
         elif kind == proto.INIT_FAILED:
-            if w.state is not State.STARTING:
+            if w.ready_seen or w.init_failed:
                 self._violation(w, self._unexpected(w, "INIT_FAILED", ident))
                 return
             summary, text = proto.decode_init_failure(payload)
