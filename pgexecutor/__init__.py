@@ -20,6 +20,7 @@ from .errors import (
     TaskTimeoutError,
     WorkerCrashedError,
     WorkerInitializerError,
+    WorkerProtocolError,
 )
 from .executor import ProcessGroupExecutor, spawned_groups, task_info
 
@@ -33,6 +34,7 @@ __all__ = [
     "WorkerCrashedError",
     "MemoryLimitError",
     "WorkerInitializerError",
+    "WorkerProtocolError",
     "RemoteTaskError",
     "TaskPicklingError",
     "TaskInfo",

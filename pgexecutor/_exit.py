@@ -5,7 +5,9 @@ At exit the standard library's rule holds: submitted work is finished first (a
 like ProcessPoolExecutor's), unless the program is dying of Ctrl-C, when every group
 is killed at once. Only managers whose thread started are tracked: an executor never
 used costs exit nothing. In a forked child the parent's managers are abandoned: their
-threads do not exist there and their workers are the parent's.
+threads do not exist there and their workers are the parent's. A manager is done
+when its ``finished`` is set: its loop ended and every future of it was delivered
+(resolved, done-callbacks run; see ``_delivery``).
 
 Owner: ``_exit_lock`` guards ``_global_shutdown``; ``_live`` is a WeakSet written by
 starting threads and read at exit.
@@ -91,14 +93,13 @@ def _python_exit() -> None:
             # Finishing submitted work can take as long as that work; a task that
             # never ends (no task_timeout) keeps the program from exiting, as with
             # ProcessPoolExecutor. Say so once, and how to get out: Ctrl-C below.
-            m.thread.join(_EXIT_NOTICE_AFTER)
-            if m.thread.is_alive():
+            if not m.finished.wait(_EXIT_NOTICE_AFTER):
                 logger.warning(
                     "interpreter exit waits for the tasks submitted to an executor; "
                     "a task with no task_timeout may never end: Ctrl-C kills every "
                     "worker group at once"
                 )
-                m.thread.join()
+                m.finished.wait()
     except KeyboardInterrupt:
         _kill_everything(managers)
         raise
@@ -108,12 +109,12 @@ def _kill_everything(managers: list[Manager]) -> None:
     for m in managers:
         m.post(Terminate(True, "the program was interrupted"))
     for m in managers:
-        m.thread.join(timeout=5.0)
+        m.finished.wait(timeout=5.0)
 
 
 def _atexit_last_resort() -> None:
     """Runs after threads were joined; anything still alive here is killed."""
-    managers = [m for m in list(_live) if m.thread.is_alive()]
+    managers = [m for m in list(_live) if not m.finished.is_set()]
     if managers:
         _kill_everything(managers)
 

@@ -23,6 +23,21 @@ pool needs and the base class cannot give through its public protocol:
   on a future cancelled that way return quietly instead of raising
   ``InvalidStateError`` in the pool's thread). Then ``stop`` asks the pool to stop
   the task (it posts a command: quick, safe from any thread, callbacks included).
+* **The result's own bytes.** A journal stores what the worker pickled, not a
+  pickle made again here (which may differ, or fail): ``raw_outcome``, set for the
+  tasks whose settings ask (``TaskSettings.keep_raw``), or :meth:`keep_result_bytes`
+  before the task ends and :meth:`result_bytes` after (one standalone pickle).
+
+Its resolver is the thread that resolves it and runs its done-callbacks (the
+executor's delivery thread, see ``_delivery``); ``result()`` there of a future not
+yet done refuses rather than wait for itself.
+
+* **Unpickled by its reader.** A future that no callback watches ends as soon as
+  its answer arrives, still pickled (:meth:`end_encoded`); the first ``result()`` /
+  ``exception()`` unpickles it, in the caller's thread, once. So unpickling (user
+  code: any ``__setstate__``) never runs in the manager's thread, and the common
+  case costs no hop through the delivery thread either. A result that then fails to
+  unpickle fails the future from that moment (as it would have at once).
 """
 
 from __future__ import annotations
@@ -31,8 +46,22 @@ import threading
 from _thread import get_ident
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
-from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
-from typing import Any
+from concurrent.futures._base import (
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+    _AllCompletedWaiter,
+)
+from typing import Any, Protocol
+
+_PENDING: Any = object()  # ``_result`` of a future ended by end_encoded, until unpickled
+
+
+class Pending(Protocol):
+    """An answer not unpickled yet (``_delivery.Encoded``)."""
+
+    def decode(self, fut: Future[Any], keep_bytes: bool) -> tuple[bool, Any]: ...
 
 
 class TaskFuture(Future[Any]):
@@ -48,14 +77,19 @@ class TaskFuture(Future[Any]):
         self._on_cancel = on_cancel
         # cancel_running=True: how cancel() has the pool stop this task once it runs
         self._stop = stop
-        # The thread that resolves it (the manager's): done-callbacks run there, and a
-        # wait for an unfinished future from there could never end. Compared by
-        # ident: result() is on every caller's hot path.
+        # The thread that resolves it (the delivery thread): done-callbacks run there,
+        # and a wait for an unfinished future from there could never end (its turn
+        # comes after the callback's). Compared by ident: result() is on every
+        # caller's hot path.
         self._resolver = resolver
         #: the task's TaskInfo once it ended (pgexecutor.task_info reads it)
         self.info: Any = None
+        # None: not wanted; b"": wanted, not there (yet); else the result's pickle.
+        self._result_bytes: bytes | None = None
+        self._pending: Pending | None = None  # FINISHED, not unpickled yet
+        self._decoding: Any = None  # the lock of that unpickling
         #: The outcome as the worker sent it, set before the future resolves (see
-        #: Ledger.resolve): ``(kind, payload)`` with kind ``_protocol.RESULT`` (the
+        #: Ledger.answer): ``(kind, payload)`` with kind ``_protocol.RESULT`` (the
         #: pickle), ``RESULT_OOB`` (an OOBPayload's bytes: the result's large
         #: buffers are views of it) or ``ERROR`` (an encoded exception). Kept only
         #: for tasks whose settings ask (``TaskSettings.keep_raw``); None otherwise,
@@ -68,23 +102,106 @@ class TaskFuture(Future[Any]):
         resolver = self._resolver
         if resolver is not None and resolver.ident == get_ident():
             self._refuse_self_wait("result")
-        return Future.result(self, timeout)
+        value = Future.result(self, timeout)  # read with the state, under _condition
+        if value is not _PENDING:
+            return value
+        if self._decode():
+            return self._result
+        return Future.result(self, 0)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         resolver = self._resolver
         if resolver is not None and resolver.ident == get_ident():
             self._refuse_self_wait("exception")
-        return Future.exception(self, timeout)
+        Future.exception(self, timeout)  # waits (or raises CancelledError, TimeoutError)
+        if self._result is _PENDING:
+            self._decode()
+        return Future.exception(self, 0)  # read again, under _condition
+
+    def end_encoded(self, answer: Pending, error: bool) -> bool:
+        """End it now with ``answer``, unpickled later by its first reader; False if
+        a done-callback (or a ``wait(return_when=FIRST_EXCEPTION)``, which must know
+        at once whether a result is an error) needs it unpickled now, elsewhere.
+
+        ``error``: the answer is the task's exception (waiters hear add_exception).
+        Runs no user code: the state changes under ``_condition``, waiters told, as
+        set_result / set_exception do.
+        """
+        with self._condition:
+            if self._done_callbacks or self._state != RUNNING:  # type: ignore[attr-defined, has-type]
+                return False
+            waiters = self._waiters
+            if waiters and not error and any(
+                type(w) is _AllCompletedWaiter and w.stop_on_exception for w in waiters
+            ):
+                return False
+            self._decoding = threading.Lock()
+            self._pending = answer
+            self._result = _PENDING
+            self._state = FINISHED
+            for waiter in waiters:
+                if error:
+                    waiter.add_exception(self)
+                else:
+                    waiter.add_result(self)
+            self._condition.notify_all()
+        return True
+
+    def _decode(self) -> bool:
+        """Unpickle the pending answer, once, in this (the reading) thread. True if
+        it was a result (now in ``_result``, final)."""
+        with self._decoding:
+            answer = self._pending
+            if answer is None:
+                return False  # another reader did it meanwhile: read it as usual
+            ok, value = answer.decode(self, self._result_bytes is not None)
+            # Published without _condition (the state is FINISHED already): single
+            # attribute stores, atomic under the GIL, ordered so that a reader in
+            # Future.result sees either _PENDING (and comes here) or the outcome:
+            # the exception before the result's placeholder goes.
+            if ok:
+                self._result = value
+            else:
+                self._exception = value
+                self._result = None
+            self._pending = None
+            return ok
+
+    def __repr__(self) -> str:
+        if self._result is _PENDING:
+            return f"<{type(self).__name__} at {id(self):#x} state=finished (not unpickled yet)>"
+        return Future.__repr__(self)
 
     def _refuse_self_wait(self, what: str) -> None:
-        """A done-callback (it runs in the manager's thread) that waits for a future
-        the same manager has yet to resolve would wait forever: say so instead."""
+        """A done-callback (it runs in the executor's delivery thread) that waits for
+        a future that thread has yet to resolve would wait forever: say so instead."""
         if not self.done():
             raise RuntimeError(
                 f"{what}() of an unfinished future called from a done-callback: callbacks "
-                "run in the executor's manager thread, which would wait for itself. Wait "
+                "run in the executor's thread that resolves futures, which would wait for itself. Wait "
                 "in another thread, or chain with add_done_callback"
             )
+
+    def keep_result_bytes(self) -> None:
+        """Ask for :meth:`result_bytes`: call before the task ends (at submit)."""
+        if self._result_bytes is None:
+            self._result_bytes = b""
+
+    def wants_result_bytes(self) -> bool:
+        return self._result_bytes is not None
+
+    def set_result_bytes(self, data: bytes) -> None:
+        """For the pool: the result as the worker pickled it, before the future ends."""
+        self._result_bytes = data
+
+    def result_bytes(self) -> bytes | None:
+        """The result exactly as the worker pickled it: one standard pickle, which
+        ``pickle.loads`` turns into the result (large buffers a worker sent out of
+        band are put back in band). None unless :meth:`keep_result_bytes` was called
+        before the task ended, or if the task did not return a result."""
+        if self._result is _PENDING:
+            self._decode()
+        return self._result_bytes or None
 
     def take_raw_outcome(self) -> tuple[int, bytes | bytearray] | None:
         """Return :attr:`raw_outcome` and drop it here (its reader keeps it)."""
@@ -127,6 +244,37 @@ class TaskFuture(Future[Any]):
             self._state = CANCELLED_AND_NOTIFIED
             for waiter in self._waiters:
                 waiter.add_cancelled(self)
+            self._condition.notify_all()
+        return True
+
+    def end_now(self, exc: BaseException | None) -> bool:
+        """End it in the calling thread (the manager's) with ``exc``, or cancelled
+        (None), if that runs no code but the standard library's: no done-callback is
+        attached. True if it ended (or had already); False if callbacks must run,
+        which is the delivery thread's job.
+
+        Checked and done under ``_condition``, so a callback added meanwhile either
+        comes before (False) or finds the future done (and runs in its adder's
+        thread, as ever). The same steps as set_exception / cancel +
+        set_running_or_notify_cancel, with the same invariants.
+        """
+        with self._condition:
+            if self._done_callbacks:  # type: ignore[attr-defined]
+                return False
+            state = self._state  # type: ignore[has-type]
+            if state == FINISHED or state == CANCELLED_AND_NOTIFIED:
+                return True
+            if exc is None:
+                self._state = CANCELLED_AND_NOTIFIED
+                for waiter in self._waiters:
+                    waiter.add_cancelled(self)
+            else:
+                if state != RUNNING and state != PENDING:
+                    return False  # cancelled by its user: the slow path sorts it out
+                self._exception = exc
+                self._state = FINISHED
+                for waiter in self._waiters:
+                    waiter.add_exception(self)
             self._condition.notify_all()
         return True
 

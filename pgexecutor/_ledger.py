@@ -3,20 +3,33 @@
 Every future a worker took ends here exactly once: a result, an exception, or
 cancelled. The ledger also keeps the standard library's rule that
 ``set_running_or_notify_cancel()`` is called once per future (``hand_over``), which
-is where a user's ``cancel()`` of a queued future wins or loses. Owner: the manager
-thread (whoever holds ``Manager._lock``); nothing here is thread-safe on its own.
+is where a user's ``cancel()`` of a queued future wins or loses.
+
+The ledger decides and counts; the delivery thread (``_delivery``) carries it out:
+it unpickles the outcome and resolves the future, which runs its done-callbacks,
+none of which may hold up the manager. The TaskInfo is on the future and the
+counters count it before the job is queued, so a callback, or a caller woken by
+the future, sees both.
+
+Owner: the manager thread (whoever holds ``Manager._lock``); nothing here is
+thread-safe on its own, except ``decode_failed``: whichever thread unpickles a
+result (the delivery thread, or the future's first reader) calls it, under
+``_failed_lock``; it writes only ``Stats.unpickle_failed`` and the TaskInfo of a
+future the manager is done with.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any
 
 from . import _protocol as proto
-from ._future import TaskFuture, end_cancelled
+from ._delivery import Delivery, Encoded
+from ._future import TaskFuture
 from ._settings import TaskSettings
 
 logger = logging.getLogger("pgexecutor")
@@ -153,6 +166,11 @@ class Stats:
         self.retried = 0
         self.workers_started = 0
         self.workers_killed = 0
+        # Results counted as completed whose unpickling then failed (in the delivery
+        # thread or a reader's, under Ledger._failed_lock): failed after all. Kept
+        # apart, not moved between the two counters, so the manager stays the one
+        # writer of those.
+        self.unpickle_failed = 0
 
     def count(self, counter: str) -> None:
         """One more of ``counter`` (a name in FIELDS): the event a detector's kill
@@ -161,6 +179,9 @@ class Stats:
 
     def snapshot(self) -> dict[str, int]:
         counters = {name: getattr(self, name, 0) for name in self.FIELDS}
+        moved = self.unpickle_failed
+        counters["completed"] -= moved
+        counters["failed"] += moved
         counters["submitted"] = 0  # the executor's count (see the class docstring)
         return counters
 
@@ -168,8 +189,10 @@ class Stats:
 class Ledger:
     """Ends futures and counts it (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, delivery: Delivery) -> None:
         self.stats = Stats()
+        self.delivery = delivery
+        self._failed_lock = threading.Lock()
 
     def hand_over(self, item: WorkItem, now: float) -> bool:
         """The task leaves the queue for a worker: its future becomes RUNNING. False
@@ -182,36 +205,53 @@ class Ledger:
         item.sent = True
         return True
 
-    def resolve(
-        self, item: WorkItem, value: Any, now: float, raw: tuple[int, Any] | None = None
-    ) -> None:
-        """End the task with ``value``. ``raw``: the worker's answer ``(kind,
-        payload)`` it was unpickled from, left on the future as ``raw_outcome``."""
+    def answer(self, item: WorkItem, outcome: Encoded, now: float) -> None:
+        """The worker answered (a result, or the task's exception, both still
+        pickled): the delivery thread decodes it and ends the future. For a task
+        whose settings ask (a journaled map), the answer's bytes are left on the
+        future first (``raw_outcome``)."""
         item.payload = b""
-        self._record(item, "ok", now)
-        if not item.future.done():
-            item.future.raw_outcome = _kept(item, raw)
-            item.future.set_result(value)
+        error = outcome.kind == proto.ERROR
+        self._record(item, "error" if error else "ok", now)
+        fut = item.future
+        if item.settings.keep_raw and isinstance(fut, TaskFuture):
+            fut.raw_outcome = _kept(item, (outcome.kind, outcome.payload))
+        # Unpickled by its first reader when no callback needs it now: no hop
+        # through the delivery thread on the common path (TaskFuture.end_encoded).
+        # Not a memfd's result: an unread future would hold the fd open.
+        if outcome.kind == proto.RESULT_SHM or not (
+            isinstance(fut, TaskFuture) and fut.end_encoded(outcome, error)
+        ):
+            self.delivery.decode(fut, outcome)
 
-    def fail(
-        self, item: WorkItem, exc: BaseException, outcome: str, now: float,
-        raw: tuple[int, Any] | None = None,
-    ) -> None:
-        """End the task with ``exc`` (a CancelledError ends it cancelled); ``raw`` as
-        for resolve (the worker's ERROR answer)."""
+    def decode_failed(self, fut: Any) -> None:
+        """A result counted as completed did not unpickle here (any thread)."""
+        with self._failed_lock:
+            self.stats.unpickle_failed += 1
+            info = getattr(fut, "info", None)
+            if isinstance(info, TaskInfo):
+                info.outcome = "error"
+
+    def fail(self, item: WorkItem, exc: BaseException, outcome: str, now: float) -> None:
+        """End the task with ``exc`` (a CancelledError ends it cancelled)."""
         item.payload = b""
         fut = item.future
-        fut.raw_outcome = _kept(item, raw)
+        # An error of ours (timeout, crash, cancel) needs no unpickling: a future
+        # without done-callbacks ends here at once, so that it is not queued
+        # behind another's slow result or callback.
+        quick = isinstance(fut, TaskFuture)
         if isinstance(exc, CancelledError):
             self._record(item, "cancelled", now)
-            end_cancelled(fut, running=item.sent)
+            if not (quick and fut.end_now(None)):  # type: ignore[attr-defined]
+                self.delivery.cancel(fut, running=item.sent)
             return
         self._record(item, outcome, now)
         if fut.done():
             return
         if not self.hand_over(item, now):
             return  # never handed over, and cancelled by its user just now
-        fut.set_exception(exc)
+        if not (quick and fut.end_now(exc)):  # type: ignore[attr-defined]
+            self.delivery.fail(fut, exc)
 
     def retry_or_fail(self, item: WorkItem, exc: BaseException, outcome: str, now: float) -> bool:
         """A worker was lost under this task (timeout, crash, memory). True: it is to

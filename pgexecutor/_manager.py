@@ -17,7 +17,17 @@ Data flow (one way, like CPython's ``concurrent/futures/process.py``)::
       :.. idle worker, manager asleep, no deadline: the caller ...:       buffers come in a
           writes the TASK itself (try_dispatch, under _lock)              memfd, over a socket)
                                       |
-                                      +-- results/errors ---> Ledger: set_result / set_exception
+                                      +-- results/errors ---> Ledger: count, TaskInfo ------+
+                                      |   (still pickled)                                  |
+                                      +-- not a valid frame -> SIGKILL group, fail its task |
+                                      |   (WorkerProtocolError), the rest goes on          v
+                                      |                         delivery thread (_delivery):
+                                      |                         unpickle, set_result /
+                                      |                         set_exception, done-callbacks
+                                      |                         (user's, journal's, bars'),
+                                      |                         in order. Our own errors of a
+                                      |                         future with no callback end
+                                      |                         right here (TaskFuture.end_now)
                                       +-- a detector kills -> stack dump, SIGTERM+SIGCONT group,
                                       |   (_supervision)      SIGKILL after kill_grace, replace
                                       +-- long task ahead --> take back the tasks waiting behind
@@ -29,11 +39,19 @@ The parts, each in its own module: ``_mailbox`` (how other threads reach this on
 ``_worker_handle`` (one worker: state, pipes, timers, its group), ``_supervision``
 (the detectors: time limits fixed or learned, memory, stalls, heartbeats; what each
 concludes), ``_scheduling`` (how many workers, how deep each pipe), ``_ledger``
-(outcomes, counters, TaskInfo),
+(outcomes, counters, TaskInfo), ``_delivery`` (the thread that unpickles outcomes and
+ends futures),
 ``_process`` (POSIX: start, signal, reap), ``_platform`` (pidfd or polling),
 ``_guardian`` (the parent's death) and ``_exit`` (interpreter exit, fork). This module
 joins them: the loop, the events, the commands, applying what supervision concludes,
 death, reaping and shutdown.
+
+Nothing a task controls runs here: no unpickling of what a worker sent (the delivery
+thread does it), no done-callback, and what a worker writes is checked frame by frame
+(``FrameReader`` with limits, then the frame's kind against the worker's state). A
+worker that breaks the protocol, or whose event handling raises, is killed with its
+group and its task fails; the loop goes on (``_contained``). Only a failure outside
+any one worker's handling stops the pool (``_emergency_stop``).
 
 Ownership (who may write what):
 
@@ -48,7 +66,13 @@ worker handles, ``scheduler``, which lets go only while it sleeps in poll(); the
 ``mailbox.inbox``              any thread appends; the manager pops
 ``mailbox.sweep_due``          any thread sets (a cancel); the manager clears
 ``mailbox`` wake/close         ``Mailbox._lock``
-``shutting_down``              the manager thread
+``shutting_down``,             the manager thread
+``_eof_due``
+delivery job queue             the manager puts, the delivery thread gets
+``finished``                   the delivery thread sets it, after the manager ended
+                               and every job (future, callback) was done
+``Stats.unpickle_failed``,     the delivery thread (a result that did not unpickle)
+that task's TaskInfo.outcome
 executor ``_shutdown``,        ``ProcessGroupExecutor._shutdown_lock``
 ``_started``, its counts
 guardian registry              ``_guardian._lock``
@@ -58,9 +82,11 @@ spawn bookkeeping              ``_process._spawn_lock``
 Lock order: ``_shutdown_lock`` -> ``Manager._lock`` (only ever tried, never waited
 for, from a caller) -> ``Mailbox._lock``; ``Manager._lock`` -> ``_process._spawn_lock``
 and ``Manager._lock`` -> ``_guardian._lock``. No lock is held while pickling. Futures
-are resolved with ``Manager._lock`` held, so done-callbacks run in the manager thread:
-anything they call must not wait for the manager (``shutdown()`` raises there, see
-the executor).
+are resolved in the delivery thread, which holds none of these locks, so done-callbacks
+run there; anything they call must not wait for the executor to finish
+(``shutdown()`` raises there, see the executor). The manager ends a future itself
+only with an exception of its own (timeout, crash, cancel) and only when no callback
+is attached (``TaskFuture.end_now``): that runs no user code.
 
 The loop never blocks on a worker: pipes are non-blocking and partially written
 frames wait in the worker's buffer. Tiny tasks go deep into each worker's pipe
@@ -87,12 +113,13 @@ from typing import Any
 from . import _exit, _guardian, _platform
 from . import _process as proc_mod
 from . import _protocol as proto
+from ._delivery import Delivery, Encoded
 from ._ledger import Ledger, Stats, TaskInfo, WorkItem
 from ._mailbox import Command, KillTask, Mailbox, Shutdown, Terminate
 from ._scheduling import MAX_START_FAILURES, SHORTAGE_ERRNOS, Scheduler
 from ._supervision import ASK_STACK, Kill, Supervisor, Watch
 from ._worker_handle import SERVING, DumpGate, State, WorkerHandle
-from .errors import WorkerCrashedError, WorkerInitializerError
+from .errors import WorkerCrashedError, WorkerInitializerError, WorkerProtocolError
 
 __all__ = ["Manager", "ManagerConfig", "TaskInfo", "WorkItem", "Stats"]
 
@@ -104,6 +131,15 @@ _POLL_EXIT_INTERVAL = 0.05  # without pidfds, how often to look for dead workers
 # at least this often and sleeps again.
 _MAX_SLEEP = 3600.0
 _DIRECT_MAX = 1 << 14  # try_dispatch takes payloads below this (an empty pipe takes them whole)
+#: A worker's result pipe at EOF while it owes an answer: how long its death may take
+#: to show (the kernel closes a dying process's fds before its pidfd turns readable;
+#: for a process with many threads or much memory that can take a while) before the
+#: closed pipe counts as a protocol violation (a task closed the fd, or reused it).
+_EOF_GRACE = 1.0
+#: At most this many reads of one worker's pipe per event: a worker that writes
+#: without pause must not keep the loop from its deadlines.
+_READS_PER_EVENT = 16
+_READS_AT_EXIT = 1024  # a dead worker's pipe holds what it wrote (unless a child writes on)
 #: why a still-starting worker is stopped at shutdown (logged at DEBUG: the normal path)
 _NOT_NEEDED = "not needed: the executor is shutting down"
 
@@ -135,7 +171,8 @@ class Manager:
         self.queue: deque[WorkItem] = deque()  # not handed to any worker (now)
         self.workers: dict[int, WorkerHandle] = {}
         self.scheduler = Scheduler(config.max_workers)
-        self.ledger = Ledger()
+        self.delivery = Delivery()
+        self.ledger = Ledger(self.delivery)
         self.supervisor = Supervisor(config.py_spy)  # the detectors; learned run times
         self.shutting_down = False
         # Pids of the workers serving the executor, republished on every change;
@@ -149,29 +186,45 @@ class Manager:
         self._dump_gate = DumpGate()  # which worker's dump that pipe may carry now
         self._refusals_logged: set[tuple[str, int | None]] = set()  # causes of failed starts
         self._next_exit_poll = 0.0  # without pidfds: next look for dead workers
+        # Workers whose result pipe hit EOF while they owed an answer -> when that
+        # becomes a protocol violation (unless their death shows first).
+        self._eof_due: dict[WorkerHandle, float] = {}
         self._lock = threading.Lock()  # see the ownership table
         self._serving = False  # the loop runs: try_dispatch may act for it
         self.thread = threading.Thread(target=self._run, name="pgexecutor-manager", daemon=True)
-        self.finished = threading.Event()
 
     @property
     def stats(self) -> Stats:
         return self.ledger.stats
+
+    @property
+    def finished(self) -> threading.Event:
+        """Set once everything ended: the manager's thread, then every delivery (each
+        future resolved, each of its done-callbacks run)."""
+        return self.delivery.finished
+
+    @property
+    def resolver(self) -> threading.Thread:
+        """The thread that resolves this manager's futures and runs their callbacks."""
+        return self.delivery.thread
 
     # ------------------------------------------------------------ other threads' API
 
     def start(self) -> None:
         _exit.track(self)  # only started managers: interpreter exit joins their threads
         _guardian.hold()  # released when the thread ends: the last release ends it
+        self.delivery.start()
         self.thread.start()
 
     def post(self, msg: WorkItem | Command) -> None:
         self.mailbox.post(msg)
 
     def on_manager_thread(self) -> bool:
-        """True in the manager's own thread: done-callbacks run there, and anything
-        that waits for the manager would wait for itself."""
-        return threading.current_thread() is self.thread
+        """True in a thread of this manager: the loop, or the delivery thread, where
+        done-callbacks run. Anything there that waits for the manager to finish
+        would wait for itself."""
+        current = threading.current_thread()
+        return current is self.delivery.thread or current is self.thread
 
     def try_dispatch(self, item: WorkItem) -> bool:
         """Hand ``item`` to an idle worker from the caller's thread, if that is safe now.
@@ -199,7 +252,7 @@ class Manager:
             if not self._serving or self.shutting_down or self.queue or self.mailbox.inbox:
                 return False
             for w in self.workers.values():
-                if w.state is State.READY and not w.inflight and not w.out:
+                if w.state is State.READY and not w.inflight and not w.out and w.reading:
                     break
             else:
                 return False
@@ -214,7 +267,7 @@ class Manager:
     def close_unstarted(self) -> None:
         """Shut down a manager whose thread never started: only its pipe to close."""
         self.mailbox.close()
-        self.finished.set()
+        self.delivery.close_unstarted()
 
     def abandon_after_fork(self) -> None:
         """In a forked child: this manager is the parent's. Its thread does not exist
@@ -224,8 +277,7 @@ class Manager:
         self.mailbox.abandon_after_fork()
         self._lock = threading.Lock()
         self._serving = False
-        self.finished = threading.Event()
-        self.finished.set()
+        self.delivery.abandon_after_fork()
 
     # ------------------------------------------------------------ the loop
 
@@ -244,7 +296,7 @@ class Manager:
             self._unregister(self.mailbox.wake_r)
             self.mailbox.close()
             _guardian.release()
-            self.finished.set()
+            self.delivery.close()  # its thread ends after the last delivery: finished
 
     def _loop(self) -> None:
         # Act first, then sleep: whatever was posted before the thread started (the
@@ -262,7 +314,11 @@ class Manager:
             for w in list(self.workers.values()):
                 due = w.next_due()
                 if due is not None and now >= due:
-                    self._on_timer(w, now)
+                    self._contained(self._on_timer, w, now)
+            if self._eof_due:
+                for w, due in list(self._eof_due.items()):
+                    if now >= due:
+                        self._contained(self._on_eof_due, w)
             self._dispatch()
             if self.shutting_down and self._finish_shutdown():
                 return
@@ -286,11 +342,11 @@ class Manager:
             elif w is None:
                 continue
             elif kind == _RESULT:
-                self._read_results(w)
+                self._contained(self._read_results, w)
             elif kind == _PIDFD:
-                self._on_exit(w)
+                self._contained(self._on_exit, w)
             else:
-                self._flush(w)
+                self._contained(self._flush, w)
 
     def _next_wakeup(self) -> float | None:
         """Seconds until the nearest timer of any worker; None to sleep until woken."""
@@ -305,7 +361,26 @@ class Manager:
         spawn = self.scheduler.next_spawn(now)
         if spawn is not None:
             best = spawn if best is None else min(best, spawn)
+        for t in self._eof_due.values():
+            best = t if best is None else min(best, t)
         return None if best is None else max(0.0, best - now)
+
+    def _contained(self, handle: Callable[..., None], w: WorkerHandle, *args: Any) -> None:
+        """Handle one event of ``w``; whatever goes wrong is ``w``'s alone.
+
+        A bug of ours, or a state no one foresaw, while handling one worker must
+        not end the loop (that would break the pool for every future): the worker's
+        group is killed and its task fails; the others go on.
+        """
+        try:
+            handle(w, *args)
+        except Exception as exc:
+            logger.error(
+                "pgexecutor failed while handling worker pid=%d; killing its group",
+                w.pid, exc_info=True,
+            )
+            detail = f"pgexecutor failed while handling this worker ({type(exc).__name__}: {proto.safe_str(exc)}); see the log"
+            self._give_up_on(w, WorkerCrashedError(w.pid, None, detail), "internal error")
 
     # ------------------------------------------------------------ poll bookkeeping
 
@@ -480,7 +555,7 @@ class Manager:
         # robin. Prefetch only when the pool cannot grow: while a worker is still
         # starting (or more may start) the next task must go to it, or two tasks that
         # need to run side by side would run one after the other.
-        ready = [w for w in self.workers.values() if w.state is State.READY]
+        ready = [w for w in self.workers.values() if w.state is State.READY and w.reading]
         starting = [w for w in self.workers.values() if w.state is State.STARTING]
         if not starting and len(ready) >= self.cfg.max_workers:
             now = time.monotonic()
@@ -662,36 +737,119 @@ class Manager:
 
     # ------------------------------------------------------------ results
 
-    def _read_results(self, w: WorkerHandle) -> None:
-        while w.reading:
+    def _read_results(self, w: WorkerHandle, reads: int = _READS_PER_EVENT) -> None:
+        """Read and handle what ``w`` wrote: at most ``reads`` reads (the next
+        poll() comes back for the rest)."""
+        for _ in range(reads):
+            if not w.reading:
+                return
             frames = w.read_frames()
             if frames is None:  # EOF: the worker closed its end. Quiet, not dead.
-                self._unregister(w.proc.from_worker)
+                self._on_eof(w)
                 return
             for kind, ident, payload in frames:
                 self._on_frame(w, kind, ident, payload)
+            error = w.reader.error
+            if error is not None:
+                self._unregister(w.proc.from_worker)
+                if w.state in SERVING:
+                    self._violation(w, error)
+                return
             if not frames or w.reader.drained:
                 return  # the pipe is empty: spare the read that would say so
 
+    def _on_eof(self, w: WorkerHandle) -> None:
+        """The result pipe is at EOF. A worker that exits closes it (its death shows
+        a moment later on its pidfd); so does a task that closes the worker's fd.
+        Idle: it gets no more tasks (see _hand_out) and is retired. Owing an
+        answer: a protocol violation, unless its death shows within _EOF_GRACE."""
+        self._unregister(w.proc.from_worker)
+        if w.state not in SERVING:
+            return
+        if w.inflight:
+            self._eof_due[w] = time.monotonic() + _EOF_GRACE
+        elif w.state is not State.RETIRING:
+            w.retire()
+            self._flush(w)
+
+    def _on_eof_due(self, w: WorkerHandle) -> None:
+        del self._eof_due[w]
+        self._on_exit(w)  # without pidfds, its death may not have been looked for yet
+        if w.state in SERVING and w.inflight:
+            pending = w.reader.pending()
+            partial_frame = f", {pending} bytes of an unfinished frame left" if pending else ""
+            self._violation(w, f"protocol violation: the worker closed its result pipe while it owed an answer{partial_frame}")
+
+    def _violation(self, w: WorkerHandle, detail: str) -> None:
+        """``w`` wrote what the protocol does not allow (``detail`` says what): its
+        group is killed, its running task fails with WorkerProtocolError."""
+        head = w.head()
+        logger.error(
+            "worker pid=%d pgid=%d (%s, running %s): %s; killing its group",
+            w.pid, w.pid, w.state.value, f"task {head.task_id}" if head else "no task", detail,
+        )
+        err = WorkerProtocolError(w.pid, detail, head.attempts if head is not None else 1)
+        self._give_up_on(w, err, "protocol violation")
+
+    def _give_up_on(self, w: WorkerHandle, err: BaseException, reason: str) -> None:
+        """Kill ``w``'s group (SIGKILL: it cannot be trusted to finish) and fail its
+        running task with ``err`` (or retry it); tasks waiting behind it are requeued."""
+        now = time.monotonic()
+        self._eof_due.pop(w, None)
+        w.reading = False
+        self._unregister(w.proc.from_worker)
+        if w.state not in SERVING:
+            return
+        head = w.head()
+        if head is not None:
+            w.inflight.popleft()
+        starting = w.state is State.STARTING
+        self._kill(w, reason, hard=True, now=now)
+        if head is not None:
+            self._retry_or_fail(head, err, "crashed", now)
+        elif starting and self.scheduler.start_failed():
+            # Its initializer wrote garbage: a replacement would do the same.
+            self._fail_queue(partial(WorkerCrashedError, w.pid, None, f"workers fail before they are ready: {err}"))
+            self.scheduler.stop_growing()
+
     def _on_frame(self, w: WorkerHandle, kind: int, ident: int, payload: bytes | bytearray) -> None:
-        if kind == proto.RESULT or kind == proto.ERROR or kind == proto.RESULT_OOB:
-            self._on_answer(w, kind, ident, payload)
-        elif kind == proto.RESULT_SHM:
+        if kind == proto.RESULT:  # the common case first
+            if w.state in SERVING:
+                self._on_answer(w, kind, ident, payload)
+            return
+        if kind == proto.RESULT_SHM:
             # The channel carries one memfd per RESULT_SHM frame, in frame order: take
             # it now, whatever becomes of this answer.
             channel = w.proc.channel
             shm = proto.ShmPayload(payload, -1 if channel is None else proto.take_fd(channel))
-            if not self._on_answer(w, kind, ident, shm):
+            if w.state not in SERVING:
                 shm.close()
+            elif shm.fd < 0:
+                self._violation(w, f"protocol violation: a RESULT_SHM frame for task {ident} came without its shared memory")
+            elif not self._on_answer(w, kind, ident, shm):
+                shm.close()
+            return
+        if w.state not in SERVING:
+            return  # a worker we gave up on: whatever it still says is moot
+        if kind == proto.ERROR or kind == proto.RESULT_OOB:
+            self._on_answer(w, kind, ident, payload)
         elif kind == proto.UNPICKLED:
             head = w.head()
-            if head is not None and head.task_id == ident:
-                # Its imports were not its run time: its clock starts that much later.
-                (took,) = proto.SECONDS.unpack(payload)
+            if head is None or head.task_id != ident:
+                self._violation(w, self._unexpected(w, "UNPICKLED", ident))
+                return
+            # Its imports were not its run time: its clock starts that much later.
+            (took,) = proto.SECONDS.unpack(payload)
+            if took == took:  # not NaN
                 head.started += max(0.0, min(took, time.monotonic() - head.started))
         elif kind == proto.INIT_BEGUN:
             w.initializer_began(time.monotonic(), self.cfg.init_timeout)
         elif kind == proto.READY:
+            # (A worker may be RETIRING before it is ready: its max_tasks_per_child
+            # tasks were all handed to it while it started.)
+            if w.ready_seen or w.init_failed:
+                self._violation(w, self._unexpected(w, "READY", ident))
+                return
             if w.state is State.STARTING:
                 w.state = State.READY
             w.ready_seen = True
@@ -700,7 +858,10 @@ class Manager:
                 # Handed over while the worker started: it begins now.
                 w.start_clock(w.inflight[0], time.monotonic())
         elif kind == proto.INIT_FAILED:
-            summary, text = proto.loads(payload)
+            if w.ready_seen or w.init_failed:
+                self._violation(w, self._unexpected(w, "INIT_FAILED", ident))
+                return
+            summary, text = proto.decode_init_failure(payload)
             w.init_failed = True
             logger.warning("initializer failed in worker pid=%d: %s", w.pid, summary)
             message = f"the executor's initializer failed in a new worker: {summary}"
@@ -709,31 +870,32 @@ class Manager:
             self._fail_queue(partial(WorkerInitializerError, message, text))
             self.scheduler.stop_growing()  # do not restart workers to fail again
 
+    @staticmethod
+    def _unexpected(w: WorkerHandle, what: str, ident: int) -> str:
+        head = w.head()
+        running = f"task {head.task_id}" if head is not None else "no task"
+        return f"protocol violation: an unexpected {what} frame (ident {ident}) from a {w.state.value} worker running {running}"
+
     def _on_answer(self, w: WorkerHandle, kind: int, ident: int, payload: Any) -> bool:
-        """A task's outcome arrived; False if nobody waits for it any more."""
-        if not w.inflight or w.inflight[0].task_id != ident:
-            return False  # a late answer from a worker we already gave up on
-        item = w.inflight.popleft()
+        """A task's outcome arrived; False if it is not the running task's (then the
+        worker broke the protocol: it is killed)."""
+        inflight = w.inflight
+        # The running task's (w.head(), inlined: _on_frame checked the state, and a
+        # task's clock starts only once its worker is ready).
+        if not inflight or inflight[0].task_id != ident or not inflight[0].started:
+            self._violation(w, self._unexpected(w, proto.KIND_NAMES.get(kind, str(kind)), ident))
+            return False
+        item = inflight.popleft()
         now = time.monotonic()
         self.scheduler.observe_run(now - item.started)
         if w.inflight:
             w.start_clock(w.inflight[0], now)
-        if kind == proto.ERROR:
-            self.ledger.fail(item, proto.load_exception(payload), "error", now, raw=(kind, payload))
-            return True
-        self.supervisor.succeeded(item, now - item.started)
-        try:
-            if kind == proto.RESULT:
-                value = proto.loads(payload)
-            elif kind == proto.RESULT_OOB:
-                value = proto.loads_oob(payload)
-            else:
-                value = payload.load()  # RESULT_SHM
-        except BaseException as exc:
-            err = proto.mark_pickling_fault(exc, proto.UNPICKLE_RESULT)
-            self.ledger.fail(item, err, "error", now)
-            return True
-        self.ledger.resolve(item, value, now, raw=(kind, payload))
+        if kind != proto.ERROR:
+            self.supervisor.succeeded(item, now - item.started)
+        # Decoded elsewhere (the delivery thread, or whoever reads the future first):
+        # unpickling runs the task's code (a __setstate__ may take seconds), which
+        # must not hold up any deadline here.
+        self.ledger.answer(item, Encoded(kind, payload, self.ledger.decode_failed), now)
         return True
 
     # ------------------------------------------------------------ supervision
@@ -848,7 +1010,7 @@ class Manager:
             return
         if w.proc.pidfd >= 0:
             self._unregister(w.proc.pidfd)
-        self._read_results(w)  # results written before it died still count
+        self._read_results(w, _READS_AT_EXIT)  # results written before it died still count
         now = time.monotonic()
         if w.state in SERVING:
             head = w.head()
@@ -902,6 +1064,7 @@ class Manager:
     def _reap(self, w: WorkerHandle) -> None:
         # The guardian forgets the group before the reap frees its number, so it never
         # holds a pgid that may be recycled.
+        self._eof_due.pop(w, None)
         _guardian.unregister(w.pid)
         for fd in (w.proc.from_worker, w.proc.to_worker, w.proc.pidfd):
             self._unregister(fd)

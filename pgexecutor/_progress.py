@@ -6,8 +6,10 @@ otherwise freeze the bar while everything behind it is already done. Its postfix
 counts how items ended: ``ok``, ``failed`` (the task raised), ``timeout``,
 ``crashed``, ``memory`` and, when some were, ``cancelled``.
 
-Done-callbacks run in the manager thread (or in the caller's, for a future that was
-already done), so the counting is under a lock and the bar is told little: one
+Done-callbacks run in the executor's delivery thread (or in the caller's, for a
+future that was already done), never in the manager's: a slow bar (a redraw to a
+slow terminal, a custom object) delays other futures' delivery, not any deadline.
+The counting is under a lock and the bar is told little: one
 ``set_postfix(..., refresh=False)`` and one ``update(n)`` per finished future; tqdm
 then redraws at most every ``mininterval``. The tracker never holds a future or a
 result: ``map`` drops each result as soon as it is yielded and this must not undo it.
@@ -37,7 +39,7 @@ _MISSING_TQDM = (
 OUTCOMES = ("ok", "failed", "timeout", "crashed", "memory", "cancelled")
 
 #: how long the end of a finished map waits for done-callbacks still running in the
-#: manager thread (microseconds in practice), so the bar's last line is complete
+#: delivery thread (microseconds in practice), so the bar's last line is complete
 _CLOSE_WAIT = 2.0
 
 
@@ -133,7 +135,7 @@ class Tracker:
     def done(self, fut: Future[Any], size: int) -> None:
         try:
             got = _classify(fut, size, self.chunked)
-        except BaseException:  # never let a bar break the manager thread
+        except BaseException:  # never let a bar break the delivery thread
             got = {"failed": size}
         with self.cond:
             if self.closed:

@@ -69,6 +69,12 @@ SECONDS = struct.Struct("<d")
 #: ident: the worker's pid; it begins the initializer now (initializer_timeout counts
 #: from here, see Manager._on_init_timeout). Sent only when there is an initializer.
 INIT_BEGUN = 17
+#: names of the frames a worker sends, for error messages
+KIND_NAMES = {
+    READY: "READY", INIT_FAILED: "INIT_FAILED", RESULT: "RESULT", ERROR: "ERROR",
+    RESULT_OOB: "RESULT_OOB", RESULT_SHM: "RESULT_SHM", UNPICKLED: "UNPICKLED",
+    INIT_BEGUN: "INIT_BEGUN",
+}
 #: Unpickling a call slower than this (seconds: a first import of the task's module on
 #: a fresh worker) is not the task's own time: the worker says UNPICKLED (see _worker).
 SLOW_UNPICKLE = 0.01
@@ -145,16 +151,59 @@ def _split_head(view: memoryview) -> tuple[tuple[int, ...], memoryview, int]:
     return lengths, view[pos : pos + size], pos + size
 
 
-def loads_oob(payload: bytes | bytearray) -> Any:
-    """Unpickle an :class:`OOBPayload`; its buffers are views of ``payload``, not copies."""
+def split_oob(payload: bytes | bytearray) -> tuple[memoryview, list[memoryview]]:
+    """An :class:`OOBPayload`'s pickle and its buffers, as views of ``payload``."""
     view = memoryview(payload)
     lengths, data, pos = _split_head(view)
     buffers = []
     for n in lengths:
         pos += -pos % _OOB_ALIGN
+        if pos + n > len(view):
+            raise ValueError("an out-of-band buffer runs past the end of its frame")
         buffers.append(view[pos : pos + n])
         pos += n
+    return data, buffers
+
+
+def loads_oob(payload: bytes | bytearray) -> Any:
+    """Unpickle an :class:`OOBPayload`; its buffers are views of ``payload``, not copies."""
+    data, buffers = split_oob(payload)
     return _plain_loads(data, buffers=buffers)
+
+
+_NEXT_BUFFER, _BYTEARRAY8, _FRAME = 0x97, 0x96, 0x95  # pickle protocol 5 opcodes
+
+
+def standalone_pickle(data: bytes | bytearray | memoryview, buffers: list[memoryview]) -> bytes:
+    """One pickle that ``pickle.loads`` reads alone: ``data`` with its out-of-band
+    buffers put in band.
+
+    Each NEXT_BUFFER becomes a BYTEARRAY8 with the buffer's bytes, which is what
+    pickle itself writes for a buffer kept in band (a READONLY_BUFFER after it still
+    applies). FRAME opcodes are dropped: their lengths would be wrong once data is
+    inserted, and frames are optional to the unpickler. Parsed, never run: no code of
+    the pickle runs here.
+    """
+    if not buffers:
+        return bytes(data)
+    import pickletools
+
+    raw = bytes(data)
+    out = bytearray()
+    starts = [int(pos or 0) for _, _, pos in pickletools.genops(raw)]
+    it = iter(buffers)
+    for pos, end in zip(starts, [*starts[1:], len(raw)], strict=True):
+        code = raw[pos]
+        if code == _FRAME:
+            continue
+        if code == _NEXT_BUFFER:
+            buf = next(it)
+            out.append(_BYTEARRAY8)
+            out += buf.nbytes.to_bytes(8, "little")
+            out += buf
+            continue
+        out += raw[pos:end]
+    return bytes(out)
 
 
 def _shm_offsets(lengths: list[int] | tuple[int, ...]) -> tuple[list[int], int]:
@@ -223,8 +272,8 @@ class ShmPayload:
         self.head = head
         self.fd = fd
 
-    def load(self) -> Any:
-        """Map the memory and unpickle; the arrays are views of the mapping."""
+    def split(self) -> tuple[memoryview, list[memoryview]]:
+        """Map the memory: the pickle and its buffers (views of the mapping)."""
         import mmap
 
         if self.fd < 0:
@@ -236,7 +285,11 @@ class ShmPayload:
         finally:
             self.close()
         view = memoryview(mem)
-        buffers = [view[o : o + n] for o, n in zip(offsets, lengths, strict=True)]
+        return data, [view[o : o + n] for o, n in zip(offsets, lengths, strict=True)]
+
+    def load(self) -> Any:
+        """Map the memory and unpickle; the arrays are views of the mapping."""
+        data, buffers = self.split()
         return _plain_loads(data, buffers=buffers)
 
     def close(self) -> None:
@@ -260,17 +313,59 @@ def _dumps_with_buffers(dump: Any, obj: Any) -> bytes | OOBPayload:
     return OOBPayload(data, buffers) if buffers else data
 
 
+#: Frames a worker sends that need no payload, or a fixed one: payload sizes.
+_FIXED_SIZES = {READY: 0, UNPICKLED: SECONDS.size, INIT_BEGUN: 0}
+_INIT_FAILED_MAX = 1 << 26  # an initializer's error text (and its traceback)
+_SHOWN = 32  # bytes of a bad frame quoted in its error
+
+
+def worker_frame_limits() -> dict[int, tuple[int, int]]:
+    """The frames a worker may send: kind -> (least, most) payload bytes.
+
+    A result can be as large as the machine's memory, not larger: a bigger size can
+    only be garbage (and allocating a buffer for it would fail, or swap).
+    """
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - no sysconf names
+        ram = 1 << 40
+    limits = {kind: (size, size) for kind, size in _FIXED_SIZES.items()}
+    limits[INIT_FAILED] = (0, _INIT_FAILED_MAX)
+    for kind in (RESULT, ERROR, RESULT_OOB, RESULT_SHM):
+        limits[kind] = (1, max(ram, 1 << 30))
+    return limits
+
+
+def encode_init_failure(summary: str, text: str) -> bytes:
+    """INIT_FAILED's payload: text, not a pickle, so that reading it runs no code."""
+    return f"{summary}\0{text}".encode("utf-8", "replace")
+
+
+def decode_init_failure(payload: bytes | bytearray) -> tuple[str, str]:
+    summary, _, text = bytes(payload).decode("utf-8", "replace").partition("\0")
+    return summary, text
+
+
 class FrameReader:
     """Incremental frame parser for bytes arriving in arbitrary pieces.
 
     Small frames are cut out of a shared buffer. A large frame (a numpy array, say)
     gets a bytearray of its own, and the pipe is read straight into it: the
     unpickled array then lives in that very memory, with no copy in between.
+
+    With ``limits`` (kind -> least and most payload bytes) it reads an untrusted
+    stream (what a worker, and any task it runs, may write): the first header of an
+    unknown kind or an impossible size stops it for good, with ``error`` saying what
+    was read; the frames before it are returned as usual. Without, every header is
+    believed (the worker reading the manager's frames).
     """
 
-    __slots__ = ("_buf", "_big", "_big_view", "_big_got", "_big_kind", "_big_ident", "drained")
+    __slots__ = (
+        "_buf", "_big", "_big_view", "_big_got", "_big_kind", "_big_ident", "drained",
+        "_limits", "error",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, limits: dict[int, tuple[int, int]] | None = None) -> None:
         self._buf = bytearray()
         self._big: bytearray | None = None
         self._big_view: memoryview | None = None
@@ -278,12 +373,17 @@ class FrameReader:
         self._big_kind = 0
         self._big_ident = 0
         self.drained = False  # the last read_from took less than it asked for
+        self._limits = limits
+        self.error: str | None = None  # the stream broke the protocol (see above)
 
     def read_from(self, fd: int) -> list[tuple[int, int, bytes | bytearray]] | None:
         """Read once from ``fd``; return the frames completed, or None at end of file.
 
-        A non-blocking ``fd`` with nothing to read raises BlockingIOError.
+        A non-blocking ``fd`` with nothing to read raises BlockingIOError. After an
+        error, it reads nothing more and returns [].
         """
+        if self.error is not None:
+            return []
         view = self._big_view
         if view is not None:
             want = len(view) - self._big_got
@@ -301,19 +401,32 @@ class FrameReader:
 
     def feed(self, data: bytes) -> list[tuple[int, int, bytes | bytearray]]:
         """Add ``data`` and return every frame it completes, in order."""
+        if self.error is not None:
+            return []
+        if self._big_view is not None:  # (read_from reads into it directly)
+            return self._feed_big(data)
         buf = self._buf
         buf += data
         out: list[tuple[int, int, bytes | bytearray]] = []
         pos = 0
         n = len(buf)
+        limits = self._limits
         with memoryview(buf) as mv:
             while n - pos >= HEADER_SIZE:
                 kind, ident, size = HEADER.unpack_from(buf, pos)
+                if limits is not None:
+                    bounds = limits.get(kind)
+                    if bounds is None or not bounds[0] <= size <= bounds[1]:
+                        self._invalid(kind, size, mv[pos : pos + _SHOWN])
+                        break
                 end = pos + HEADER_SIZE + size
                 if end > n:
                     break
                 out.append((kind, ident, bytes(mv[pos + HEADER_SIZE : end])))
                 pos = end
+        if self.error is not None:
+            buf.clear()
+            return out
         if n - pos >= HEADER_SIZE:
             kind, ident, size = HEADER.unpack_from(buf, pos)
             if size >= _DIRECT_MIN:
@@ -322,6 +435,28 @@ class FrameReader:
         if pos:
             del buf[:pos]
         return out
+
+    def _invalid(self, kind: int, size: int, shown: memoryview) -> None:
+        """A header broke the limits: say what was read in ``error``."""
+        assert self._limits is not None
+        if kind not in self._limits:
+            what = f"a frame of unknown kind {kind}"
+        else:
+            what = f"a frame of kind {kind} with an impossible payload size of {size} bytes"
+        self.error = f"protocol violation: {what}; read {bytes(shown)!r}"
+
+    def _feed_big(self, data: bytes) -> list[tuple[int, int, bytes | bytearray]]:
+        """``feed`` while a large frame is being filled: its bytes first."""
+        assert self._big_view is not None
+        room = len(self._big_view) - self._big_got
+        take = min(room, len(data))
+        self._big_view[self._big_got : self._big_got + take] = data[:take]
+        self._big_got += take
+        if take < room:
+            return []
+        out = self._finish_big()
+        rest = data[take:]
+        return out + self.feed(rest) if rest else out
 
     def _start_big(self, kind: int, ident: int, size: int, start: int) -> None:
         """Move the head frame's first bytes to a buffer of its own; read on into it."""
@@ -342,7 +477,7 @@ class FrameReader:
 
     def pending(self) -> int:
         """Bytes buffered that do not yet form a whole frame."""
-        return len(self._buf) + (self._big_got if self._big is not None else 0)
+        return len(self._buf) + (HEADER_SIZE + self._big_got if self._big is not None else 0)
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
@@ -500,9 +635,12 @@ def dumps_result(obj: Any) -> bytes | OOBPayload:
     return _dumps_with_buffers(_cloud_dump, obj)
 
 
-def loads(data: bytes | bytearray) -> Any:
-    """Unpickle; cloudpickle's output is a standard pickle stream."""
-    return _plain_loads(data)
+def loads(data: bytes | bytearray | memoryview, buffers: list[memoryview] | None = None) -> Any:
+    """Unpickle (with out-of-band ``buffers``, if any); cloudpickle's output is a
+    standard pickle stream."""
+    if buffers is None:
+        return _plain_loads(data)
+    return _plain_loads(data, buffers=buffers)
 
 
 def safe_str(exc: BaseException) -> str:

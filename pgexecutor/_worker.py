@@ -341,7 +341,7 @@ def _serve(
     except BaseException as exc:
         summary = f"{type(exc).__name__}: {exc}"
         text = proto.format_exception_text(exc)
-        chan.send(proto.INIT_FAILED, os.getpid(), proto.dumps_result((summary, text)))
+        chan.send(proto.INIT_FAILED, os.getpid(), proto.encode_init_failure(summary, text))
         _exit_cleanly(1)
         return
     del first, config, initializer

@@ -54,6 +54,7 @@ _STACK_SETTLED = 0.002
 # ms measured, even for a task spinning in C), so a short pause means it is over; a
 # worker preempted mid-dump usually stops mid-line, hence the newline condition.
 _STACK_QUIET_MS = 2
+_WORKER_FRAMES = proto.worker_frame_limits()  # what a worker may send (FrameReader)
 
 
 class State(enum.Enum):
@@ -115,8 +116,9 @@ class WorkerHandle:
         self.permits = bytearray()  # permits not yet written; they go before ``out``
         self.want_write = False  # registered for POLLOUT
         self.tasks_sent = 0
-        self.reader = proto.FrameReader()
-        self.reading = True  # False after EOF on its result pipe
+        # What the worker writes is untrusted: a task can write to the pipe too.
+        self.reader = proto.FrameReader(_WORKER_FRAMES)
+        self.reading = True  # False after EOF on its result pipe, or a protocol violation
         self.term_sent = False
         self.kill_sent = False
         self.kill_deadline: float | None = None  # KILLING: SIGKILL is due then
@@ -322,14 +324,16 @@ class WorkerHandle:
 
     def read_frames(self) -> list[tuple[int, int, bytes | bytearray]] | None:
         """Frames waiting in the result pipe ([] if none); None at EOF, which is not
-        death (a forked grandchild may hold the pipe): the pidfd says death."""
+        death (a forked grandchild may hold the pipe): the pidfd says death. After
+        the frames it returns, ``reader.error`` may say the stream broke the
+        protocol: nothing more is read from it then."""
         try:
             frames = self.reader.read_from(self.proc.from_worker)
         except BlockingIOError:
             return []
         except OSError:
             frames = None
-        if frames is None:
+        if frames is None or self.reader.error is not None:
             self.reading = False
         return frames
 

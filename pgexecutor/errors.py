@@ -243,6 +243,29 @@ class MemoryLimitError(WorkerCrashedError):
         return msg
 
 
+class WorkerProtocolError(WorkerCrashedError):
+    """The worker wrote what the protocol does not allow on its result pipe (a task
+    wrote to it, closed it, or the worker broke); its group was killed.
+
+    ``detail`` says what was read. A :class:`WorkerCrashedError`, so code that
+    handles a crashed worker handles this one too; only this future failed.
+    """
+
+    def __init__(self, pid: int | None = None, detail: str = "", attempts: int = 1) -> None:
+        self.detail = detail
+        super().__init__(pid, None, detail, attempts)
+        self.args = (pid, detail, attempts)
+
+    def __reduce__(self):  # type: ignore[override]
+        return (type(self), (self.pid, self.detail, self.attempts))
+
+    def __str__(self) -> str:
+        msg = f"worker pid {self.pid} broke the protocol and was killed: {self.detail}"
+        if self.attempts > 1:
+            msg += f"; gave up after {self.attempts} attempts"
+        return msg
+
+
 class WorkerInitializerError(BrokenProcessPool):
     """The ``initializer`` raised in a new worker; the futures waiting for it fail.
 

@@ -260,7 +260,7 @@ class ProcessGroupExecutor(PoolFrontEnd):
                 assert error is not None
                 return unpicklable_arguments(error)
             fut = TaskFuture(
-                self._manager.mailbox.note_cancel, self._manager.thread,
+                self._manager.mailbox.note_cancel, self._manager.resolver,
                 self._stop_task if settings.cancel_running else None,
             )
             if settings.auto is None:
@@ -298,9 +298,9 @@ class ProcessGroupExecutor(PoolFrontEnd):
         """As ``Executor.shutdown``. In a forked child it does nothing: the executor
         is the parent's (so a ``with`` block that spans a fork ends quietly there).
 
-        From a done-callback (which runs on the manager's thread) ``wait=True``
-        cannot wait for that thread: the shutdown begins, then RuntimeError, as
-        ProcessPoolExecutor does (its join of its own thread raises).
+        From a done-callback (which runs on the executor's delivery thread)
+        ``wait=True`` cannot wait for that thread: the shutdown begins, then
+        RuntimeError, as ProcessPoolExecutor does (its join of its own thread raises).
         """
         if self._forked():
             return
@@ -315,7 +315,7 @@ class ProcessGroupExecutor(PoolFrontEnd):
             if self._manager.on_manager_thread():
                 raise RuntimeError(
                     "shutdown(wait=True) called from a done-callback, which runs on the "
-                    "executor's manager thread: it cannot wait for itself. The shutdown "
+                    "executor's delivery thread: it cannot wait for itself. The shutdown "
                     "has begun; call shutdown(wait=False) there"
                 )
             self._join()
@@ -339,15 +339,15 @@ class ProcessGroupExecutor(PoolFrontEnd):
             self._manager.post(Terminate(hard, reason))
         if not self._manager.on_manager_thread():
             self._join()
-        # From a done-callback: the kill is under way; the manager carries it out as
-        # soon as the callback returns (it cannot wait for itself).
+        # From a done-callback: the kill is under way (the manager carries it out
+        # meanwhile); waiting here would wait for the callbacks, this one included.
 
     def terminate_workers(self) -> None:
         """SIGTERM every worker group (SIGKILL after ``kill_grace``) and shut down.
 
         Running futures fail with WorkerCrashedError, queued ones are cancelled.
-        Returns once every group is gone; from a done-callback (the manager's own
-        thread) it returns at once and the groups are signalled right after.
+        Returns once every group is gone; from a done-callback (the executor's
+        delivery thread) it returns at once while the groups are signalled.
         """
         self._terminate(False, "terminated by terminate_workers()")
 

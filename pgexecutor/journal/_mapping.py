@@ -7,7 +7,7 @@
     keys for every input (_keys)
     open + check the file, take the lock (_store)
     read the rows of these keys: replay, quarantine, or run (_plan)
-    submit what runs (all at once, or buffersize) --> done-callback (manager thread):
+    submit what runs (all at once, or buffersize) --> done-callback (delivery thread):
                                                         put (key, future) on a queue
     iterator: yields in input order                     <-- commits batches, releases
       replayed rows read from the file                      their keys
@@ -19,7 +19,7 @@ file, takes and drops the lock row, and reads stored results while the iterator 
 (a generator runs in one thread at a time; ``check_same_thread=False`` only lets the
 iterator, and the close at its end, be in another thread than the map() call). The
 writer thread owns its own connection and is the only one that writes rows. The
-done-callback runs in the executor's manager thread, so it only enqueues.
+done-callback runs in the executor's delivery thread, so it only enqueues.
 
 Every position gets an object of its own: the first position of a key that ran
 yields the future's value (nobody else saw it); a replayed row, or a later position

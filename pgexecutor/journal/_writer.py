@@ -5,7 +5,7 @@ once the transaction that records it has committed, so a parent killed at any
 moment never runs again an input whose outcome its caller saw. Group commit keeps
 that cheap::
 
-    done-callback (manager thread)     writer thread                  iterator
+    done-callback (delivery thread)    writer thread                  iterator
     ------------------------------     -------------                  --------
     put (key, future) on the queue --> take all queued; gather up to
                                        WINDOW s (MIN_GAP if one waits)
@@ -80,7 +80,7 @@ class Writer:
     # ------------------------------------------------------------ other threads
 
     def on_done(self, key: str, args: tuple[Any, ...], fut: Future[Any]) -> None:
-        """Done-callback, in the manager thread (or a cancelling one): enqueue only.
+        """Done-callback, in the executor's delivery thread (or a cancelling one): enqueue only.
         No lock: an entry that slips in after stop()'s _STOP is simply not recorded,
         as if it had finished after the close."""
         if self._accepting:
