@@ -480,3 +480,23 @@ def test_native_stacks_include_other_members_of_the_group():
     dump = ei.value.native_stack or ""
     assert "wait_on_busy_child" in dump.split("--- group member")[0]  # the worker first
     assert "--- group member pid" in dump and "<string>" in dump.split("--- group member")[1], dump
+
+
+def test_two_workers_timing_out_together_never_get_each_others_stack():
+    """The pool's workers share one stack-dump pipe (_process.dump_pipe): two dumps at
+    once would interleave, or land on the wrong error. One worker at a time is asked
+    (DumpGate); the other goes without a Python dump rather than with a wrong one."""
+    for _ in range(3):
+        with ProcessGroupExecutor(2, task_timeout=0.6, kill_grace=0.2) as ex:
+            # Both workers ready first, so that the two deadlines fall together.
+            assert ex.submit(tasks.getpid).result(timeout=60)
+            fs = [ex.submit(tasks.nap, 60), ex.submit(tasks.other_nap, 60)]
+            errors = [f.exception(timeout=60) for f in fs]
+        assert all(isinstance(e, TaskTimeoutError) for e in errors)
+        mine, theirs = "in nap", "in other_nap"
+        for err, (own, other) in zip(errors, ((mine, theirs), (theirs, mine)), strict=True):
+            stack = err.stack or ""
+            assert other not in stack, stack
+            if stack:
+                assert own in stack or own.split()[1] in stack, stack
+        assert any(e.stack for e in errors)  # at least the first one asked has its dump
