@@ -324,13 +324,11 @@ def _close_all(fds: list[int], socks: tuple[Any, ...] = ()) -> None:
             sock.close()
 
 
-def _spawn_fresh(python: str, dump: tuple[int, int]) -> WorkerProcess:
-    """Start ``python -c bootstrap`` as a group leader with its pipes at fds 3-7.
-
-    Any fd allocation can fail (EMFILE at the fd limit): whatever was opened by then
-    is closed again before the OSError goes on.
-    """
-    dump_r, dump_w = dump
+def _open_ends() -> tuple[int, int, int, int, int, int, Any, Any]:
+    """A new worker's pipes (task, result, permits: read and write ends) and its
+    large-result socket pair (None, None where there is none). Any fd allocation can
+    fail (EMFILE at the fd limit): whatever was opened by then is closed again before
+    the OSError goes on."""
     opened: list[int] = []
     channel = channel_child = None
     try:
@@ -344,6 +342,18 @@ def _spawn_fresh(python: str, dump: tuple[int, int]) -> WorkerProcess:
     except BaseException:
         _close_all(opened, (channel, channel_child))
         raise
+    return task_r, task_w, res_r, res_w, permits_r, permits_w, channel, channel_child
+
+
+def _spawn_fresh(python: str, dump: tuple[int, int]) -> WorkerProcess:
+    """Start ``python -c bootstrap`` as a group leader with its pipes at fds 3-7.
+
+    Any fd allocation can fail (EMFILE at the fd limit): whatever was opened by then
+    is closed again before the OSError goes on.
+    """
+    dump_r, dump_w = dump
+    task_r, task_w, res_r, res_w, permits_r, permits_w, channel, channel_child = _open_ends()
+    opened = [task_r, task_w, res_r, res_w, permits_r, permits_w]
     child_ends = [task_r, res_w, dump_w, permits_r]
     targets = [CHILD_TASK_FD, CHILD_RESULT_FD, CHILD_DUMP_FD, CHILD_PERMIT_FD]
     if channel_child is not None:
@@ -485,23 +495,15 @@ def _spawn_from_template(start: TemplateStart, dump: tuple[int, int], python: st
     template = start.ready_template(python)
     if template is None:
         return _spawn_fresh(python, dump)
-    opened: list[int] = []
-    channel = channel_child = None
+    task_r, task_w, res_r, res_w, permits_r, permits_w, channel, channel_child = _open_ends()
     try:
-        task_r, task_w = _pipe()
-        opened += (task_r, task_w)
-        res_r, res_w = _pipe()
-        opened += (res_r, res_w)
-        permits_r, permits_w = permit_pipe()
-        opened += (permits_r, permits_w)
-        channel, channel_child = _shm_channel()
         child_ends = [task_r, res_w, dump[1], permits_r]
         if channel_child is not None:
             child_ends.append(channel_child.fileno())
         pid = template.fork(child_ends)
         generation = template.generation  # after fork(): it may have restarted it
     except BaseException:
-        _close_all(opened, (channel, channel_child))
+        _close_all([task_r, task_w, res_r, res_w, permits_r, permits_w], (channel, channel_child))
         raise
     for fd in (task_r, res_w):  # the child's ends: the template passed them on
         os.close(fd)

@@ -152,6 +152,12 @@ class TaskTimeoutError(_FuturesTimeoutError):
         msg = f"task exceeded its timeout of {self.timeout:g} s (worker pid {self.pid})"
         if self.derivation:
             msg += f"; the limit was {self.derivation}"
+        return msg + self._where()
+
+    def _where(self) -> str:
+        """Where the task was when it was killed, and how often it was tried: the
+        tail of the message, the same for every way a task is found hung."""
+        msg = ""
         where = _innermost_frame(self.stack)
         if where:
             msg += f"; it was at {where}"
@@ -423,13 +429,4 @@ class TaskStalledError(TaskTimeoutError):
         return (type(self), self.args, self.__dict__)
 
     def __str__(self) -> str:
-        msg = f"task stalled: {self.reason} (worker pid {self.pid})"
-        where = _innermost_frame(self.stack)
-        if where:
-            msg += f"; it was at {where}"
-        native = _innermost_native_frame(self.native_stack)
-        if native:
-            msg += f"; natively in {native}"
-        if self.attempts > 1:
-            msg += f"; gave up after {self.attempts} attempts"
-        return msg
+        return f"task stalled: {self.reason} (worker pid {self.pid})" + self._where()
