@@ -324,6 +324,19 @@ def _close_all(fds: list[int], socks: tuple[Any, ...] = ()) -> None:
             sock.close()
 
 
+def _open_pipes(opened: list[int]) -> tuple[int, int, int, int, int, int]:
+    """A new worker's task, result and permit pipes: (task_r, task_w, res_r, res_w,
+    permits_r, permits_w). Each fd is appended to ``opened`` as soon as it exists, so
+    that the caller can close what was made when a later allocation fails (EMFILE)."""
+    task_r, task_w = _pipe()
+    opened += (task_r, task_w)
+    res_r, res_w = _pipe()
+    opened += (res_r, res_w)
+    permits_r, permits_w = permit_pipe()
+    opened += (permits_r, permits_w)
+    return task_r, task_w, res_r, res_w, permits_r, permits_w
+
+
 def _open_ends() -> tuple[int, int, int, int, int, int, Any, Any]:
     """A new worker's pipes (task, result, permits: read and write ends) and its
     large-result socket pair (None, None where there is none). Any fd allocation can
@@ -332,12 +345,7 @@ def _open_ends() -> tuple[int, int, int, int, int, int, Any, Any]:
     opened: list[int] = []
     channel = channel_child = None
     try:
-        task_r, task_w = _pipe()
-        opened += (task_r, task_w)
-        res_r, res_w = _pipe()
-        opened += (res_r, res_w)
-        permits_r, permits_w = permit_pipe()
-        opened += (permits_r, permits_w)
+        task_r, task_w, res_r, res_w, permits_r, permits_w = _open_pipes(opened)
         channel, channel_child = _shm_channel()
     except BaseException:
         _close_all(opened, (channel, channel_child))
@@ -409,12 +417,7 @@ def _spawn_mp(ctx: Any, dump: tuple[int, int]) -> WorkerProcess:
     dump_r = dump[0]
     opened: list[int] = []
     try:
-        task_r, task_w = _pipe()
-        opened += (task_r, task_w)
-        res_r, res_w = _pipe()
-        opened += (res_r, res_w)
-        permits_r, permits_w = permit_pipe()
-        opened += (permits_r, permits_w)
+        task_r, task_w, res_r, res_w, permits_r, permits_w = _open_pipes(opened)
         # The child gets a copy of permits_r; the parent keeps its own (see
         # permit_pipe). It gets a copy of the pool's dump pipe too (the Connection
         # closes its fd once the child started).
