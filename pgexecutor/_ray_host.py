@@ -30,8 +30,20 @@ def pool_for(kill_grace: float) -> ProcessGroupExecutor:
     with _lock:
         pool = _pools.get(kill_grace)
         if pool is None:
-            pool = _pools[kill_grace] = ProcessGroupExecutor(max_workers=1, kill_grace=kill_grace)
+            pool = _pools[kill_grace] = make_pool(kill_grace)
         return pool
+
+
+def make_pool(kill_grace: float) -> ProcessGroupExecutor:
+    """A one-worker pool whose worker is always this process's *direct* child.
+
+    ``mp_context="fresh"``, not the default template start: a worker forked from a
+    template is the template's child, so after its first replacement the host would
+    be a grandchild of the Ray worker. Ray's orderly exit SIGKILLs direct children
+    only (the template and the guardian), and the host, orphaned, would run its task
+    on; the chain Ray worker -> host -> task process is what the guardians rely on.
+    """
+    return ProcessGroupExecutor(max_workers=1, kill_grace=kill_grace, mp_context="fresh")
 
 
 def call_pickled(payload: bytes) -> Any:

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 import weakref
@@ -101,6 +102,7 @@ def _run_task(
     then its outcome."""
     host = pool_for(kill_grace)
     fut = host.submit(host_call, payload, settings, kill_grace)
+    restore = _let_cancel_interrupt()
     try:
         # RUNNING once the host has the call; the task process gets it right after
         # (first use: once it has started) and task_timeout counts from then.
@@ -123,7 +125,28 @@ def _run_task(
         # group makes the host's guardian kill the task's group too.
         host.kill_task(fut)
         raise
+    finally:
+        restore()
     yield ("ok", value)
+
+
+def _let_cancel_interrupt() -> Callable[[], None]:
+    """Make a plain ``ray.cancel()`` reach this task; return what undoes it.
+
+    Ray cancels a running task with ``_thread.interrupt_main()``, which simulates a
+    SIGINT and does nothing while SIGINT's disposition is SIG_IGN or SIG_DFL. A Ray
+    worker inherits SIG_IGN from a raylet started by a driver that ignored SIGINT
+    (POSIX keeps ignored dispositions across fork and exec: a driver run from a
+    background job, under ``nohup``): cancel() would then never stop the task. So
+    for the task's duration the main thread gets Python's default handler back.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signal.signal() works in the main thread only
+    previous = signal.getsignal(signal.SIGINT)
+    if previous not in (signal.SIG_IGN, signal.SIG_DFL):
+        return lambda: None
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    return lambda: signal.signal(signal.SIGINT, previous)
 
 
 def _probe() -> tuple[int, int]:

@@ -106,6 +106,50 @@ def test_start_up_check_explains_how_to_enable_groups(monkeypatch, caplog):
         ex.shutdown()
 
 
+# ---------------------------------------------------------------- the host's design
+
+
+def test_host_pool_workers_stay_direct_children_after_a_replacement():
+    # The guardians rely on Ray worker -> host -> task process being parent -> child
+    # (pgexecutor/_ray_host.py). With the default template start a replacement would be
+    # the template's child, and Ray's orderly exit (SIGKILL to direct children only)
+    # would leave an orphaned host running its task: this failed then.
+    from pgexecutor._ray_host import make_pool
+
+    pool = make_pool(0.5)
+    try:
+        for _ in range(6):  # the template, if one were used, is ready after a few starts
+            crashed = pool.submit(os._exit, 3)
+            with pytest.raises(WorkerCrashedError):
+                crashed.result(timeout=60)
+            assert pool.submit(os.getppid).result(timeout=60) == os.getpid()
+    finally:
+        pool.shutdown()
+
+
+def test_plain_ray_cancel_reaches_a_task_even_where_sigint_was_ignored():
+    # Ray's plain cancel is _thread.interrupt_main(), a no-op while SIGINT is SIG_IGN,
+    # which Ray workers inherit from a driver run in the background (nohup, `cmd &` in
+    # a script). _run_task gives the main thread Python's handler for the task's span.
+    import _thread
+
+    from pgexecutor.ray import _let_cancel_interrupt
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        restore = _let_cancel_interrupt()
+        with pytest.raises(KeyboardInterrupt):
+            _thread.interrupt_main()
+            for _ in range(1000):  # the interpreter raises it at the next check
+                time.sleep(0.001)
+        restore()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        _thread.interrupt_main()  # ignored again: nothing is raised
+        time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 # ---------------------------------------------------------------- the Executor API
 
 
