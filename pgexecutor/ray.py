@@ -146,7 +146,11 @@ def _let_cancel_interrupt() -> Callable[[], None]:
     if previous not in (signal.SIG_IGN, signal.SIG_DFL):
         return lambda: None
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    return lambda: signal.signal(signal.SIGINT, previous)
+
+    def restore() -> None:
+        signal.signal(signal.SIGINT, previous)
+
+    return restore
 
 
 def _probe() -> tuple[int, int]:
