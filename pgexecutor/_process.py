@@ -492,26 +492,54 @@ def _spawn_from_template(start: TemplateStart, dump: tuple[int, int], python: st
     and closes everything else (see ``_template``). Where pidfds are missing (macOS)
     the parent could not watch a process that is not its child: a fresh interpreter
     starts instead (``TemplateStart.usable``).
+
+    The worker is the standby if one fits (see :class:`Standby`); either way the
+    next standby is asked for before returning, so the next start is a hand-over.
     """
     if not start.usable():
         return _spawn_fresh(python, dump)
     template = start.ready_template(python)
     if template is None:
         return _spawn_fresh(python, dump)
-    task_r, task_w, res_r, res_w, permits_r, permits_w, channel, channel_child = _open_ends()
-    try:
-        child_ends = [task_r, res_w, dump[1], permits_r]
-        if channel_child is not None:
-            child_ends.append(channel_child.fileno())
-        pid = template.fork(child_ends)
-        generation = template.generation  # after fork(): it may have restarted it
-    except BaseException:
-        _close_all([task_r, task_w, res_r, res_w, permits_r, permits_w], (channel, channel_child))
-        raise
-    for fd in (task_r, res_w):  # the child's ends: the template passed them on
-        os.close(fd)
+    proc = _claim_standby(start, template, dump)
+    if proc is None:
+        ends = _open_ends()
+        try:
+            pid = template.fork(_child_ends(ends, dump))
+            generation = template.generation  # after fork(): it may have restarted it
+        except BaseException:
+            _close_ends(ends, parent_too=True)
+            raise
+        _close_ends(ends, parent_too=False)  # the template passed the child's on
+        proc = _template_worker(pid, ends, dump, template, generation)
+    _prepare_standby(start, template, dump)
+    return proc
+
+
+# The parent's and the child's ends of a new worker's pipes, as _open_ends gives them.
+_Ends = tuple[int, int, int, int, int, int, Any, Any]
+
+
+def _child_ends(ends: _Ends, dump: tuple[int, int]) -> list[int]:
+    """The fds a forked worker gets at 3, 4, 5, 7 (and 6): see ``_template``."""
+    task_r, _, _, res_w, permits_r, _, _, channel_child = ends
+    fds = [task_r, res_w, dump[1], permits_r]
     if channel_child is not None:
-        channel_child.close()
+        fds.append(channel_child.fileno())
+    return fds
+
+
+def _close_ends(ends: _Ends, parent_too: bool) -> None:
+    """Close the child's ends (passed on, or given up), and the parent's if asked."""
+    task_r, task_w, res_r, res_w, permits_r, permits_w, channel, channel_child = ends
+    fds = [task_r, res_w] + ([task_w, res_r, permits_r, permits_w] if parent_too else [])
+    _close_all(fds, (channel_child, channel) if parent_too else (channel_child,))
+
+
+def _template_worker(
+    pid: int, ends: _Ends, dump: tuple[int, int], template: Any, generation: int
+) -> WorkerProcess:
+    _, task_w, res_r, _, permits_r, permits_w, channel, _ = ends
     proc = WorkerProcess(
         pid=pid, to_worker=task_w, from_worker=res_r, dump=dump[0], channel=channel,
         permits_w=permits_w, permits_r=permits_r, is_child=False, template=template,
@@ -521,9 +549,140 @@ def _spawn_from_template(start: TemplateStart, dump: tuple[int, int], python: st
     return proc
 
 
+@dataclass(eq=False)
+class Standby:
+    """One worker per executor forked from its template ahead of need.
+
+    Why: a fork of a template that imported torch costs ~10 ms (copying the page
+    tables of a large address space), and the worker's own set-up more; a sweep's
+    worker sits idle that long at every crash, timeout and recycle. Asked for right
+    after each template start, the next one is forked while the pool works, and a
+    start becomes a hand-over of pipes that already exist.
+
+    What it must match: a start takes the parent's working directory, environment,
+    stdout and stderr as they are *then* (a fresh spawn would), so the standby
+    records them (``fingerprint``) and is only handed out if they did not change;
+    otherwise it is discarded and a worker is forked as before. Until handed out it
+    is no worker: it is not registered with the guardian and runs nothing. It waits
+    for its first frame on its task pipe, whose only writer is this process
+    (close-on-exec, closed in our fork children), so if we die it reads EOF and
+    exits, as it does when we close that end. While its template lives it is the
+    template's unreaped child, so its pgid (== pid) cannot be recycled under us.
+    """
+
+    template: Any
+    generation: int
+    fingerprint: bytes
+    ends: _Ends
+
+
+def _fingerprint() -> bytes:
+    """What a worker inherits at its start that can change between starts: the
+    working directory and environment, and which files fds 1 and 2 are."""
+    from ._template import pack_cwd_and_environ
+
+    ids = []
+    for fd in (1, 2):
+        try:
+            st = os.fstat(fd)
+            ids.append(f"{st.st_dev}:{st.st_ino}")
+        except OSError:
+            ids.append("closed")
+    return pack_cwd_and_environ() + b"\0\0" + ",".join(ids).encode()
+
+
+def _prepare_standby(start: TemplateStart, template: Any, dump: tuple[int, int]) -> None:
+    """Ask ``template`` for the next standby, if there is none (best effort: a
+    failure here only means the next start forks as usual)."""
+    if start.standby is not None:
+        return
+    try:
+        ends = _open_ends()
+    except OSError:
+        return  # fds short: the pool's workers need them more
+    if not template.fork_ahead(_child_ends(ends, dump)):
+        _close_ends(ends, parent_too=True)
+        return
+    _close_ends(ends, parent_too=False)
+    _, task_w, res_r, _, permits_r, permits_w, channel, _ = ends
+    mark_parent_only(task_w, res_r, permits_w, permits_r)
+    if channel is not None:
+        mark_parent_only(channel.fileno())
+    start.standby = Standby(template, template.generation, _fingerprint(), ends)
+
+
+def _claim_standby(start: TemplateStart, template: Any, dump: tuple[int, int]) -> WorkerProcess | None:
+    """The standby as a worker, if it fits this start; else None (and it is gone)."""
+    standby: Standby | None = start.standby
+    if standby is None:
+        return None
+    start.standby = None
+    fits = standby.template is template and standby.fingerprint == _fingerprint()
+    try:
+        pid = standby.template.collect_ahead(standby.generation)
+    except OSError:
+        _release_ends(standby.ends)  # a child it may have made reads EOF and exits
+        return None
+    _record(pid)
+    if not standby.template.alive():
+        # Its template died after forking it (the reply was already in the socket):
+        # an orphan, which init reaps, so its pgid is not ours to signal. EOF on
+        # its task pipe ends it; the start goes on to a new template.
+        _release_ends(standby.ends)
+        return None
+    if not fits:
+        _discard(standby, pid)
+        return None
+    _release_ends(standby.ends, close=False)
+    return _template_worker(pid, standby.ends, dump, standby.template, standby.generation)
+
+
+def _release_ends(ends: _Ends, close: bool = True) -> None:
+    """Undo _prepare_standby's marks (spawn_worker marks a worker's ends again)."""
+    _, task_w, res_r, _, permits_r, permits_w, channel, _ = ends
+    unmark_parent_only(task_w, res_r, permits_w, permits_r)
+    if channel is not None:
+        unmark_parent_only(channel.fileno())
+    if close:
+        _close_all([task_w, res_r, permits_r, permits_w], (channel,))
+
+
+def _discard(standby: Standby, pid: int) -> None:
+    """End a standby that will not be used: EOF on its pipes, SIGKILL to its group
+    (its template's unreaped child: the pgid is still its own), then the template
+    reaps it."""
+    _release_ends(standby.ends)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    try:
+        standby.template.status(pid, reap=True)
+    except OSError:
+        pass  # the template died: init reaped it
+
+
+def _drop_standby(start: TemplateStart) -> None:
+    """At shutdown: the standby goes before its template (whose EOF would orphan it)."""
+    standby: Standby | None = start.standby
+    start.standby = None
+    if standby is None:
+        return
+    try:
+        pid = standby.template.collect_ahead(standby.generation)
+    except OSError:
+        _release_ends(standby.ends)
+        return
+    _record(pid)
+    _discard(standby, pid)
+
+
 def close_start(mp_context: Any) -> None:
-    """The executor is done with its start method: stop its template, if any."""
+    """The executor is done with its start method: stop its standby and its
+    template, if any."""
     if isinstance(mp_context, TemplateStart):
+        with _spawn_lock:
+            _drop_standby(mp_context)
         mp_context.close()
 
 

@@ -225,7 +225,7 @@ def _become_worker(fds: list[int], fcntl: Any, where: bytes) -> None:
     main()
 
 
-def _pack_cwd_and_environ() -> bytes:
+def pack_cwd_and_environ() -> bytes:
     """The parent's working directory and environment now, as a fresh worker would
     inherit them at its spawn (a template started earlier may have older ones)."""
     items = [os.getcwdb()] + [k + b"=" + v for k, v in os.environb.items()]
@@ -296,6 +296,11 @@ class Template:
         self.failed: PreloadError | None = None  # a preload that failed stays failed
         self.ready = False  # it said "OK" (preloaded)
         self.generation = 0  # processes started so far: tells a worker's parent apart
+        # A fork asked for ahead of need (the standby, see _process): its reply (the
+        # pid, or -errno) is read later, before any other reply (the socket keeps
+        # replies in request order).
+        self._ahead = False  # a fork-ahead request was sent and not yet collected
+        self._ahead_reply: int | None = None  # its reply, once read
         self._lock = threading.Lock()
 
     # The parent starts it, lazily: at the first worker.
@@ -398,7 +403,8 @@ class Template:
         try:
             if not self.ready:
                 self._await_ready()
-            data = _REQ.pack(op, pid) + (_pack_cwd_and_environ() if op == b"F" else b"")
+            self._settle_ahead()
+            data = _REQ.pack(op, pid) + (pack_cwd_and_environ() if op == b"F" else b"")
             if fds:
                 self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
             else:
@@ -413,6 +419,65 @@ class Template:
             self._lost("end of file")
             raise TemplateGone(0, "the template died")
         return reply
+
+    def _settle_ahead(self) -> None:
+        """Read a fork-ahead's reply if it is due, so the next reply is the next
+        request's. Raises OSError (the caller's handling applies)."""
+        if self._ahead and self._ahead_reply is None:
+            reply = self.sock.recv(_PID.size)
+            if len(reply) != _PID.size:
+                raise OSError("end of file")
+            (self._ahead_reply,) = _PID.unpack(reply)
+
+    def fork_ahead(self, fds: list[int]) -> bool:
+        """Ask for a worker now and collect its pid later (:meth:`collect_ahead`): the
+        fork runs in the template while the parent goes on. Only on a ready template
+        with no fork-ahead outstanding; False if none was asked for. The fds travel
+        with the request (SCM_RIGHTS copies them at send): the caller may close its
+        copies at once."""
+        import socket
+
+        with self._lock:
+            if self.sock is None or not self.ready or self._ahead:
+                return False
+            std, opened = _std_fds()
+            try:
+                all_fds = std + fds
+                data = _REQ.pack(b"F", 0) + pack_cwd_and_environ()
+                self.sock.sendmsg(
+                    [data],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(all_fds)}i", *all_fds))],
+                )
+            except OSError as exc:
+                self._lost(str(exc))
+                return False
+            finally:
+                for fd in opened:
+                    os.close(fd)
+            self._ahead = True
+            self._ahead_reply = None
+            return True
+
+    def collect_ahead(self, generation: int) -> int:
+        """The pid of the worker :meth:`fork_ahead` asked for (waits for the fork if
+        it is still under way). Raises TemplateGone if that template is gone (its
+        child, if any, sees EOF on its task pipe once the caller closes it, and
+        exits), OSError if the fork failed."""
+        with self._lock:
+            if not self._ahead or self.sock is None or self.generation != generation:
+                raise TemplateGone(0, "the template that forked ahead is gone")
+            try:
+                self._settle_ahead()
+            except OSError as exc:
+                self._lost(str(exc))
+                raise TemplateGone(0, f"the template died ({exc})") from exc
+            pid = self._ahead_reply
+            self._ahead = False
+            self._ahead_reply = None
+            assert pid is not None
+            if pid < 0:
+                raise OSError(-pid, os.strerror(-pid))
+            return pid
 
     def _lost(self, why: str) -> None:
         """The template died under a request: say so, reap it; the next fork starts
@@ -467,6 +532,8 @@ class Template:
         self.sock = None
         self.pid = None
         self.ready = False
+        self._ahead = False  # an uncollected fork-ahead's child exits at EOF (see _process)
+        self._ahead_reply = None
         if pid is not None and not ready:
             # Still importing (an executor that lived a few ms): it has forked no
             # worker yet, and it is our unreaped child leading its own group, so
@@ -523,6 +590,9 @@ class TemplateStart:
         self.eager = eager
         self.broken = False
         self.template: Template | None = None
+        #: the worker forked ahead of need (a _process.Standby), or None; used by
+        #: _process alone, from the executor's manager thread
+        self.standby: Any = None
 
     @staticmethod
     def get_start_method() -> str:

@@ -91,6 +91,60 @@ def test_default_start_forks_replacements_from_the_template():
         assert tpl is not None, "no worker ever came from the template"
 
 
+def _forked_by(tpl: psutil.Process) -> set[int]:
+    return {c.pid for c in tpl.children() if _running(c)}
+
+
+def _wait_for_standby(tpl: psutil.Process, workers: set[int]) -> int:
+    """The template's child that is no worker: the standby, forked ahead of need."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        spare = _forked_by(tpl) - workers
+        if spare:
+            (pid,) = spare
+            return pid
+        time.sleep(0.01)
+    raise AssertionError("no standby was forked")
+
+
+def test_a_replacement_is_the_standby_forked_ahead_and_shutdown_ends_it():
+    """Workers in milliseconds: the template forks the next worker while the pool
+    works, so a crash's replacement is a hand-over (this failed before: each
+    replacement was forked only when needed)."""
+    with ProcessGroupExecutor(1, mp_context="template") as ex:
+        first = ex.submit(tasks.whoami).result()
+        tpl = the_template()
+        standby = _wait_for_standby(tpl, {first["pid"]})
+        assert os.getpgid(standby) == standby  # already the leader of its own group
+        with pytest.raises(WorkerCrashedError):
+            ex.submit(tasks.crash).result(timeout=60)
+        second = ex.submit(tasks.whoami).result(timeout=60)
+        assert second["pid"] == standby and second["pgid"] == standby
+        assert ex.worker_pids() == [standby]
+        last = _wait_for_standby(tpl, {standby})  # and the next one is on its way
+        last_proc = psutil.Process(last)
+    assert not _running(last_proc)  # shutdown ended the unused standby too
+    assert last in spawned_groups()  # so that leak checks see it
+
+
+def test_an_unused_standby_is_dropped_when_the_environment_changed(monkeypatch):
+    """A standby forked before the parent's environment changed must not be handed
+    out (a fresh start takes the environment of its moment): it is ended, reaped,
+    and a worker is forked with the new one."""
+    with ProcessGroupExecutor(1, mp_context="template") as ex:
+        first = ex.submit(tasks.whoami).result()
+        tpl = the_template()
+        stale = psutil.Process(_wait_for_standby(tpl, {first["pid"]}))
+        monkeypatch.setenv("PGX_TEMPLATE_TEST", "changed")
+        with pytest.raises(WorkerCrashedError):
+            ex.submit(tasks.crash).result(timeout=60)
+        info = ex.submit(tasks.whoami).result(timeout=60)
+        assert info["pid"] != stale.pid
+        assert ex.submit(tasks.cwd_and_env, "PGX_TEMPLATE_TEST").result()[1] == "changed"
+        assert not _running(stale)
+        assert stale.pid not in {c.pid for c in tpl.children()}  # reaped, not a zombie
+
+
 def test_fresh_start_has_no_template():
     with ProcessGroupExecutor(1, mp_context="fresh") as ex:
         for _ in range(3):
@@ -352,6 +406,10 @@ def test_parent_sigkill_leaves_no_template_and_no_worker(tmp_path):
             pgids.add(r["pgid"])
             tracked += [psutil.Process(r["pid"])] + [psutil.Process(m) for m in r["members"]]
         assert len(tracked) == 5
+        # ... and the standby: no worker yet, not registered with the guardian; it
+        # must end at EOF of its task pipe, whose only writer died with the driver.
+        (standby,) = set(info["forked"]) - {r["pid"] for r in info["reports"]}
+        tracked.append(psutil.Process(standby))
         os.kill(drv.pid, signal.SIGKILL)
         drv.wait(30)
         deadline = time.monotonic() + 30

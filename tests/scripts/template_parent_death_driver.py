@@ -36,7 +36,17 @@ def main() -> None:
     templates = [
         c.pid for c in psutil.Process().children() if "_template import serve" in " ".join(c.cmdline())
     ]
-    print("READY " + json.dumps({"template": templates, "reports": reports}), flush=True)
+    # The template's children: the two workers and the standby forked ahead of need.
+    forked = []
+    for _ in range(200):
+        forked = [c.pid for t in templates for c in psutil.Process(t).children()]
+        if len(forked) >= 3:
+            break
+        time.sleep(0.05)
+    print(
+        "READY " + json.dumps({"template": templates, "reports": reports, "forked": forked}),
+        flush=True,
+    )
     while True:
         time.sleep(1000)
 
