@@ -290,6 +290,13 @@ class RayExecutor(PoolFrontEnd):
         logger.warning("%s", msg)
         return False
 
+    @property
+    def max_workers(self) -> int:
+        """How many tasks are handed to Ray at once, at most: the ``max_workers``
+        given, or the number chosen for ``max_workers=None`` (the cluster's CPUs
+        divided by each task's ``num_cpus``). Read-only."""
+        return self._max_workers
+
     # ------------------------------------------------------------ Executor API
 
     def _submit(
