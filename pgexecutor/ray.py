@@ -212,7 +212,7 @@ class RayExecutor(PoolFrontEnd):
     raises itself (a lost Ray worker, the backstop below): there it is the Ray worker's.
 
     At start-up a tiny task checks whether Ray workers lead their own process group;
-    the answer is in :attr:`worker_process_groups`. RayExecutor does not depend on it
+    the answer is in its ``worker_process_groups`` attribute. RayExecutor does not depend on it
     (see the module docstring), but if not, it logs how to enable it, and with
     ``require_process_groups=True`` it raises instead.
     """
