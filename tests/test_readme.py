@@ -1,4 +1,4 @@
-"""README.md's promises that a reader acts on: its ten-line example and its commands.
+"""README.md's promises that a reader acts on: its short example, its commands and links.
 
 The example is taken from the README itself (its first ``python`` code block, and the
 ``text`` block after it that shows the output), run as a script of its own, as a
