@@ -41,6 +41,10 @@ class TaskSubmitter:
         raise NotImplementedError
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """As ``Executor.submit``: schedule ``fn(*args, **kwargs)``; returns its Future.
+
+        The call is pickled here, in the caller's thread: arguments that do not pickle
+        give a future already failed with pickle's own error (the pool goes on)."""
         return self._submit(fn, args, kwargs, self._settings)
 
     @property

@@ -362,6 +362,13 @@ class ProcessGroupExecutor(PoolFrontEnd):
 
     # ------------------------------------------------------------------ introspection
 
+    @property
+    def max_workers(self) -> int:
+        """How many workers this executor runs at most: the ``max_workers`` given, or
+        the number chosen for ``max_workers=None`` (the CPUs this process may run on).
+        Read-only: the pool's size is fixed at construction."""
+        return self._max_workers
+
     def stats(self) -> dict[str, int]:
         """Counters: submitted, completed, failed, cancelled, timed_out, crashed,
         memory_killed, retried, workers_started, workers_killed."""

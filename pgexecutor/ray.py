@@ -212,7 +212,7 @@ class RayExecutor(PoolFrontEnd):
     raises itself (a lost Ray worker, the backstop below): there it is the Ray worker's.
 
     At start-up a tiny task checks whether Ray workers lead their own process group;
-    the answer is in :attr:`worker_process_groups`. RayExecutor does not depend on it
+    the answer is in its ``worker_process_groups`` attribute. RayExecutor does not depend on it
     (see the module docstring), but if not, it logs how to enable it, and with
     ``require_process_groups=True`` it raises instead.
     """
@@ -289,6 +289,13 @@ class RayExecutor(PoolFrontEnd):
             raise RuntimeError(msg)
         logger.warning("%s", msg)
         return False
+
+    @property
+    def max_workers(self) -> int:
+        """How many tasks are handed to Ray at once, at most: the ``max_workers``
+        given, or the number chosen for ``max_workers=None`` (the cluster's CPUs
+        divided by each task's ``num_cpus``). Read-only."""
+        return self._max_workers
 
     # ------------------------------------------------------------ Executor API
 

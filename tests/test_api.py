@@ -277,6 +277,27 @@ def test_is_an_executor():
         assert isinstance(ex, concurrent.futures.Executor)
 
 
+def test_max_workers_is_the_number_of_workers_chosen():
+    """``ex.max_workers``: what was given, or what ``None`` chose (the CPUs this
+    process may run on, not the machine's count); read-only. Starts no process."""
+    ex = ProcessGroupExecutor(max_workers=3)
+    try:
+        assert ex.max_workers == 3
+        with pytest.raises(AttributeError):
+            ex.max_workers = 5  # type: ignore[misc]
+        assert ex.max_workers == 3
+    finally:
+        ex.shutdown()
+    ex = ProcessGroupExecutor()
+    try:
+        expected = (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        )
+        assert ex.max_workers == expected
+    finally:
+        ex.shutdown()
+
+
 def test_submit_result_and_done_callback():
     with ProcessGroupExecutor(max_workers=2) as ex:
         f = ex.submit(pow, 2, 10)

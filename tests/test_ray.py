@@ -106,6 +106,25 @@ def test_start_up_check_explains_how_to_enable_groups(monkeypatch, caplog):
         ex.shutdown()
 
 
+def test_max_workers_is_the_number_given_or_the_clusters_cpus(monkeypatch):
+    """``ex.max_workers``: the number given, or for None the cluster's CPUs (2 in this
+    module's Ray) divided by each task's ``num_cpus``; read-only."""
+    monkeypatch.setattr(RayExecutor, "_probe_worker", lambda self: (1, 1))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    for kwargs, expected in [
+        ({"max_workers": 3}, 3),
+        ({}, cpus),
+        ({"remote_args": {"num_cpus": 2}}, max(1, cpus // 2)),
+    ]:
+        ex = RayExecutor(**kwargs)
+        try:
+            assert ex.max_workers == expected, kwargs
+            with pytest.raises(AttributeError):
+                ex.max_workers = 7  # type: ignore[misc]
+        finally:
+            ex.shutdown()
+
+
 # ---------------------------------------------------------------- the host's design
 
 

@@ -278,14 +278,14 @@ def run_driver(name: str, *args: str, timeout: float = 240) -> dict:
     return data
 
 
-def test_fds_per_worker_are_what_the_readme_says(tmp_path):
+def test_fds_per_worker_are_what_the_docs_say(tmp_path):
     data = run_driver("fd_limit_driver.py", "count", str(tmp_path))
     assert data["workers"] == 5
     expected = 4 + (1 if _platform.USE_PIDFD else 0) + (1 if _platform.HAS_MEMFD else 0)
     assert data["per_worker"] == expected
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    assert f"{expected} per worker" in readme
+    with open(os.path.join(ROOT, "docs", "guarantees.md")) as f:
+        guarantees = f.read()
+    assert f"{expected} per worker" in guarantees
 
 
 def test_too_few_fds_for_every_worker_runs_every_task_on_those_that_started():

@@ -59,7 +59,7 @@ CONTEXTS = ("spawn", "fork", "forkserver")
 
 _PRIVATE = "reads ProcessPoolExecutor's private attributes ({})"
 _BREAKS = "expects the pool to break ({}); a ProcessGroupExecutor never breaks: only the " \
-    "future concerned fails and a fresh worker takes its place (README, Errors)"
+    "future concerned fails and a fresh worker takes its place (docs/guide/errors.md)"
 _OTHER_TYPE = "builds a concurrent.futures.ProcessPoolExecutor itself and reads its " \
     "private attributes ({}): it tests ProcessPoolExecutor, not the executor under test"
 
