@@ -21,7 +21,10 @@ left, by pid).
 Peers with a per-task timeout only: ``pebble.ProcessPool`` (``schedule(timeout=)``)
 and ``deadpool.Deadpool`` (``deadpool_timeout=``). ProcessPoolExecutor, loky and
 multiprocessing.Pool have no per-task timeout (a hang there holds a worker for
-good); mpire's ``task_timeout`` cannot stop a hang inside one C call.
+good); mpire's ``task_timeout`` cannot stop a hang inside one C call. Neither can
+deadpool's (its worker destroys itself from a Python thread, which never runs while
+a C call holds the GIL): its row reads "did not finish". Each pool runs in a child
+process of its own session, capped at 4 x ideal + 60 s, then killed with its group.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p
 )
 # Tree tasks write their child's pid and create time here (the workers inherit it).
-os.environ["PGX_SOAK_DIR"] = tempfile.mkdtemp(prefix="pgx-soak-")
+os.environ.setdefault("PGX_SOAK_DIR", tempfile.mkdtemp(prefix="pgx-soak-"))
 
 import psutil  # noqa: E402
 
@@ -158,40 +161,72 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--peers", default="pgexecutor,pebble,deadpool")
+    ap.add_argument("--_one", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     kinds = plan(args.tasks, args.faults, args.seed)
     hangs = sum(k in soak.HANGS for k in kinds)
     ideal = hangs * args.timeout / WORKERS
     counts = {k: kinds.count(k) for k in soak.KINDS}
+    if args._one:
+        run_one(args._one, kinds, args.timeout, ideal)
+        return
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {WORKERS} workers, "
           f"{args.tasks} tasks, timeout {args.timeout} s, mix {counts}")
     print(f"ideal wall time: {hangs} hangs x {args.timeout} s / {WORKERS} workers = {ideal:.1f} s\n")
     print("| pool | wall s | x ideal | wrong outcomes | leaked processes |")
     print("| --- | ---: | ---: | ---: | ---: |")
+    cap = 4 * ideal + 60
     for name in args.peers.split(","):
-        try:
-            runner = RUNNERS[name]
-        except KeyError:
+        if name not in RUNNERS:
             sys.exit(f"unknown pool {name!r}; choose from {', '.join(RUNNERS)}")
-        try:
-            wall, outcomes = runner(kinds, args.timeout)
-        except ImportError as exc:
-            print(f"| {name} | not installed ({exc.name}) | | | |")
-            continue
-        time.sleep(1.0)
-        leaked = leaked_tree_children()
-        for p in leaked:  # ours: started by this run's tree tasks
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        wrong = [(i, o) for i, (k, o) in enumerate(zip(kinds, outcomes, strict=True)) if o != expected(k)]
-        print(f"| {name} | {wall:.1f} | {wall / ideal:.2f}x | {len(wrong)} | {len(leaked)} |",
-              flush=True)
-        for i, o in wrong[:3]:
-            print(f"|   e.g. task {i} ({kinds[i]}): {o} | | | | |")
+        print(_run_capped(name, args, cap), flush=True)
 
+
+def _run_capped(name: str, args: argparse.Namespace, cap: float) -> str:
+    """Run one pool in a child process of its own session, so that a pool that never
+    finishes (a hang it cannot stop) costs ``cap`` seconds, and then its whole group
+    (the child and the pool's workers, unless they left it) is killed."""
+    import signal
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--_one", name, "--tasks", str(args.tasks),
+           "--faults", str(args.faults), "--timeout", str(args.timeout), "--seed", str(args.seed)]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, _ = child.communicate(timeout=cap)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)  # the group this call created
+        child.communicate()
+        leaked = leaked_tree_children()
+        for p in leaked:
+            _kill(p)
+        return f"| {name} | did not finish in {cap:.0f} s | | | {len(leaked)} |"
+    return out.strip() or f"| {name} | failed (exit {child.returncode}) | | | |"
+
+
+def _kill(p: psutil.Process) -> None:
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+
+
+def run_one(name: str, kinds: list[str], timeout: float, ideal: float) -> None:
+    """In the child: run one pool, print its row (and a few wrong outcomes)."""
+    try:
+        wall, outcomes = RUNNERS[name](kinds, timeout)
+    except ImportError as exc:
+        print(f"| {name} | not installed ({exc.name}) | | | |")
+        return
+    time.sleep(1.0)
+    leaked = leaked_tree_children()
+    for p in leaked:  # ours: started by this run's tree tasks
+        _kill(p)
+    wrong = [(i, o) for i, (k, o) in enumerate(zip(kinds, outcomes, strict=True)) if o != expected(k)]
+    print(f"| {name} | {wall:.1f} | {wall / ideal:.2f}x | {len(wrong)} | {len(leaked)} |")
+    for i, o in wrong[:3]:
+        print(f"|   e.g. task {i} ({kinds[i]}): {o} | | | | |")
 
 if __name__ == "__main__":
     main()
