@@ -28,7 +28,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-from . import counters
+# Names, not ``from . import counters``: in a fresh worker the package is a bare module
+# until a public name is looked up on it (_worker._complete_package_on_demand); that
+# lookup would run the package's __init__ in the middle of this import, which imports
+# this module's importer again (a circular import: a Ray host's task failed so).
+from .counters import CANCELLED, FAILED, OK, cause_of, empty_counts
 
 __all__ = ["Tracker", "resolve", "watch"]
 
@@ -38,7 +42,7 @@ _MISSING_TQDM = (
 )
 
 #: postfix keys that show even while zero (the others show once they are not)
-_ALWAYS = (counters.OK, counters.FAILED)
+_ALWAYS = (OK, FAILED)
 
 #: how long the end of a finished map waits for done-callbacks still running in the
 #: delivery thread (microseconds in practice), so the bar's last line is complete
@@ -91,19 +95,19 @@ def _classify(fut: Future[Any], size: int, chunked: bool) -> dict[str, int]:
     """How the items of one finished future ended: counts of ok, failed and the
     failures' cause, or cancelled (see ``pgexecutor.counters``)."""
     if fut.cancelled():
-        return {counters.CANCELLED: size}
+        return {CANCELLED: size}
     exc = fut.exception()
     if exc is None:
         if not chunked:
-            return {counters.OK: 1}
+            return {OK: 1}
         # A chunk's result is (values, errors): errors maps the index of each item
         # that raised to its pickled exception, or is None (see _worker.run_chunk).
         _, errors = fut.result()
         failed = len(errors) if errors else 0
-        return {counters.OK: size - failed, counters.FAILED: failed, "error": failed}
+        return {OK: size - failed, FAILED: failed, "error": failed}
     info = getattr(fut, "info", None)  # the ledger's TaskInfo: who ended the task
-    cause = counters.cause_of(exc, getattr(info, "outcome", None))
-    return {counters.FAILED: size, cause: size}
+    cause = cause_of(exc, getattr(info, "outcome", None))
+    return {FAILED: size, cause: size}
 
 
 class Tracker:
@@ -116,7 +120,7 @@ class Tracker:
     ) -> None:
         self.bar, self.owned = make_bar(total)
         self.chunked = chunked
-        self.counts = counters.empty()
+        self.counts = empty_counts()
         self.expected = 0  # items of the futures added so far
         self.seen = 0
         self.closed = False
@@ -135,7 +139,7 @@ class Tracker:
         try:
             got = _classify(fut, size, self.chunked)
         except BaseException:  # never let a bar break the delivery thread
-            got = {counters.FAILED: size, "error": size}
+            got = {FAILED: size, "error": size}
         with self.cond:
             if self.closed:
                 return

@@ -51,7 +51,7 @@ from typing import Any
 
 from .errors import MemoryLimitError, TaskTimeoutError, WorkerCrashedError
 
-__all__ = ["CANCELLED", "CAUSES", "FAILED", "MEANING", "OK", "STATS", "cause_of", "empty"]
+__all__ = ["CANCELLED", "CAUSES", "FAILED", "MEANING", "OK", "STATS", "cause_of", "empty_counts"]
 
 OK = "ok"
 FAILED = "failed"
@@ -102,6 +102,6 @@ def cause_of(exc: BaseException, outcome: str | None = None) -> str:
     return "error"
 
 
-def empty() -> dict[str, Any]:
+def empty_counts() -> dict[str, Any]:
     """Zero of every count, in display order: ok, failed, the causes, cancelled."""
     return dict.fromkeys((OK, FAILED, *CAUSES, CANCELLED), 0)

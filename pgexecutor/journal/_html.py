@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .. import counters
+from ..counters import CAUSES, FAILED, MEANING, OK
 from ._report import COMPANIONS_NOTE, Row, read
 
 #: Colour of each status (the journal's outcomes and ``quarantined``).
@@ -38,7 +38,7 @@ COLOURS = {
 }
 #: What the drawings colour by: the latest outcome (a quarantined input's is its
 #: cause; the tables say it is quarantined).
-OUTCOMES = (counters.OK, *counters.CAUSES)
+OUTCOMES = (OK, *CAUSES)
 KILLED = ("timeout", "crashed", "memory")  # the task killed its worker, or it died
 #: A gap longer than this (seconds) between outcomes separates two runs of the map.
 RUN_GAP = 300.0
@@ -114,7 +114,7 @@ def _counts(summary: dict[str, Any]) -> str:
     counts: dict[str, int] = summary["counts"]
     total = summary["inputs"]
     cards = [f'<div class="card total" data-count="inputs"><b>{total}</b><span>inputs</span></div>']
-    for name in (counters.OK, counters.FAILED, *counters.CAUSES, "quarantined"):
+    for name in (OK, FAILED, *CAUSES, "quarantined"):
         n = counts.get(name, 0)
         colour = COLOURS.get(name, "#777")
         cards.append(
@@ -138,8 +138,8 @@ def _counts(summary: dict[str, Any]) -> str:
         x += w
     bar.append("</svg>")
     legend = "".join(
-        f"<dt>{name}</dt><dd>{_e(counters.MEANING[name])}</dd>"
-        for name in (counters.OK, counters.FAILED, *counters.CAUSES, "quarantined")
+        f"<dt>{name}</dt><dd>{_e(MEANING[name])}</dd>"
+        for name in (OK, FAILED, *CAUSES, "quarantined")
     )
     return (
         '<section id="counts"><h2>Outcomes</h2>'

@@ -15,7 +15,7 @@ import sqlite3
 import time
 from typing import Any
 
-from .. import counters
+from ..counters import CANCELLED, CAUSES, FAILED, OK, empty_counts
 from ..errors import JournalError
 from . import _store as store
 from ._records import KILLS
@@ -78,8 +78,8 @@ def read(path: str | os.PathLike[str], top: int = 10) -> tuple[dict[str, Any], l
 def _read(conn: sqlite3.Connection, path: str, top: int) -> tuple[dict[str, Any], list[Row]]:
     meta = dict(conn.execute("SELECT name, value FROM meta"))
     quarantine_after = int(meta.get("quarantine_after") or 2)
-    counts = counters.empty()
-    del counts[counters.CANCELLED]  # a journal records no cancelled task
+    counts = empty_counts()
+    del counts[CANCELLED]  # a journal records no cancelled task
     counts["quarantined"] = 0
     rows = [
         Row(values, quarantine_after)
@@ -91,9 +91,9 @@ def _read(conn: sqlite3.Connection, path: str, top: int) -> tuple[dict[str, Any]
     failed = []
     for r in rows:
         counts[r.outcome] = counts.get(r.outcome, 0) + 1
-        if r.outcome == counters.OK:
+        if r.outcome == OK:
             continue
-        counts[counters.FAILED] += 1
+        counts[FAILED] += 1
         if r.status == "quarantined":
             counts["quarantined"] += 1
         failed.append({
@@ -131,9 +131,9 @@ def _read(conn: sqlite3.Connection, path: str, top: int) -> tuple[dict[str, Any]
 
 def format_counts(counts: dict[str, int], quarantine_after: int) -> str:
     """``ok 2  failed 3 (error 1, timeout 1, crashed 1, memory 0; quarantined 1)``."""
-    causes = ", ".join(f"{c} {counts.get(c, 0)}" for c in counters.CAUSES)
+    causes = ", ".join(f"{c} {counts.get(c, 0)}" for c in CAUSES)
     return (
-        f"ok {counts.get(counters.OK, 0)}  failed {counts.get(counters.FAILED, 0)} "
+        f"ok {counts.get(OK, 0)}  failed {counts.get(FAILED, 0)} "
         f"({causes}; quarantined {counts.get('quarantined', 0)}, after "
         f"{quarantine_after} kills)"
     )
