@@ -145,10 +145,14 @@ def test_html_report_escapes_user_text_and_needs_nothing_from_outside(journal, t
     assert "http://" not in raw and "https://" not in raw and "url(" not in raw
 
 
-def test_html_report_of_a_journal_it_cannot_read_fails_in_one_line(tmp_path):
+def test_html_report_that_cannot_be_made_fails_in_one_line(journal, tmp_path):
     run = cli(str(tmp_path / "nope.db"), "--html", str(tmp_path / "r.html"))
     assert run.returncode == 2 and "no such journal" in run.stderr
     assert not (tmp_path / "r.html").exists()
+    where = tmp_path / "no" / "such" / "dir" / "r.html"
+    run = cli(journal, "--html", str(where))
+    assert run.returncode == 2 and "No such file or directory" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
 
 
 # ---------------------------------------------------------------- the text report
