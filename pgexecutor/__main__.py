@@ -18,10 +18,10 @@ import sqlite3
 import sys
 import textwrap
 
-from .journal._report import COMPANIONS_NOTE
-
 
 def main(argv: list[str] | None = None) -> int:
+    from .journal import COMPANIONS_NOTE
+
     parser = argparse.ArgumentParser(prog="python -m pgexecutor")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(

@@ -33,10 +33,11 @@ from __future__ import annotations
 from ._html import write_report
 from ._keys import Journal, default_key, function_name
 from ._mapping import JournaledMap, journal_map
-from ._report import format_summary, summarize, unlock
+from ._report import COMPANIONS_NOTE, format_summary, summarize, unlock
 from ._store import owner_alive
 
 __all__ = [
+    "COMPANIONS_NOTE",
     "Journal",
     "JournaledMap",
     "default_key",
