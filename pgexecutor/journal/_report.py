@@ -1,9 +1,10 @@
 """The report: what a journal says happened, for ``python -m pgexecutor journal PATH``.
 
 ``summarize`` reads a journal into plain data (``--json`` prints it), ``format_summary``
-makes the text, ``_html`` the page of ``--html`` from ``read``'s rows, ``unlock`` drops the lock of a map that died on another host. Every
-storage failure is a JournalError that names its cause (locked, damaged, ...): the
-command line prints it as one line.
+makes the text (``_html`` makes the page of ``--html`` from ``read``'s rows), ``unlock``
+drops the lock of a map that died on another host. The counts are those
+``pgexecutor.counters`` defines. Every storage failure is a JournalError that names its
+cause (locked, damaged, ...): the command line prints it as one line.
 """
 
 from __future__ import annotations
