@@ -1,8 +1,9 @@
 """The main demo: a map over tasks that hang, crash and spawn process trees.
 
-Run it with ``python examples/demo.py`` (``-v`` also prints pgexecutor's log). Each input is one of:
+Run it with ``python examples/demo.py`` (``-v`` also prints pgexecutor's log, where
+"task N" is row N of the table). Each input is one of:
 
-* ``ok``       -- returns a number;
+* ``normal``   -- returns a number;
 * ``hang-c``   -- hangs inside C code with SIGTERM blocked (a catastrophic regex, the
                   kind of loop a mesher gets stuck in): only SIGKILL stops it;
 * ``segfault`` -- dereferences NULL through ctypes: the worker dies of SIGSEGV;
@@ -28,9 +29,18 @@ import time
 
 import psutil
 
-from pgexecutor import ProcessGroupExecutor, TaskTimeoutError, WorkerCrashedError, spawned_groups
+from pgexecutor import ProcessGroupExecutor, TaskTimeoutError, counters, spawned_groups
 
-KINDS = ["ok", "hang-c", "ok", "segfault", "tree", "ok", "abort", "error", "ok", "tree", "ok"]
+KINDS = [
+    "normal", "hang-c", "normal", "segfault", "tree", "normal", "abort", "error", "normal", "tree",
+    "normal",
+]
+#: How the table names each outcome, and what it means (pgexecutor.counters says it
+#: once for the progress bar, stats() and the journal report).
+LABELS = {"ok": "ok", "error": "ERROR", "timeout": "TIMEOUT", "crashed": "CRASHED"}
+#: The executor's DEBUG lines worth showing with -v (the rest repeat what the
+#: WARNING/INFO lines say, or are bookkeeping).
+SHOWN_DEBUG = ("started worker",)
 
 
 def job(i: int, kind: str) -> dict:
@@ -56,6 +66,21 @@ def job(i: int, kind: str) -> dict:
     return me
 
 
+def show_log() -> None:
+    """``-v``: pgexecutor's log between the table's rows (on stdout: in the order it
+    happened, even through a pipe), warnings and infos (kills, deaths) and the worker
+    starts. pgexecutor numbers tasks from 1 in the order they were submitted; this
+    process submits nothing but the map, so "task N" is row N of the table."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("    [%(name)s] %(message)s"))
+    handler.addFilter(
+        lambda r: r.levelno >= logging.INFO or str(r.msg).startswith(SHOWN_DEBUG)
+    )
+    log = logging.getLogger("pgexecutor")
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+
+
 def survivors(pgids: frozenset[int]) -> list[psutil.Process]:
     """Live processes in any of these groups (zombies excluded: they are dead)."""
     out = []
@@ -70,31 +95,38 @@ def survivors(pgids: frozenset[int]) -> list[psutil.Process]:
 
 def main() -> int:
     if "-v" in sys.argv[1:]:  # show the executor's own log: starts, kills, replacements
-        logging.basicConfig(format="    [%(name)s] %(message)s")
-        logging.getLogger("pgexecutor").setLevel(logging.DEBUG)
+        show_log()
     before = spawned_groups()
     t0 = time.monotonic()
-    print(f"{len(KINDS)} tasks on 2 workers, task_timeout=2s, kill_grace=0.5s\n")
+    print(f"{len(KINDS)} tasks on 2 workers, task_timeout=2s, kill_grace=0.5s. Outcomes:")
+    for outcome, label in LABELS.items():
+        print(f"  {label:<8} {counters.MEANING[outcome]}")
+    print(f"\n{'task':>6}  {'input':<9} {'outcome':<9} detail")
+    tally = dict.fromkeys(LABELS, 0)
     with ProcessGroupExecutor(max_workers=2, task_timeout=2.0, kill_grace=0.5) as ex:
-        results = ex.map(job, range(len(KINDS)), KINDS, return_exceptions=True)
-        for i, (kind, res) in enumerate(zip(KINDS, results, strict=True)):
+        numbers = range(1, len(KINDS) + 1)  # task N is input N, as pgexecutor's log says
+        results = ex.map(job, numbers, KINDS, return_exceptions=True)
+        for n, kind, res in zip(numbers, KINDS, results, strict=True):
+            outcome = counters.cause_of(res) if isinstance(res, BaseException) else counters.OK
+            tally[outcome] += 1
             if isinstance(res, TaskTimeoutError):
                 # str(res) names the innermost frame of the worker's stack at expiry;
                 # res.stack holds the whole faulthandler dump of every thread.
-                what = f"TIMEOUT   {res}; its group was killed"
-            elif isinstance(res, WorkerCrashedError):
-                what = f"CRASHED   {res}"
+                detail = f"{res}; its group was killed"
             elif isinstance(res, Exception):
-                what = f"ERROR     {type(res).__name__}: {res}"
+                detail = str(res) if outcome == "crashed" else f"{type(res).__name__}: {res}"
             else:
-                what = f"ok        value={res['value']} (worker pid {res['pid']} = pgid {res['pgid']})"
-            print(f"  input {i:2d} {kind:9s} {what}")
+                detail = f"value={res['value']} (worker pid {res['pid']} = pgid {res['pgid']})"
+            print(f"{n:>6}  {kind:<9} {LABELS[outcome]:<9} {detail}")
         stats = ex.stats()
     elapsed = time.monotonic() - t0
     created = spawned_groups() - before
     time.sleep(0.2)  # let init reap the last SIGKILLed orphans
     left = survivors(created)
-    print(f"\nfinished in {elapsed:.1f}s; counters: {stats}")
+    failed = len(KINDS) - tally[counters.OK]
+    causes = ", ".join(f"{c} {tally[c]}" for c in LABELS if c != counters.OK)
+    print(f"\nfinished in {elapsed:.1f}s: ok {tally[counters.OK]}, failed {failed} ({causes})")
+    print(f"executor.stats(): {stats}")
     print(f"worker groups created: {len(created)}; processes left in them: {len(left)}")
     for p in left:
         print("  LEAKED:", p.pid, p.cmdline())

@@ -131,8 +131,10 @@ class WorkItem:
 class Stats:
     """Counters of what the executor did (read with ``executor.stats()``).
 
-    Futures: ``submitted``; each ends in exactly one of ``completed`` (a result),
-    ``failed`` (any exception, after its last attempt) or ``cancelled``. Events, one
+    What each means for a user is defined in ``pgexecutor.counters`` (shared with
+    the progress bar and the journal report). Futures: ``submitted``; each ends in
+    exactly one of ``completed`` (a result), ``failed`` (any exception, after its
+    last attempt) or ``cancelled``. Events, one
     per attempt that ended that way, so a retried task can add several: ``timed_out``,
     ``crashed`` (the worker died on its own), ``memory_killed``. ``retried`` counts
     attempts started again after such an event. Workers: ``workers_started`` (the

@@ -3,8 +3,10 @@
 The bar advances when a future *finishes* (a done-callback), not when the caller's
 iteration reaches it: results come back in order, so a slow first item would
 otherwise freeze the bar while everything behind it is already done. Its postfix
-counts how items ended: ``ok``, ``failed`` (the task raised), ``timeout``,
-``crashed``, ``memory`` and, when some were, ``cancelled``.
+counts how items ended, as ``pgexecutor.counters`` defines the counts (the same
+definition as ``stats()`` and the journal report): ``ok`` and ``failed`` (every item
+that did not return a result), then, once not zero, the cause of the failures
+(``error``, ``timeout``, ``crashed``, ``memory``) and ``cancelled``.
 
 Done-callbacks run in the executor's delivery thread (or in the caller's, for a
 future that was already done), never in the manager's: a slow bar (a redraw to a
@@ -26,7 +28,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-from .errors import MemoryLimitError, TaskTimeoutError, WorkerCrashedError
+# Names, not ``from . import counters``: in a fresh worker the package is a bare module
+# until a public name is looked up on it (_worker._complete_package_on_demand); that
+# lookup would run the package's __init__ in the middle of this import, which imports
+# this module's importer again (a circular import: a Ray host's task failed so).
+from .counters import CANCELLED, FAILED, OK, cause_of, empty_counts
 
 __all__ = ["Tracker", "resolve", "watch"]
 
@@ -35,8 +41,8 @@ _MISSING_TQDM = (
     "pip install 'pgexecutor[progress]' (or pip install tqdm)"
 )
 
-#: postfix keys, in display order; "cancelled" only shows once it is not zero
-OUTCOMES = ("ok", "failed", "timeout", "crashed", "memory", "cancelled")
+#: postfix keys that show even while zero (the others show once they are not)
+_ALWAYS = (OK, FAILED)
 
 #: how long the end of a finished map waits for done-callbacks still running in the
 #: delivery thread (microseconds in practice), so the bar's last line is complete
@@ -86,25 +92,22 @@ def resolve(progress: Any) -> Callable[[int | None], tuple[Any, bool]] | None:
 
 
 def _classify(fut: Future[Any], size: int, chunked: bool) -> dict[str, int]:
-    """How the items of one finished future ended."""
+    """How the items of one finished future ended: counts of ok, failed and the
+    failures' cause, or cancelled (see ``pgexecutor.counters``)."""
     if fut.cancelled():
-        return {"cancelled": size}
+        return {CANCELLED: size}
     exc = fut.exception()
     if exc is None:
         if not chunked:
-            return {"ok": 1}
+            return {OK: 1}
         # A chunk's result is (values, errors): errors maps the index of each item
         # that raised to its pickled exception, or is None (see _worker.run_chunk).
         _, errors = fut.result()
         failed = len(errors) if errors else 0
-        return {"ok": size - failed, "failed": failed}
-    if isinstance(exc, MemoryLimitError):  # before WorkerCrashedError: a subclass
-        return {"memory": size}
-    if isinstance(exc, TaskTimeoutError):
-        return {"timeout": size}
-    if isinstance(exc, WorkerCrashedError):
-        return {"crashed": size}
-    return {"failed": size}
+        return {OK: size - failed, FAILED: failed, "error": failed}
+    info = getattr(fut, "info", None)  # the ledger's TaskInfo: who ended the task
+    cause = cause_of(exc, getattr(info, "outcome", None))
+    return {FAILED: size, cause: size}
 
 
 class Tracker:
@@ -117,7 +120,7 @@ class Tracker:
     ) -> None:
         self.bar, self.owned = make_bar(total)
         self.chunked = chunked
-        self.counts = dict.fromkeys(OUTCOMES, 0)
+        self.counts = empty_counts()
         self.expected = 0  # items of the futures added so far
         self.seen = 0
         self.closed = False
@@ -130,13 +133,13 @@ class Tracker:
         fut.add_done_callback(functools.partial(self.done, size=size))
 
     def postfix(self) -> dict[str, int]:
-        return {k: v for k, v in self.counts.items() if v or k != "cancelled"}
+        return {k: v for k, v in self.counts.items() if v or k in _ALWAYS}
 
     def done(self, fut: Future[Any], size: int) -> None:
         try:
             got = _classify(fut, size, self.chunked)
         except BaseException:  # never let a bar break the delivery thread
-            got = {"failed": size}
+            got = {FAILED: size, "error": size}
         with self.cond:
             if self.closed:
                 return

@@ -371,7 +371,13 @@ class ProcessGroupExecutor(PoolFrontEnd):
 
     def stats(self) -> dict[str, int]:
         """Counters: submitted, completed, failed, cancelled, timed_out, crashed,
-        memory_killed, retried, workers_started, workers_killed."""
+        memory_killed, retried, workers_started, workers_killed.
+
+        ``completed`` (a result), ``failed`` (every task that did not return a
+        result, whatever the cause) and ``cancelled`` count futures, each once;
+        ``timed_out``, ``crashed`` and ``memory_killed`` count attempts that ended
+        so (a retried task can add several). :mod:`pgexecutor.counters` defines
+        each, as the progress bar and the journal report use them too."""
         counters = self._manager.stats.snapshot()
         with self._shutdown_lock:
             counters["submitted"] = self._submitted

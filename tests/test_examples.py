@@ -273,3 +273,53 @@ def test_asyncio_service_stops_jobs_past_their_deadline_or_whose_client_left(
         assert not still, f"{name}: processes of the stopped job survived: {still}"
     assert s["stats"]["cancelled"] == 2 and s["stats"]["completed"] == 1
     assert_worker_groups_empty(s["worker_pgids"])
+
+
+# ------------------------------------------------------------------ demo
+
+
+@pytest.mark.timeout(150)
+def test_demo_table_has_a_header_a_legend_and_the_logs_numbering() -> None:
+    """``python examples/demo.py -v``: a header over the table, one line per outcome
+    class, and a log whose "task N" is row N of the table, no line said twice."""
+    import re
+
+    sys.path.insert(0, EXAMPLES)
+    try:
+        import demo
+    finally:
+        sys.path.remove(EXAMPLES)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "demo.py"), "-v"],
+        capture_output=True, text=True, timeout=120, start_new_session=True,
+    )
+    out = proc.stdout
+    print(out, proc.stderr)  # shown by pytest when the test fails
+    log = [ln for ln in out.splitlines() if ln.startswith("    [pgexecutor] ")]
+    started = [int(m) for m in re.findall(r"started worker pid=(\d+)", out)]
+    assert_worker_groups_empty(started)  # every worker the log names: its group is empty
+    assert proc.returncode == 0 and "no process survived." in out
+
+    lines = out.splitlines()
+    header = next(i for i, ln in enumerate(lines) if ln.split() == ["task", "input", "outcome", "detail"])
+    rows = {}
+    for ln in lines[header + 1 :]:
+        m = re.match(r"\s*(\d+)  (\S+)\s+(\S+)\s+(.*)", ln)
+        if m and not ln.startswith("    ["):
+            rows[int(m[1])] = (m[2], m[3], m[4])
+    assert sorted(rows) == list(range(1, len(demo.KINDS) + 1))
+    assert [kind for kind, _, _ in rows.values()] == demo.KINDS
+    # One explanation line per outcome class the table shows, above it.
+    shown = {outcome for _, outcome, _ in rows.values()}
+    assert {"ERROR", "TIMEOUT", "CRASHED"} <= shown
+    legend = {ln.split()[0] for ln in lines[1:header] if ln.strip()}
+    assert shown <= legend
+    # The log's "task N" is row N: the timeouts and deaths it names are those rows'.
+    timed_out = {int(n) for n in re.findall(r"task (\d+) timed out", out)}
+    died = {int(n) for n in re.findall(r"died \(exit code -?\d+\) while running task (\d+)", out)}
+    assert timed_out == {n for n, r in rows.items() if r[1] == "TIMEOUT"}
+    assert died == {n for n, r in rows.items() if r[1] == "CRASHED"}
+    assert [n for n, r in rows.items() if r[1] == "ERROR"] == [8] and "input 8" in rows[8][2]
+    assert len(log) == len(set(log)), [ln for ln in log if log.count(ln) > 1]
+    ok = sum(1 for r in rows.values() if r[1] == "ok")
+    assert f"ok {ok}, failed {len(rows) - ok} (error 1, " in out

@@ -33,6 +33,7 @@ from concurrent.futures import BrokenExecutor, CancelledError, Future
 from typing import Any
 
 from .. import _protocol as proto
+from ..counters import CAUSES, OK
 from ..errors import (
     MemoryLimitError,
     TaskTimeoutError,
@@ -40,7 +41,7 @@ from ..errors import (
     WorkerInitializerError,
 )
 
-OUTCOMES = ("ok", "error", "timeout", "crashed", "memory")
+OUTCOMES = (OK, *CAUSES)  # ok, error, timeout, crashed, memory
 KILLS = ("timeout", "crashed", "memory")  # the outcomes where the task killed its worker
 OOB_MAGIC = b"PGX-OOB\0"
 _ERROR_CHARS = 500
