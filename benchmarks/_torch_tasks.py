@@ -11,3 +11,11 @@ def crash() -> None:
 
 def ident(x):
     return x
+
+
+def pid_after(seconds: float) -> int:
+    """Hold the worker a little, so that each of N tasks gets a worker of its own."""
+    import time
+
+    time.sleep(seconds)
+    return os.getpid()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Worker replacement latency and pool startup (issue 20, items 3 and 4).
+"""Worker replacement latency and pool startup (issue 20, items 3, 4 and 8).
 
     python benchmarks/replacement.py [--reps N] [--no-torch]
 
@@ -108,6 +108,75 @@ def bench_startup(reps: int) -> dict[str, list[float]]:
     return results
 
 
+_HOLD = 0.2  # seconds each of the N first tasks holds its worker
+
+
+def _start_n(make, n: int) -> float:
+    """ms from construction until each of ``n`` workers ran a task of a module that
+    imports torch (less the tasks' own ``_HOLD``), shutdown not timed."""
+    from benchmarks import _torch_tasks
+
+    t0 = time.perf_counter()
+    ex = make()
+    try:
+        futs = [ex.submit(_torch_tasks.pid_after, _HOLD) for _ in range(n)]
+        pids = {f.result(timeout=600) for f in futs}
+        dt = (time.perf_counter() - t0 - _HOLD) * 1000
+    finally:
+        ex.shutdown()
+    if len(pids) != n:
+        raise AssertionError(f"{n} tasks ran on {len(pids)} workers, not {n}")
+    return dt
+
+
+def _import_once() -> float:
+    import subprocess
+
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    return (time.perf_counter() - t0) * 1000
+
+
+def bench_torch_start(reps: int, n: int = 8) -> dict[str, list[float]]:
+    """Item 3's last figure: starting ``n`` workers that need torch, against one
+    ``import torch`` in a fresh interpreter (the least any worker start can cost)."""
+    spawn = multiprocessing.get_context("spawn")
+    makers = {
+        f"pgexecutor, {n} workers, preload torch": lambda: ProcessGroupExecutor(n, preload=("torch",)),
+        f"pgexecutor fresh, {n} workers": lambda: ProcessGroupExecutor(n, mp_context="fresh"),
+        f"ProcessPoolExecutor(spawn), {n} workers": lambda: ProcessPoolExecutor(n, mp_context=spawn),
+    }
+    results: dict[str, list[float]] = {"one import torch (python -c)": []}
+    results.update({name: [] for name in makers})
+    for _ in range(reps):
+        results["one import torch (python -c)"].append(_import_once())
+        for name, make in makers.items():
+            results[name].append(_start_n(make, n))
+    return results
+
+
+def template_memory() -> None:
+    """What a template that preloaded torch costs: its PSS (its pages, shared ones
+    split between the processes that share them) and RSS, beside one worker's."""
+    import psutil
+
+    from benchmarks import _torch_tasks
+
+    with ProcessGroupExecutor(1, preload=("torch",)) as ex:
+        worker = ex.submit(_torch_tasks.pid_after, 0).result(timeout=600)
+        me = psutil.Process()
+        templates = [
+            c for c in me.children()
+            if "_template import serve" in " ".join(c.cmdline())
+        ]
+        print("\nmemory with torch preloaded (MiB)")
+        print("| process | PSS | RSS |")
+        print("| --- | ---: | ---: |")
+        for label, proc in [("template", t) for t in templates] + [("worker", psutil.Process(worker))]:
+            info = proc.memory_full_info()
+            print(f"| {label} | {info.pss / 2**20:.0f} | {info.rss / 2**20:.0f} |")
+
+
 def _table(title: str, results: dict[str, list[float]], base: str) -> None:
     print(f"\n{title}")
     print("| executor | median ms | min ms | max ms | x " + base + " |")
@@ -133,6 +202,11 @@ def main() -> None:
         )
     _table("startup: 2-worker pool, first result", bench_startup(args.reps),
            "ProcessPoolExecutor(spawn)")
+    if not args.no_torch:
+        torch_reps = max(1, min(args.reps, 3))  # each rep imports torch ~20 times
+        _table("start of 8 workers whose tasks import torch (all 8 ran one)",
+               bench_torch_start(torch_reps), "one import torch (python -c)")
+        template_memory()
 
 
 if __name__ == "__main__":

@@ -145,6 +145,32 @@ def test_an_unused_standby_is_dropped_when_the_environment_changed(monkeypatch):
         assert stale.pid not in {c.pid for c in tpl.children()}  # reaped, not a zombie
 
 
+def test_recycling_every_task_hands_over_standbys_and_loses_nothing():
+    """max_tasks_per_child=1 on the template start: each task a new worker, most of
+    them standbys; every result right, every worker its own group, none left."""
+    with ProcessGroupExecutor(2, mp_context="template", max_tasks_per_child=1) as ex:
+        infos = list(ex.map(tasks.sleep_then, [0.0] * 30, range(30)))
+        assert infos == list(range(30))
+        whos = [ex.submit(tasks.whoami).result(timeout=60) for _ in range(10)]
+    assert len({w["pid"] for w in whos}) == 10
+    assert all(w["pid"] == w["pgid"] for w in whos)
+
+
+def test_a_fork_of_the_parent_leaves_the_standby_to_the_parent():
+    """A child of os.fork() holds none of the standby's pipe ends (they are
+    parent-only): its exit changes nothing, and the parent still hands it over."""
+    with ProcessGroupExecutor(1, mp_context="template") as ex:
+        first = ex.submit(tasks.whoami).result()
+        standby = _wait_for_standby(the_template(), {first["pid"]})
+        pid = os.fork()
+        if pid == 0:  # the child: leaves at once, without running anything of ours
+            os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        with pytest.raises(WorkerCrashedError):
+            ex.submit(tasks.crash).result(timeout=60)
+        assert ex.submit(tasks.whoami).result(timeout=60)["pid"] == standby
+
+
 def test_fresh_start_has_no_template():
     with ProcessGroupExecutor(1, mp_context="fresh") as ex:
         for _ in range(3):
