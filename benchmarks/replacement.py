@@ -9,7 +9,8 @@ the time a sweep's worker sits idle per crash. ``N`` times per executor (default
 with a task module that imports nothing and one that imports torch, for:
 
 * ``pgexecutor fresh`` (``mp_context="fresh"``: a fresh interpreter per worker),
-* ``pgexecutor template`` (``mp_context="template"``; for torch ``preload=("torch",)``),
+* ``pgexecutor template`` (``mp_context="template"``, ``preload`` the task module;
+  for torch also a row with ``preload=("torch",)`` alone),
 * ``pebble`` (``pebble.ProcessPool``: forks the parent, which imported the module).
 
 Startup: construct a 2-worker pool and get one trivial result (shutdown not timed),
@@ -65,9 +66,16 @@ def bench_replacement(reps: int, torch: bool) -> dict[str, list[float]]:
     results: dict[str, list[float]] = {}
     with ProcessGroupExecutor(1, mp_context="fresh") as ex:
         results["pgexecutor fresh"] = _replacements(ex.submit, mod, reps)
-    preload = ("torch",) if torch else ()
+    if torch:
+        with ProcessGroupExecutor(1, mp_context="template", preload=("torch",)) as ex:
+            results["pgexecutor template, preload torch"] = _replacements(ex.submit, mod, reps)
+    # As the docs advise: preload the task's own module too (pebble's fork of the
+    # parent has it imported; a template that has not imports it in every worker).
+    preload = (("torch",) if torch else ()) + (mod.__name__,)
     with ProcessGroupExecutor(1, mp_context="template", preload=preload) as ex:
-        results["pgexecutor template"] = _replacements(ex.submit, mod, reps)
+        results[f"pgexecutor template, preload {', '.join(preload)}"] = _replacements(
+            ex.submit, mod, reps
+        )
     try:
         import pebble
     except ImportError:

@@ -79,7 +79,8 @@ state                          owner
 worker handles, ``scheduler``, which lets go only while it sleeps in poll(); then a
 ``ledger``/stats, ``pids``,    caller may take it without waiting (``try_dispatch``)
 ``_dump`` (stack-dump pipe),
-``supervisor`` (learned times)
+``supervisor`` (learned times),
+``_standby_due``
 ``mailbox.inbox``              any thread appends; the manager pops
 ``mailbox.sweep_due``          any thread sets (a cancel); the manager clears
 ``mailbox`` wake/close         ``Mailbox._lock``
@@ -180,6 +181,7 @@ class Manager(ManagerCommands, ManagerDeaths, ManagerApplying, ManagerAnswers, M
         self._dump_gate = DumpGate()  # which worker's dump that pipe may carry now
         self._refusals_logged: set[tuple[str, int | None]] = set()  # causes of failed starts
         self._next_exit_poll = 0.0  # without pidfds: next look for dead workers
+        self._standby_due: float | None = None  # when to ask for the next standby
         # Workers whose result pipe hit EOF while they owed an answer -> when that
         # becomes a protocol violation (unless their death shows first).
         self._eof_due: dict[WorkerHandle, float] = {}
@@ -312,6 +314,8 @@ class Manager(ManagerCommands, ManagerDeaths, ManagerApplying, ManagerAnswers, M
             self._dispatch()
             if self.shutting_down and self._finish_shutdown():
                 return
+            if self._standby_due is not None and now >= self._standby_due:
+                self._tend_standby()
             self._wait_for_events()
 
     def _wait_for_events(self) -> None:
@@ -353,6 +357,8 @@ class Manager(ManagerCommands, ManagerDeaths, ManagerApplying, ManagerAnswers, M
             best = spawn if best is None else min(best, spawn)
         for t in self._eof_due.values():
             best = t if best is None else min(best, t)
+        if self._standby_due is not None:
+            best = self._standby_due if best is None else min(best, self._standby_due)
         return None if best is None else max(0.0, best - now)
 
     def _contained(self, handle: Callable[..., None], w: WorkerHandle, *args: Any) -> None:

@@ -11,6 +11,7 @@ import logging
 import time
 from functools import partial
 
+from . import _process as proc_mod
 from ._ledger import WorkItem
 from ._manager_base import (
     ManagerBase,
@@ -104,4 +105,6 @@ class ManagerApplying(ManagerBase):
     def _retry_or_fail(self, item: WorkItem, exc: BaseException, outcome: str, now: float) -> None:
         if self.ledger.retry_or_fail(item, exc, outcome, now):
             self.queue.appendleft(item)
-        self.scheduler.pause_spawning(time.monotonic())
+        if not proc_mod.start_is_handover(self.cfg.mp_context):
+            # (A standby's hand-over is quick: no pause, the replacement is ready sooner.)
+            self.scheduler.pause_spawning(time.monotonic())

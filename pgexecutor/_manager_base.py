@@ -38,6 +38,9 @@ EOF_GRACE = 1.0
 #: At most this many reads of one worker's pipe per event: a worker that writes
 #: without pause must not keep the loop from its deadlines.
 READS_PER_EVENT = 16
+#: A dead worker's group is first looked at this long after the death is seen, so
+#: that the pass that saw it starts the replacement before scanning /proc.
+FIRST_GROUP_LOOK = 0.001
 READS_AT_EXIT = 1024  # a dead worker's pipe holds what it wrote (unless a child writes on)
 #: why a still-starting worker is stopped at shutdown (logged at DEBUG: the normal path)
 NOT_NEEDED = "not needed: the executor is shutting down"
@@ -83,6 +86,7 @@ class ManagerBase:
     _dump_gate: DumpGate
     _refusals_logged: set[tuple[str, int | None]]
     _next_exit_poll: float
+    _standby_due: float | None
     _eof_due: dict[WorkerHandle, float]
     _lock: threading.Lock
     _serving: bool

@@ -17,6 +17,7 @@ from . import _guardian
 from . import _process as proc_mod
 from ._ledger import WorkItem
 from ._manager_base import (
+    FIRST_GROUP_LOOK,
     NOT_NEEDED,
     READS_AT_EXIT,
     ManagerBase,
@@ -101,8 +102,9 @@ class ManagerDeaths(ManagerBase):
                 logger.warning("idle worker pid=%d died (exit code %s); replacing it", w.pid, code)
         w.mark_dead(now, self.cfg.kill_grace)
         self._publish_pids()
-        if not w.group_lingers(now):
-            self._reap(w)
+        # Its group is looked at (a scan of /proc: ~1 ms) and reaped on the timer,
+        # a moment from now: this pass's dispatch starts the replacement first.
+        w.look_at_group(now + FIRST_GROUP_LOOK)
 
     def _on_start_exit(self, w: WorkerHandle, code: int | None, now: float) -> None:
         """``w`` died before it was ready (its interpreter could not start: memory,

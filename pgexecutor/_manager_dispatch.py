@@ -250,6 +250,14 @@ class ManagerDispatch(ManagerBase):
             w.retire()
         self._flush(w)
         logger.debug("started worker pid=%d pgid=%d", w.pid, w.pid)
+        if proc_mod.standby_wanted(self.cfg.mp_context):
+            self._standby_due = time.monotonic() + proc_mod.STANDBY_DELAY
+
+    def _tend_standby(self) -> None:
+        """Its time came: ask the template for the next standby (see _process)."""
+        self._standby_due = None
+        if not self.shutting_down and self._dump is not None:
+            proc_mod.prepare_standby(self.cfg.mp_context, self._dump)
 
     def _publish_pids(self) -> None:
         """Republish ``pids``: the workers that serve the executor, i.e. not those

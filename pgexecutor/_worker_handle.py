@@ -391,6 +391,10 @@ class WorkerHandle:
             self.term_sent = True
         self.reap_deadline = self.kill_deadline if self.kill_deadline is not None else now + grace
 
+    def look_at_group(self, when: float) -> None:
+        """DEAD: look at the group's members (and reap, if none live) at ``when``."""
+        self.next_check = when
+
     def group_lingers(self, now: float) -> bool:
         """DEAD: True while members live and the reap deadline has not passed."""
         assert self.reap_deadline is not None
