@@ -629,7 +629,11 @@ def _prepare_standby(start: TemplateStart, template: Any, dump: tuple[int, int])
         ends = _open_ends()
     except OSError:
         return  # fds short: the pool's workers need them more
-    if not template.fork_ahead(_child_ends(ends, dump)):
+    try:
+        asked = template.fork_ahead(_child_ends(ends, dump))
+    except OSError:  # fds short for /dev/null in place of a closed stdout, say
+        asked = False
+    if not asked:
         _close_ends(ends, parent_too=True)
         return
     _close_ends(ends, parent_too=False)

@@ -227,8 +227,16 @@ def _become_worker(fds: list[int], fcntl: Any, where: bytes) -> None:
 
 def pack_cwd_and_environ() -> bytes:
     """The parent's working directory and environment now, as a fresh worker would
-    inherit them at its spawn (a template started earlier may have older ones)."""
-    items = [os.getcwdb()] + [k + b"=" + v for k, v in os.environb.items()]
+    inherit them at its spawn (a template started earlier may have older ones).
+
+    A working directory that was removed has no path to send (getcwd fails with
+    ENOENT): the worker then keeps the template's, where a fresh spawn would have
+    inherited the removed one; either way no path leads there any more."""
+    try:
+        cwd = os.getcwdb()
+    except OSError:
+        cwd = b""  # the worker's chdir(b"") fails and it stays where it is
+    items = [cwd] + [k + b"=" + v for k, v in os.environb.items()]
     return b"\0".join(items)
 
 

@@ -171,6 +171,22 @@ def test_a_fork_of_the_parent_leaves_the_standby_to_the_parent():
         assert ex.submit(tasks.whoami).result(timeout=60)["pid"] == standby
 
 
+def test_a_removed_working_directory_does_not_stop_worker_starts(tmp_path, monkeypatch):
+    """getcwd() fails once the parent's directory is removed: starts from the
+    template (standby or not) go on, in the template's directory."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    with ProcessGroupExecutor(1, mp_context="template") as ex:
+        first = ex.submit(tasks.whoami).result()
+        _wait_for_standby(the_template(), {first["pid"]})
+        monkeypatch.chdir(gone)
+        gone.rmdir()
+        for _ in range(3):  # the standby, then forks from the template
+            with pytest.raises(WorkerCrashedError):
+                ex.submit(tasks.crash).result(timeout=60)
+            assert ex.submit(tasks.sleep_then, 0, 5).result(timeout=60) == 5
+
+
 def test_fresh_start_has_no_template():
     with ProcessGroupExecutor(1, mp_context="fresh") as ex:
         for _ in range(3):
