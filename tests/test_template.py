@@ -171,6 +171,21 @@ def test_a_fork_of_the_parent_leaves_the_standby_to_the_parent():
         assert ex.submit(tasks.whoami).result(timeout=60)["pid"] == standby
 
 
+def test_a_standby_killed_before_its_hand_over_costs_one_start_only(caplog):
+    """A standby that died while it waited (the OOM killer, a stray signal) is handed
+    over dead: that start fails like any worker dying before READY, the next one
+    comes from the template, and no task is lost."""
+    with ProcessGroupExecutor(1, mp_context="template") as ex:
+        first = ex.submit(tasks.whoami).result()
+        standby = _wait_for_standby(the_template(), {first["pid"]})
+        os.kill(standby, signal.SIGKILL)  # ours: the test just saw the template fork it
+        with pytest.raises(WorkerCrashedError):
+            ex.submit(tasks.crash).result(timeout=60)
+        info = ex.submit(tasks.whoami).result(timeout=60)
+        assert info["pid"] != standby and info["pid"] == info["pgid"]
+        assert [f.result(timeout=60) for f in [ex.submit(tasks.sleep_then, 0, i) for i in range(4)]] == [0, 1, 2, 3]
+
+
 def test_a_removed_working_directory_does_not_stop_worker_starts(tmp_path, monkeypatch):
     """getcwd() fails once the parent's directory is removed: starts from the
     template (standby or not) go on, in the template's directory."""
