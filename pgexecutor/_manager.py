@@ -316,10 +316,12 @@ class Manager(ManagerCommands, ManagerDeaths, ManagerApplying, ManagerAnswers, M
                 return
             if self._standby_due is not None and now >= self._standby_due:
                 self._tend_standby()
-            self._wait_for_events()
+            self._wait_for_events(now)
 
-    def _wait_for_events(self) -> None:
-        timeout = self._next_wakeup()
+    def _wait_for_events(self, since: float) -> None:
+        """Sleep in poll() until an event or the next timer; ``since``: when this
+        pass began (its dispatch acted on the scheduler's state as of then)."""
+        timeout = self._next_wakeup(since)
         ms = -1 if timeout is None else int(min(timeout, _MAX_SLEEP) * 1000 + 0.999)
         self._lock.release()
         try:
@@ -342,8 +344,14 @@ class Manager(ManagerCommands, ManagerDeaths, ManagerApplying, ManagerAnswers, M
             else:
                 self._contained(self._flush, w)
 
-    def _next_wakeup(self) -> float | None:
-        """Seconds until the nearest timer of any worker; None to sleep until woken."""
+    def _next_wakeup(self, since: float) -> float | None:
+        """Seconds until the nearest timer of any worker; None to sleep until woken.
+
+        A paused (or backed-off) start is judged as of ``since``, the pass's start:
+        one that was still paused for that pass's dispatch is due even if its time
+        passed since (the manager lost the CPU, or reaped a group): it must wake up
+        for it, at once, not forget it (no worker, a task queued, asleep for good).
+        """
         best: float | None = None
         for w in self.workers.values():
             t = w.next_due()
@@ -352,7 +360,7 @@ class Manager(ManagerCommands, ManagerDeaths, ManagerApplying, ManagerAnswers, M
         now = time.monotonic()
         if not self._use_pidfd and self.workers:
             best = self._next_exit_poll if best is None else min(best, self._next_exit_poll)
-        spawn = self.scheduler.next_spawn(now)
+        spawn = self.scheduler.next_spawn(since)
         if spawn is not None:
             best = spawn if best is None else min(best, spawn)
         for t in self._eof_due.values():

@@ -451,3 +451,29 @@ def test_a_result_is_unpickled_once_whoever_reads_it():
         assert fut.exception() is None and fut.result() is got[0]
         assert "returned list" in repr(fut)
     assert _rebuilt == [42]
+
+
+@pytest.mark.parametrize("mp_context", ["fresh", "template"])
+def test_a_spawn_pause_that_ends_while_the_manager_is_busy_still_wakes_it(monkeypatch, mp_context):
+    """After a crash the manager pauses the replacement's start for a moment (the
+    woken caller runs first). A pass that saw the pause, then lost the CPU (or spent
+    it on other work) until the pause was over, must still wake up for the start:
+    this hung for good, a task queued and no worker, when the loop computed its next
+    wake-up after the pause had ended (the pause was forgotten, no wake-up due)."""
+    from pgexecutor._manager_dispatch import ManagerDispatch
+
+    real = ManagerDispatch._dispatch
+
+    def dispatch_then_lose_the_cpu(self):
+        real(self)
+        if self.queue and not self.workers:  # the pause kept it from starting one
+            time.sleep(0.005)  # longer than the pause (SPAWN_PAUSE, 2 ms)
+
+    monkeypatch.setattr(ManagerDispatch, "_dispatch", dispatch_then_lose_the_cpu)
+    with ProcessGroupExecutor(1, mp_context=mp_context) as ex:
+        for i in range(4):
+            crash = ex.submit(os._exit, 3)
+            after = ex.submit(abs, -i)  # queued (or waiting in the pipe) behind the crash
+            with pytest.raises(WorkerCrashedError):
+                crash.result(timeout=30)
+            assert after.result(timeout=30) == i
