@@ -69,11 +69,21 @@ class Mailbox:
         # thread, cleared by the manager before each sweep).
         self.sweep_due = False
 
-    def post(self, msg: Any) -> None:
-        """Hand the manager a work item or a command; thread-safe and cheap."""
-        self.inbox.append(msg)
+    def post(self, msg: Any) -> bool:
+        """Hand the manager a work item or a command; thread-safe and cheap. False if
+        the mailbox is closed (the manager ended): nothing will ever read ``msg``.
+
+        The append and the close share ``_lock``: a message is either refused here
+        or in the inbox before the close, where the ending manager looks last
+        (:meth:`leftovers`). Without it a task posted while the manager died was
+        never answered."""
+        with self._lock:
+            if self.closed:
+                return False
+            self.inbox.append(msg)
         if not self.woken:
             self.wake()
+        return True
 
     def note_cancel(self) -> None:
         """A queued future was cancelled (TaskFuture.cancel calls this, any thread).
@@ -108,6 +118,15 @@ class Mailbox:
             pass
         self.woken = False  # before draining: a later post() must write again
         return self.inbox
+
+    def leftovers(self) -> list[Any]:
+        """For the ending manager, after :meth:`close`: what was posted and never
+        taken (the wake pipe is closed: only the inbox is read)."""
+        assert self.closed
+        out = []
+        while self.inbox:
+            out.append(self.inbox.popleft())
+        return out
 
     def close(self) -> None:
         if os.getpid() != self._pid:

@@ -121,6 +121,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from . import _exit, _guardian, _platform
@@ -210,8 +211,9 @@ class Manager(ManagerCommands, ManagerDeaths, ManagerApplying, ManagerAnswers, M
         self.delivery.start()
         self.thread.start()
 
-    def post(self, msg: WorkItem | Command) -> None:
-        self.mailbox.post(msg)
+    def post(self, msg: WorkItem | Command) -> bool:
+        """Hand the loop ``msg``; False if the manager has ended (see Mailbox.post)."""
+        return self.mailbox.post(msg)
 
     def on_manager_thread(self) -> bool:
         """True in a thread of this manager: the loop, or the delivery thread, where
@@ -287,8 +289,22 @@ class Manager(ManagerCommands, ManagerDeaths, ManagerApplying, ManagerAnswers, M
         finally:
             self._unregister(self.mailbox.wake_r)
             self.mailbox.close()
+            self._fail_leftovers()
             _guardian.release()
             self.delivery.close()  # its thread ends after the last delivery: finished
+
+    def _fail_leftovers(self) -> None:
+        """Tasks posted after the loop's last look (only when it failed: a shutdown
+        drains the inbox first, and nothing is posted after it): no worker will run
+        them; they fail as the emergency stop's did."""
+        items = [m for m in self.mailbox.leftovers() if type(m) is WorkItem]
+        if not items:
+            return
+        now = time.monotonic()
+        with self._lock:
+            for item in items:
+                err = BrokenProcessPool("pgexecutor's manager thread failed; see the log")
+                self.ledger.fail(item, err, "crashed", now)
 
     def _loop(self) -> None:
         # Act first, then sleep: whatever was posted before the thread started (the

@@ -27,6 +27,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import cloudpickle  # noqa: F401
@@ -267,8 +268,12 @@ class ProcessGroupExecutor(PoolFrontEnd):
                 item = WorkItem(fut, payload, settings)
             else:  # a learned limit: learned per task function
                 item = WorkItem(fut, payload, settings, *task_key(fn, args))
-            if not self._manager.try_dispatch(item):
-                self._manager.post(item)
+            if not self._manager.try_dispatch(item) and not self._manager.post(item):
+                # The manager ended (only if its loop failed: see Manager._run).
+                self._failed_in_caller += 1
+                fut.set_exception(
+                    BrokenProcessPool("pgexecutor's manager thread failed; see the log")
+                )
             return fut
 
     def _refuse_if_shut_down(self) -> None:

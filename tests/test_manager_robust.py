@@ -477,3 +477,41 @@ def test_a_spawn_pause_that_ends_while_the_manager_is_busy_still_wakes_it(monkey
             with pytest.raises(WorkerCrashedError):
                 crash.result(timeout=30)
             assert after.result(timeout=30) == i
+
+
+def test_a_task_submitted_while_the_manager_dies_fails_too(monkeypatch):
+    """The manager's loop fails (a bug of ours, simulated): the emergency stop fails
+    what it holds, but a task posted after it took the inbox and before the mailbox
+    closed was never answered (its result() waited for good; seen in CI as a hung
+    journal test). Now it fails with BrokenProcessPool too, as does a submit after
+    the manager ended."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from pgexecutor import _manager
+
+    real_stop = _manager.Manager._emergency_stop
+    stopped = threading.Event()
+
+    def broken(self):
+        if self.queue:
+            raise RuntimeError("simulated manager bug")
+
+    def slow_stop(self):
+        real_stop(self)
+        stopped.set()
+        time.sleep(0.5)  # the window: inbox taken, mailbox not closed yet
+
+    monkeypatch.setattr(_manager.Manager, "_dispatch", broken)
+    monkeypatch.setattr(_manager.Manager, "_emergency_stop", slow_stop)
+    ex = ProcessGroupExecutor(max_workers=1)
+    try:
+        first = ex.submit(abs, -1)
+        assert stopped.wait(30)
+        during = ex.submit(abs, -2)
+        for fut in (first, during):
+            with pytest.raises(BrokenProcessPool):
+                fut.result(timeout=30)
+        with pytest.raises(BrokenProcessPool):  # the manager ended, or is ending
+            ex.submit(abs, -3).result(timeout=30)
+    finally:
+        ex.shutdown(wait=False)
