@@ -584,11 +584,12 @@ def _template_worker(
 class Standby:
     """One worker per executor forked from its template ahead of need.
 
-    Why: a fork of a template that imported torch costs ~10 ms (copying the page
-    tables of a large address space), and the worker's own set-up more; a sweep's
-    worker sits idle that long at every crash, timeout and recycle. Asked for right
-    after each template start, the next one is forked while the pool works, and a
-    start becomes a hand-over of pipes that already exist.
+    Why: a fork of a template that imported torch costs milliseconds (copying the
+    page tables of a large address space), and the worker's own set-up more; a
+    sweep's worker sits idle that long at every crash, timeout and recycle. Asked
+    for by the manager ``STANDBY_DELAY`` after each template start, the next one is
+    forked while the pool works, and a start becomes a hand-over of pipes that
+    already exist.
 
     What it must match: a start takes the parent's working directory, environment,
     stdout and stderr as they are *then* (a fresh spawn would), so the standby
@@ -659,13 +660,9 @@ def _claim_standby(start: TemplateStart, template: Any, dump: tuple[int, int]) -
         _release_ends(standby.ends)  # a child it may have made reads EOF and exits
         return None
     _record(pid)
-    if not standby.template.alive():
-        # Its template died after forking it (the reply was already in the socket):
-        # an orphan, which init reaps, so its pgid is not ours to signal. EOF on
-        # its task pipe ends it; the start goes on to a new template.
-        _release_ends(standby.ends)
-        return None
-    if not fits:
+    if not fits or not standby.template.alive():
+        # Not for this start, or an orphan: its template died after forking it (the
+        # reply was already in the socket); the start goes on to a new template.
         _discard(standby, pid)
         return None
     _release_ends(standby.ends, close=False)
@@ -685,8 +682,11 @@ def _release_ends(ends: _Ends, close: bool = True) -> None:
 def _discard(standby: Standby, pid: int) -> None:
     """End a standby that will not be used: EOF on its pipes, SIGKILL to its group
     (its template's unreaped child: the pgid is still its own), then the template
-    reaps it."""
+    reaps it. If the template died, init reaps the standby once EOF ends it, and
+    its pgid may be recycled: it is never signalled then."""
     _release_ends(standby.ends)
+    if not standby.template.alive():
+        return
     try:
         os.killpg(pid, signal.SIGKILL)
     except OSError:
