@@ -121,7 +121,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from . import _exit, _guardian, _platform
@@ -136,6 +135,7 @@ from ._manager_base import (
     RESULT,
     WAKE,
     ManagerConfig,
+    manager_failed,
 )
 from ._manager_commands import ManagerCommands
 from ._manager_deaths import ManagerDeaths
@@ -298,13 +298,10 @@ class Manager(ManagerCommands, ManagerDeaths, ManagerApplying, ManagerAnswers, M
         drains the inbox first, and nothing is posted after it): no worker will run
         them; they fail as the emergency stop's did."""
         items = [m for m in self.mailbox.leftovers() if type(m) is WorkItem]
-        if not items:
-            return
-        now = time.monotonic()
-        with self._lock:
-            for item in items:
-                err = BrokenProcessPool("pgexecutor's manager thread failed; see the log")
-                self.ledger.fail(item, err, "crashed", now)
+        if items:
+            with self._lock:
+                self.queue.extend(items)
+                self._fail_queue(manager_failed)
 
     def _loop(self) -> None:
         # Act first, then sleep: whatever was posted before the thread started (the

@@ -15,6 +15,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,13 @@ EOF_GRACE = 1.0
 #: At most this many reads of one worker's pipe per event: a worker that writes
 #: without pause must not keep the loop from its deadlines.
 READS_PER_EVENT = 16
+def manager_failed() -> BrokenProcessPool:
+    """What a task gets when the manager's loop itself failed (a bug of ours): no
+    worker will run it. One instance per task (a shared one would grow one
+    traceback)."""
+    return BrokenProcessPool("pgexecutor's manager thread failed; see the log")
+
+
 #: A dead worker's group is first looked at this long after the death is seen, so
 #: that the pass that saw it starts the replacement before scanning /proc.
 FIRST_GROUP_LOOK = 0.001

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 
 from . import _guardian
@@ -21,6 +20,7 @@ from ._manager_base import (
     NOT_NEEDED,
     READS_AT_EXIT,
     ManagerBase,
+    manager_failed,
 )
 from ._scheduling import MAX_START_FAILURES
 from ._worker_handle import SERVING, State, WorkerHandle
@@ -163,13 +163,10 @@ class ManagerDeaths(ManagerBase):
 
     def _emergency_stop(self) -> None:
         """Last resort if the loop itself fails: kill every group, fail every future."""
-        def err() -> BaseException:
-            return BrokenProcessPool("pgexecutor's manager thread failed; see the log")
-
         now = time.monotonic()
         for w in list(self.workers.values()):
             for item in w.inflight:
-                self.ledger.fail(item, err(), "crashed", now)
+                self.ledger.fail(item, manager_failed(), "crashed", now)
             w.inflight.clear()
             try:
                 _guardian.unregister(w.pid)
@@ -186,4 +183,4 @@ class ManagerDeaths(ManagerBase):
             msg = inbox.popleft()
             if type(msg) is WorkItem:
                 self.queue.append(msg)
-        self._fail_queue(err)
+        self._fail_queue(manager_failed)

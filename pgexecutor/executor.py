@@ -27,7 +27,6 @@ import warnings
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import cloudpickle  # noqa: F401
@@ -40,6 +39,7 @@ from ._frontend import PoolFrontEnd, unpicklable_arguments
 from ._future import TaskFuture
 from ._mailbox import KillTask, Shutdown, Terminate
 from ._manager import Manager, ManagerConfig, TaskInfo, WorkItem
+from ._manager_base import manager_failed
 from ._settings import AutoTimeout, TaskSettings
 from ._supervision import task_key
 from ._template import TemplateStart
@@ -271,9 +271,7 @@ class ProcessGroupExecutor(PoolFrontEnd):
             if not self._manager.try_dispatch(item) and not self._manager.post(item):
                 # The manager ended (only if its loop failed: see Manager._run).
                 self._failed_in_caller += 1
-                fut.set_exception(
-                    BrokenProcessPool("pgexecutor's manager thread failed; see the log")
-                )
+                fut.set_exception(manager_failed())
             return fut
 
     def _refuse_if_shut_down(self) -> None:
