@@ -77,13 +77,9 @@ def _start_locked() -> None:
         "from pgexecutor._guardian import guardian_main; guardian_main(); "
         "import os; os._exit(0)"
     )
-    scratch = max(r + 1, _CHILD_FD + 1)
-    actions = [
-        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_DUP2, r, scratch),
-        (os.POSIX_SPAWN_DUP2, scratch, _CHILD_FD),
-        (os.POSIX_SPAWN_CLOSE, scratch),
-    ]
+    from . import _process  # the parent's side only: the guardian never imports it
+
+    actions = _process.spawn_file_actions([r], [_CHILD_FD])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     try:

@@ -353,6 +353,29 @@ def _open_ends() -> tuple[int, int, int, int, int, int, Any, Any]:
     return task_r, task_w, res_r, res_w, permits_r, permits_w, channel, channel_child
 
 
+def spawn_file_actions(sources: list[int], targets: list[int]) -> list[tuple[Any, ...]]:
+    """``posix_spawn`` file actions that give the child stdin /dev/null and each of
+    our fds ``sources`` at its fd in ``targets`` (the others are close-on-exec).
+    Used for workers, the template and the guardian alike."""
+    actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
+    if min(sources) > max(targets):
+        # The usual case: every source lies above the targets, so no dup2 overwrites
+        # one. (No scratch fds above them: near the fd limit those would not exist.)
+        for fd, target in zip(sources, targets, strict=True):
+            actions.append((os.POSIX_SPAWN_DUP2, fd, target))
+    else:
+        # A source sits among the targets: dup2 through scratch fds above every
+        # source, so that no source is overwritten before it was copied.
+        scratch = max(max(sources), max(targets)) + 1
+        for i, fd in enumerate(sources):
+            actions.append((os.POSIX_SPAWN_DUP2, fd, scratch + i))
+        for i, target in enumerate(targets):
+            actions.append((os.POSIX_SPAWN_DUP2, scratch + i, target))
+        for i in range(len(sources)):
+            actions.append((os.POSIX_SPAWN_CLOSE, scratch + i))
+    return actions
+
+
 def _spawn_fresh(python: str, dump: tuple[int, int]) -> WorkerProcess:
     """Start ``python -c bootstrap`` as a group leader with its pipes at fds 3-7.
 
@@ -367,28 +390,12 @@ def _spawn_fresh(python: str, dump: tuple[int, int]) -> WorkerProcess:
     if channel_child is not None:
         child_ends.append(channel_child.fileno())
         targets.append(CHILD_SHM_FD)
-    actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
-    if min(child_ends) > max(targets):
-        # The usual case: every source lies above 3-7, so no dup2 overwrites one.
-        # (No scratch fds above them: near the fd limit those would not exist.)
-        for fd, target in zip(child_ends, targets, strict=True):
-            actions.append((os.POSIX_SPAWN_DUP2, fd, target))
-    else:
-        # A source sits at 3 to 7: dup2 through scratch fds above every source, so
-        # that no source is overwritten before it was copied.
-        scratch = max(max(child_ends), max(targets)) + 1
-        for i, fd in enumerate(child_ends):
-            actions.append((os.POSIX_SPAWN_DUP2, fd, scratch + i))
-        for i, target in enumerate(targets):
-            actions.append((os.POSIX_SPAWN_DUP2, scratch + i, target))
-        for i in range(len(child_ends)):
-            actions.append((os.POSIX_SPAWN_CLOSE, scratch + i))
     try:
         pid = os.posix_spawn(
             python,
             [python, "-c", bootstrap_code()],
             os.environ,
-            file_actions=actions,
+            file_actions=spawn_file_actions(child_ends, targets),
             setpgroup=0,  # the child leads a new group whose id is its pid
             setsigmask=(),  # start with no signal blocked, whatever our thread blocks
             setsigdef=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE),

@@ -322,14 +322,7 @@ class Template:
         env["PGEXECUTOR_PRELOAD"] = ",".join(self.preload)
         code = _process.bootstrap_code("pgexecutor._template", "serve", sys.path)
         try:
-            cfd = child.fileno()
-            scratch = max(cfd + 1, _CONTROL_FD + 1)
-            actions = [
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, cfd, scratch),
-                (os.POSIX_SPAWN_DUP2, scratch, _CONTROL_FD),
-                (os.POSIX_SPAWN_CLOSE, scratch),
-            ]
+            actions = _process.spawn_file_actions([child.fileno()], [_CONTROL_FD])
             import signal
 
             pid = os.posix_spawn(
