@@ -56,7 +56,7 @@ from ._protocol import (
     CHILD_SHM_FD,
     CHILD_TASK_FD,
 )
-from ._template import TemplateStart
+from ._template import TemplateStart, pack_cwd_and_environ
 
 _F_SETPIPE_SZ = 1031  # Linux: bigger pipes mean fewer syscalls for large payloads
 _PIPE_SIZE = 1 << 20
@@ -615,11 +615,10 @@ class Standby:
     ends: _Ends
 
 
-def _fingerprint() -> bytes:
+def _fingerprint(where: bytes) -> bytes:
     """What a worker inherits at its start that can change between starts: the
-    working directory and environment, and which files fds 1 and 2 are."""
-    from ._template import pack_cwd_and_environ
-
+    working directory and environment (``where``, as pack_cwd_and_environ gives
+    them), and which files fds 1 and 2 are."""
     ids = []
     for fd in (1, 2):
         try:
@@ -627,7 +626,7 @@ def _fingerprint() -> bytes:
             ids.append(f"{st.st_dev}:{st.st_ino}")
         except OSError:
             ids.append("closed")
-    return pack_cwd_and_environ() + b"\0\0" + ",".join(ids).encode()
+    return where + b"\0\0" + ",".join(ids).encode()
 
 
 def _prepare_standby(start: TemplateStart, template: Any, dump: tuple[int, int]) -> None:
@@ -639,8 +638,9 @@ def _prepare_standby(start: TemplateStart, template: Any, dump: tuple[int, int])
         ends = _open_ends()
     except OSError:
         return  # fds short: the pool's workers need them more
+    where = pack_cwd_and_environ()
     try:
-        asked = template.fork_ahead(_child_ends(ends, dump))
+        asked = template.fork_ahead(_child_ends(ends, dump), where)
     except OSError:  # fds short for /dev/null in place of a closed stdout, say
         asked = False
     if not asked:
@@ -651,7 +651,7 @@ def _prepare_standby(start: TemplateStart, template: Any, dump: tuple[int, int])
     mark_parent_only(task_w, res_r, permits_w, permits_r)
     if channel is not None:
         mark_parent_only(channel.fileno())
-    start.standby = Standby(template, template.generation, _fingerprint(), ends)
+    start.standby = Standby(template, template.generation, _fingerprint(where), ends)
 
 
 def _claim_standby(start: TemplateStart, template: Any, dump: tuple[int, int]) -> WorkerProcess | None:
@@ -660,7 +660,9 @@ def _claim_standby(start: TemplateStart, template: Any, dump: tuple[int, int]) -
     if standby is None:
         return None
     start.standby = None
-    fits = standby.template is template and standby.fingerprint == _fingerprint()
+    fits = standby.template is template and standby.fingerprint == _fingerprint(
+        pack_cwd_and_environ()
+    )
     try:
         pid = standby.template.collect_ahead(standby.generation)
     except OSError:

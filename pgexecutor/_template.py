@@ -430,12 +430,13 @@ class Template:
                 raise OSError("end of file")
             (self._ahead_reply,) = _PID.unpack(reply)
 
-    def fork_ahead(self, fds: list[int]) -> bool:
+    def fork_ahead(self, fds: list[int], where: bytes) -> bool:
         """Ask for a worker now and collect its pid later (:meth:`collect_ahead`): the
         fork runs in the template while the parent goes on. Only on a ready template
         with no fork-ahead outstanding; False if none was asked for. The fds travel
         with the request (SCM_RIGHTS copies them at send): the caller may close its
-        copies at once."""
+        copies at once. ``where``: pack_cwd_and_environ() of the moment (the caller
+        keeps it to tell whether they changed by the hand-over)."""
         import socket
 
         with self._lock:
@@ -444,7 +445,7 @@ class Template:
             std, opened = _std_fds()
             try:
                 all_fds = std + fds
-                data = _REQ.pack(b"F", 0) + pack_cwd_and_environ()
+                data = _REQ.pack(b"F", 0) + where
                 self.sock.sendmsg(
                     [data],
                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(all_fds)}i", *all_fds))],
