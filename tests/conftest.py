@@ -144,6 +144,49 @@ def assert_tree_gone(report: dict, timeout: float) -> float:
     return time.monotonic() - t0
 
 
+def run_in_own_session(
+    cmd: list[str], cwd: str, limit: float, what: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` (stdin /dev/null) in a session of its own and return its outcome.
+    Should it overrun ``limit`` seconds, its whole group is killed (its pgexecutor
+    workers are then killed by the guardian, which watches its process) and the test
+    fails with its output."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group this call created
+        out, err = proc.communicate()
+        pytest.fail(f"{what} ran over {limit:g}s\n--- stdout\n{out}\n--- stderr\n{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def children_running(pid: int, marker: str) -> list[psutil.Process]:
+    """Children of ``pid`` whose command line contains ``marker`` (zombies included;
+    none if ``pid`` is gone): our guardians ("guardian_main"), templates
+    ("_template import serve")."""
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for child in children:
+        try:
+            if marker in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
 def alive(pid: int) -> bool:
     """The process exists and is not a zombie (a zombie is dead, only unreaped)."""
     try:

@@ -29,7 +29,7 @@ import time
 
 import psutil
 import pytest
-from conftest import survivors_of
+from conftest import children_running, survivors_of
 
 import pgexecutor._process as proc_mod
 from pgexecutor import ProcessGroupExecutor, TaskTimeoutError, WorkerCrashedError, _guardian
@@ -176,18 +176,7 @@ def read_reports(report_dir, n: int, timeout: float = 60) -> list[dict]:
 
 
 def guardian_children(pid: int) -> list[psutil.Process]:
-    found = []
-    try:
-        children = psutil.Process(pid).children()
-    except psutil.NoSuchProcess:
-        return found
-    for c in children:
-        try:
-            if "guardian_main" in " ".join(c.cmdline()):
-                found.append(c)
-        except psutil.Error:
-            continue
-    return found
+    return children_running(pid, "guardian_main")
 
 
 def stop_driver(proc: subprocess.Popen) -> None:

@@ -20,7 +20,14 @@ import time
 import conftest
 import psutil
 import pytest
-from conftest import procs_alive, read_report, require_extra, run_main_script, wait_procs_gone
+from conftest import (
+    children_running,
+    procs_alive,
+    read_report,
+    require_extra,
+    run_main_script,
+    wait_procs_gone,
+)
 
 
 def _module_extra(module: str, extra: str):
@@ -259,10 +266,9 @@ def test_plugin_default_timeout_removal_and_threads_executor(client, tmp_path):
 
 def guardians_of(pid: int) -> list[list[float]]:
     found = []
-    for child in psutil.Process(pid).children():
+    for child in children_running(pid, "guardian_main"):
         try:
-            if "guardian_main" in " ".join(child.cmdline()):
-                found.append([child.pid, child.create_time()])
+            found.append([child.pid, child.create_time()])
         except psutil.NoSuchProcess:
             pass
     return found

@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from typing import Any
 
 import psutil
 import pytest
-from conftest import format_survivors, require_extra, survivors_of
+from conftest import format_survivors, require_extra, run_in_own_session, survivors_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -43,20 +42,8 @@ def run_example(tmp_path: Any, name: str, *args: str, limit: float = 120.0) -> d
     """
     out = tmp_path / f"{name}.json"
     cmd = [sys.executable, os.path.join(EXAMPLES, f"{name}.py"), *args, "--json", str(out)]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=limit)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"{name} ran over {limit:g}s\n--- stdout\n{stdout}\n--- stderr\n{stderr}")
+    proc = run_in_own_session(cmd, ROOT, limit, name)
+    stdout, stderr = proc.stdout, proc.stderr
     print(stdout)  # shown by pytest when the test fails
     print(stderr, file=sys.stderr)
     assert out.exists(), f"{name} exited {proc.returncode} without a summary:\n{stderr}"

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from typing import Any
 
 import pytest
-from conftest import ROOT, format_survivors, survivors_of
+from conftest import ROOT, format_survivors, run_in_own_session, survivors_of
 
 README = os.path.join(ROOT, "README.md")
 
@@ -57,27 +56,12 @@ def example_and_output(text: str) -> tuple[str, list[str]]:
 
 
 def run_script(tmp_path: Any, source: str, limit: float) -> subprocess.CompletedProcess[str]:
-    """Run ``source`` as ``python readme_example.py`` in its own session, so that an
-    overrun can be killed with its whole group (its workers are then killed by
-    pgexecutor's guardian, which watches the script's process)."""
+    """Run ``source`` as ``python readme_example.py`` in its own session."""
     script = tmp_path / "readme_example.py"
     script.write_text(source)
-    proc = subprocess.Popen(
-        [sys.executable, str(script)],
-        cwd=str(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
+    return run_in_own_session(
+        [sys.executable, str(script)], str(tmp_path), limit, "the README's example"
     )
-    try:
-        out, err = proc.communicate(timeout=limit)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the README's example ran over {limit:g}s\n{out}\n{err}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.mark.timeout(150)

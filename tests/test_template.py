@@ -14,7 +14,7 @@ import time
 import _template_tasks as tasks
 import psutil
 import pytest
-from conftest import wait_gone
+from conftest import children_running, wait_gone
 
 from pgexecutor import ProcessGroupExecutor, WorkerCrashedError, _platform, spawned_groups
 
@@ -25,14 +25,7 @@ SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts")
 
 def templates_of(pid: int) -> list[psutil.Process]:
     """Template processes that are children of ``pid``."""
-    out = []
-    for c in psutil.Process(pid).children():
-        try:
-            if "_template import serve" in " ".join(c.cmdline()):
-                out.append(c)
-        except psutil.Error:
-            continue
-    return out
+    return children_running(pid, "_template import serve")
 
 
 def the_template() -> psutil.Process:
