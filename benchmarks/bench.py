@@ -55,10 +55,10 @@ BASELINE = "ppe-fork"
 
 CONFIGS = {
     "full": dict(tiny=20000, roundtrips=2000, rt_warmup=200, arrays=50, array_mib=8,
-                 reps=3, startup_reps=5, timeout_reps=3, timeout=0.5, cap=10.0,
+                 reps=3, startup_reps=6, timeout_reps=3, timeout=0.5, cap=10.0,
                  linger=1.0, hang_guard=240.0),
     "quick": dict(tiny=2000, roundtrips=200, rt_warmup=50, arrays=10, array_mib=8,
-                  reps=3, startup_reps=3, timeout_reps=1, timeout=0.5, cap=4.5,
+                  reps=3, startup_reps=4, timeout_reps=1, timeout=0.5, cap=4.5,
                   linger=1.0, hang_guard=45.0),
 }
 
@@ -329,16 +329,27 @@ def _pool(peer, body):
 
 
 def sc_startup(peer, cfg):
-    samples = []
+    """Pools built one after another in this (fresh) process: construct, first
+    result, shutdown. The first is the process's first pool (nothing of any pool
+    ran here before: pgexecutor's template and guardian start with it); the others
+    come back to back, as in a test suite or a loop over experiments (pgexecutor
+    shares its template and guardian between them: see _template_pool)."""
+    first, total = [], []
     for _ in range(cfg["startup_reps"]):
         gc.collect()
         t0 = time.perf_counter()
         peer.start(N_WORKERS)
         r = peer.roundtrip(_tasks.noop, 7)
+        t1 = time.perf_counter()
         peer.shutdown()
-        samples.append(_ms(time.perf_counter() - t0))
+        first.append(_ms(t1 - t0))
+        total.append(_ms(time.perf_counter() - t0))
         assert r == 7, r
-    return {"startup": ("ms", samples)}, []
+    return {
+        "startup_cold": ("ms", first[:1]),
+        "startup_first": ("ms", first[1:]),
+        "startup": ("ms", total[1:]),
+    }, []
 
 
 def _throughput(peer, cfg, key, call):
@@ -712,7 +723,9 @@ def _reap_strays(linger):
 
 METRICS = [
     # key, label, scenario
-    ("startup", "startup (start+1 task+shutdown)", "startup"),
+    ("startup_cold", "first pool of the process: start to first result", "startup"),
+    ("startup_first", "pools back to back: start to first result", "startup"),
+    ("startup", "pools back to back: start+1 task+shutdown", "startup"),
     ("submit", "{tiny} submits gathered", "submit"),
     ("map1", "map {tiny} chunksize=1", "map1"),
     ("map64", "map {tiny} chunksize=64", "map64"),
@@ -767,16 +780,17 @@ def _md_row(cells, header=False):
     return row
 
 
-#: What issue 6 asks of pgexecutor. ("speedup", key, base peer, at least) compares
-#: base/value; ("ratio", key, base peer, at most) compares value/base; ("ms", key,
-#: None, at most) is an absolute bound in milliseconds.
+#: What issues 6 and 20 ask of pgexecutor. ("speedup", key, base peer, at least)
+#: compares base/value; ("ratio", key, base peer, at most) compares value/base;
+#: ("ms", key, None, at most) is an absolute bound in milliseconds.
 TARGETS = [
-    ("tiny submit throughput", "speedup", "submit", BASELINE, 2.5),
-    ("map, chunksize 1", "speedup", "map1", BASELINE, 5.0),
-    ("map, chunksize 64", "speedup", "map64", BASELINE, 3.0),
-    ("round trip p50", "ratio", "rt_p50", BASELINE, 0.4),
-    ("startup to first result (vs ppe-spawn)", "ratio", "startup", "ppe-spawn", 0.6),
-    ("payload", "speedup", "payload", BASELINE, 3.0),
+    ("tiny submit throughput", "speedup", "submit", BASELINE, 6.0),
+    ("map, chunksize 1 (vs multiprocessing.Pool)", "speedup", "map1", "mp-pool-fork", 1.0),
+    ("map, chunksize 64 (vs multiprocessing.Pool)", "speedup", "map64", "mp-pool-fork", 1.0),
+    ("round trip p50", "ratio", "rt_p50", BASELINE, 0.3),
+    ("start to first result, back to back (vs ppe-spawn)", "ratio", "startup_first",
+     "ppe-spawn", 0.3),
+    ("payload", "speedup", "payload", BASELINE, 6.0),
     ("timeout lateness, Python (sleep)", "ms", "sleep_late", None, 10.0),
     ("timeout lateness, C spin", "ms", "cspin_late", None, 10.0),
     ("group gone after deadline, SIGTERM-proof task", "ms", "cspin_group_gone", None,
@@ -967,7 +981,7 @@ def driver_main(args):
         print(_md_row([lab] + cells))
     if "pgexecutor" in shown:
         print()
-        print("### pgexecutor against the targets of issue 6")
+        print("### pgexecutor against the targets of issues 6 and 20")
         print()
         print(_md_row(["figure", "target", "measured", "met"], header=True))
         for label, target, measured, met in _target_rows(table, ratio, scenarios):

@@ -17,11 +17,14 @@ Over the pipe the parent tells the guardian which groups are live, ``+ pid
 create_time grace`` and ``- pid``. At EOF the guardian SIGTERMs (and SIGCONTs) each
 group, waits up to the grace period (at most one second), then SIGKILLs what is left.
 Its lifetime: it starts with the first worker group registered and lives while any
-manager thread of this process runs (``hold()``/``release()``). When the last one
-finishes with no group left registered, the pipe is closed: the guardian reads EOF
-with nothing to kill, exits at once and is reaped, so a process whose executors are
-all shut down has no child and no fd of ours. The next executor's first worker starts
-a fresh guardian.
+manager thread of this process runs (``hold()``/``release()``) or any group is
+registered: a worker template lingering for the next executor is one (see
+``_template_pool``), so back-to-back executors share the guardian too. When the last
+manager finishes with no group left registered (or the lingering template is closed
+after it), the pipe is closed: the guardian reads EOF with nothing to kill, exits at
+once and is reaped, so a process whose executors are all shut down has, a moment
+later, no child and no fd of ours. The next executor's first worker starts a fresh
+guardian.
 
 It never signals a group blindly: a pgid is reused once its leader is reaped and its
 members are gone, so it checks the leader is still the process it was told about (same
@@ -162,13 +165,21 @@ def hold() -> None:
 
 
 def release() -> None:
-    """A manager thread ended. When it was the last one and no group is registered,
-    close the guardian's pipe: it reads EOF, has nothing to kill, exits, and is
-    reaped here, so nothing the library started outlives its last executor. The next
-    executor's first worker starts a fresh guardian (register)."""
+    """A manager thread ended: when it was the last one and no group is registered,
+    the guardian ends (:func:`close_if_unused`)."""
     global _holds
     with _lock:
         _holds = max(0, _holds - 1)
+    close_if_unused()
+
+
+def close_if_unused() -> None:
+    """With no manager thread running and no group registered (a lingering template
+    is one: see _template_pool), close the guardian's pipe: it reads EOF, has
+    nothing to kill, exits, and is reaped here, so nothing the library started
+    outlives its last executor. The next executor's first worker starts a fresh
+    guardian (register)."""
+    with _lock:
         pid = _state["pid"]
         if _holds or _registry or not isinstance(pid, int) or _state["owner"] != os.getpid():
             return

@@ -721,6 +721,14 @@ def _drop_standby(start: TemplateStart) -> None:
     _discard(standby, pid)
 
 
+def warm_start(mp_context: Any) -> None:
+    """The pool's first workers are up: a default start begins its template now
+    (see ``TemplateStart.warm``); other starts have nothing to warm."""
+    if isinstance(mp_context, TemplateStart) and mp_context.usable():
+        with _spawn_lock:
+            mp_context.warm(executable())
+
+
 def close_start(mp_context: Any) -> None:
     """The executor is done with its start method: stop its standby and its
     template, if any."""

@@ -45,8 +45,11 @@ template -> parent first: ``b"OK"`` or ``b"ER" + text`` (a preload import failed
 ``W pid``: exit status without reaping; reply ``!ii`` (1, code) or (0, 0) if alive.
 ``R pid``: reap; reply ``!ii`` (1, code).
 
-Ownership: a :class:`Template` is used by one manager thread (the executor's); its
-``_lock`` only guards against a second user by mistake.
+Ownership: a :class:`Template` is shared by the executors of a process that start
+workers from one (``_template_pool`` leases it out and keeps it a moment after the
+last). Starts (fork, fork-ahead, readiness) are serialized by ``_process``'s
+``_spawn_lock``; every request and reply pair, from any executor's manager thread,
+holds the template's ``_lock``, so replies never go to the wrong asker.
 """
 
 from __future__ import annotations
@@ -575,8 +578,8 @@ class Template:
 class TemplateStart:
     """The start method ``mp_context="template"``: workers forked from a template.
 
-    One per executor; it starts its :class:`Template` at the first worker and stops
-    it at shutdown (``_process.close_start``).
+    One per executor; it leases the shared :class:`Template` at the first worker
+    (``_template_pool``) and gives it back at shutdown (``_process.close_start``).
     """
 
     def __init__(self, preload: tuple[str, ...] = (), eager: bool = True, first_fresh: int = 0) -> None:
@@ -612,10 +615,12 @@ class TemplateStart:
         """The template to fork from, or None: start a fresh interpreter instead.
 
         Eager (a preload, or ``mp_context="template"``): always the template, started
-        and waited for here. Otherwise the pool's first workers start fresh (see
-        ``first_fresh``), and after them a fresh worker is as good as a forked one
-        until the template is up, and starting one costs no more than waiting for
-        the template: start it, go on without it, use it once it said it is ready.
+        and waited for here. Otherwise a template that is up already (shared with
+        another executor, or lingering after one: ``_template_pool``) serves from
+        the first worker on; if none is, the pool's first workers start fresh
+        (see ``first_fresh``) and :meth:`warm` starts one once they are up, and
+        until it is ready a fresh worker is as good as a forked one: start it, go
+        on without it, use it once it said it is ready.
         A template that cannot start (a broken interpreter, say) is given up for
         good, with a warning: the pool runs on fresh interpreters.
         """
@@ -624,32 +629,54 @@ class TemplateStart:
         self.spawns += 1
         if self.eager:
             return self.template_for(python)
-        if self.spawns <= self.first_fresh:
-            return None
         template = self.template_for(python)
         try:
             if template.sock is None:
+                if self.spawns <= self.first_fresh:
+                    return None
                 template.start()
             if template.ready_now():
                 return template
         except OSError as exc:
-            import logging
-
-            logging.getLogger("pgexecutor").warning(
-                "could not start the worker template (%s); workers start as fresh "
-                "interpreters", exc,
-            )
-            self.broken = True
-            template.close()
+            self._give_up(exc)
         return None
 
+    def warm(self, python: str) -> None:
+        """The pool's first workers are up: start the template now (in the
+        background: nothing waits for it), so that the first replacement, and the
+        next executor's first workers, are forks instead of fresh interpreters."""
+        if self.broken or self.eager:
+            return
+        template = self.template_for(python)
+        try:
+            if template.sock is None:
+                template.start()
+        except OSError as exc:
+            self._give_up(exc)
+
+    def _give_up(self, exc: OSError) -> None:
+        import logging
+
+        logging.getLogger("pgexecutor").warning(
+            "could not start the worker template (%s); workers start as fresh "
+            "interpreters", exc,
+        )
+        self.broken = True
+        self.close()
+
     def template_for(self, python: str) -> Template:
+        """This executor's lease of the shared template for ``python``."""
+        from . import _template_pool
+
         if self.template is None or self.template.python != python:
-            if self.template is not None:
-                self.template.close()
-            self.template = Template(python, self.preload)
+            self.close()
+            self.template = _template_pool.lease(python, self.preload)
         return self.template
 
     def close(self) -> None:
-        if self.template is not None:
-            self.template.close()
+        """Give the template back (it lingers for the next executor)."""
+        from . import _template_pool
+
+        template, self.template = self.template, None
+        if template is not None:
+            _template_pool.give_back(template)

@@ -218,6 +218,17 @@ def _spawned_pgids_func():
     return getattr(pgexecutor, "spawned_groups", None)
 
 
+def close_lingering_templates() -> None:
+    """End the templates that wait for a next executor (see _template_pool), as the
+    program's exit would: a test's executors may share them, the next test's not,
+    and the leak check must see that they go."""
+    try:
+        from pgexecutor import _template_pool  # noqa: PLC0415
+    except Exception:
+        return
+    _template_pool.close_idle()
+
+
 def spawned_pgids() -> frozenset[int] | None:
     func = _spawned_pgids_func()
     if func is None:
@@ -297,6 +308,7 @@ def no_leaked_worker_groups(request):
     """Fail the test if any worker group it created still has a process after it."""
     before = spawned_pgids()
     yield
+    close_lingering_templates()
     after = spawned_pgids()
     if after is None:  # pgexecutor not importable: nothing to check
         return
