@@ -42,6 +42,7 @@ The hazards, and what answers each (DESIGN fact 14):
 Protocol (SOCK_SEQPACKET, one message per datagram; ``!cI`` = op + pid):
 template -> parent first: ``b"OK"`` or ``b"ER" + text`` (a preload import failed).
 ``F`` + cwd/environ + fds: fork a worker; reply ``!i`` pid (or ``-errno``).
+``M`` + fds, the last a memfd holding cwd/environ: the same, for a large environment.
 ``W pid``: exit status without reaping; reply ``!ii`` (1, code) or (0, 0) if alive.
 ``R pid``: reap; reply ``!ii`` (1, code).
 
@@ -68,6 +69,12 @@ _PID = struct.Struct("!i")
 _CONTROL_FD = 3
 _MAX_MSG = 1 << 16
 _MAX_FORK_MSG = 1 << 20  # a fork request carries the cwd and environment
+#: A cwd and environment larger than this travel in a memfd (request ``M``): one
+#: datagram must fit the socket's send buffer (at most net.core.wmem_max, about
+#: 208 KiB by default), or sendmsg fails with EMSGSIZE, while exec takes an
+#: environment of several MiB.
+_INLINE_WHERE = 32 << 10
+_MAX_FDS = 10  # a fork request's fds: stdout, stderr, the worker's five, a memfd
 
 
 class PreloadError(OSError):
@@ -128,6 +135,9 @@ def serve() -> None:
         op, pid = _REQ.unpack(msg[: _REQ.size])
         if op == b"F":
             sock.send(_PID.pack(_fork_worker(fds, fcntl, msg[_REQ.size :])))
+        elif op == b"M" and fds:
+            where = _read_where(fds.pop())
+            sock.send(_PID.pack(_fork_worker(fds, fcntl, where)))
         elif op == b"W":
             sock.send(_REPLY.pack(*_status(pid, reap=False)))
         elif op == b"R":
@@ -142,11 +152,40 @@ def _recv_fds(sock: Any, fcntl: Any) -> tuple[bytes, list[int], int, Any]:
     import array
 
     fds = array.array("i")
-    msg, ancdata, flags, addr = sock.recvmsg(_MAX_FORK_MSG, _socket.CMSG_SPACE(8 * fds.itemsize))
+    msg, ancdata, flags, addr = sock.recvmsg(_MAX_FORK_MSG, _socket.CMSG_SPACE(_MAX_FDS * fds.itemsize))
     for level, kind, data in ancdata:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
     return msg, list(fds), flags, addr
+
+
+def _read_where(fd: int) -> bytes:
+    """An ``M`` request's cwd and environment, from the memfd that came with it."""
+    try:
+        parts, offset = [], 0
+        while chunk := os.pread(fd, 1 << 20, offset):
+            parts.append(chunk)
+            offset += len(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+def fork_request(where: bytes, fds: list[int]) -> tuple[bytes, list[int], int | None]:
+    """A fork request's datagram and fds: ``F`` with ``where`` inline, or ``M``
+    with ``where`` in a memfd appended to the fds (see ``_INLINE_WHERE``); the
+    memfd, if any, is the caller's to close once the request was sent."""
+    if len(where) <= _INLINE_WHERE:
+        return _REQ.pack(b"F", 0) + where, fds, None
+    fd = os.memfd_create("pgexecutor-environ", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(where)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        raise
+    return _REQ.pack(b"M", 0), fds + [fd], fd
 
 
 def _status(pid: int, reap: bool) -> tuple[int, int]:
@@ -402,27 +441,40 @@ class Template:
         return True
 
     def _request(self, op: bytes, pid: int, fds: list[int] | None = None, size: int = 8) -> bytes:
+        memfd = None
+        if op == b"F":  # (an OSError here, fds short, is no death of the template)
+            data, fds, memfd = fork_request(pack_cwd_and_environ(), fds or [])
+        else:
+            data = _REQ.pack(op, pid)
+        try:
+            reply = self._exchange(data, fds or [], size)
+        finally:
+            if memfd is not None:
+                os.close(memfd)
+        if len(reply) != size:
+            self._lost("end of file")
+            raise TemplateGone(0, "the template died")
+        return reply
+
+    def _exchange(self, data: bytes, fds: list[int], size: int) -> bytes:
+        """Send one request, return its reply; a broken socket is the template's death."""
         import socket
 
         try:
             if not self.ready:
                 self._await_ready()
             self._settle_ahead()
-            data = _REQ.pack(op, pid) + (pack_cwd_and_environ() if op == b"F" else b"")
             if fds:
                 self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
             else:
                 self.sock.send(data)
-            reply = self.sock.recv(size)
+            reply: bytes = self.sock.recv(size)
+            return reply
         except (PreloadError, TemplateGone):
             raise
         except OSError as exc:
             self._lost(str(exc))
             raise TemplateGone(0, f"the template died ({exc})") from exc
-        if len(reply) != size:
-            self._lost("end of file")
-            raise TemplateGone(0, "the template died")
-        return reply
 
     def _settle_ahead(self) -> None:
         """Read a fork-ahead's reply if it is due, so the next reply is the next
@@ -447,8 +499,9 @@ class Template:
                 return False
             std, opened = _std_fds()
             try:
-                all_fds = std + fds
-                data = _REQ.pack(b"F", 0) + where
+                data, all_fds, memfd = fork_request(where, std + fds)
+                if memfd is not None:
+                    opened.append(memfd)
                 self.sock.sendmsg(
                     [data],
                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(all_fds)}i", *all_fds))],

@@ -218,6 +218,25 @@ def test_worker_sees_the_parents_cwd_and_environment_at_its_start(tmp_path, monk
     assert os.path.samefile(cwd, tmp_path)
 
 
+def test_an_environment_larger_than_one_datagram_still_starts_forks(monkeypatch):
+    """270 KB of environment (exec takes it) exceeds what one datagram of the
+    template's socket may carry (EMSGSIZE, taken for the template's death: every
+    start failed); it travels in a memfd instead, for forks and standbys alike."""
+    for i in range(3):
+        monkeypatch.setenv(f"PGX_BIG_{i}", str(i) * 90_000)
+    with ProcessGroupExecutor(1, mp_context="template") as ex:
+        first = ex.submit(tasks.whoami).result(timeout=60)
+        tpl = the_template()
+        assert first["ppid"] == tpl.pid
+        assert ex.submit(tasks.cwd_and_env, "PGX_BIG_2").result(timeout=60)[1] == "2" * 90_000
+        _wait_for_standby(tpl, {first["pid"]})  # forked ahead with the large environment
+        with pytest.raises(WorkerCrashedError):
+            ex.submit(tasks.crash).result(timeout=60)
+        second = ex.submit(tasks.whoami).result(timeout=60)
+        assert second["ppid"] == tpl.pid and second["pid"] != first["pid"]
+        assert ex.submit(tasks.cwd_and_env, "PGX_BIG_1").result(timeout=60)[1] == "1" * 90_000
+
+
 def test_worker_writes_to_the_parents_stdout_as_it_is_at_its_start(tmp_path):
     out = tmp_path / "out"
     with ProcessGroupExecutor(1, mp_context="template") as ex:
