@@ -29,7 +29,13 @@ import time
 
 import psutil
 
-from pgexecutor import ProcessGroupExecutor, TaskTimeoutError, counters, spawned_groups
+from pgexecutor import (
+    ProcessGroupExecutor,
+    TaskTimeoutError,
+    close_idle_templates,
+    counters,
+    spawned_groups,
+)
 
 KINDS = [
     "normal", "hang-c", "normal", "segfault", "tree", "normal", "abort", "error", "normal", "tree",
@@ -120,6 +126,9 @@ def main() -> int:
             print(f"{n:>6}  {kind:<9} {LABELS[outcome]:<9} {detail}")
         stats = ex.stats()
     elapsed = time.monotonic() - t0
+    # The worker template would wait a second for a next executor: end it now, so
+    # that the count below covers every process the library started.
+    close_idle_templates()
     created = spawned_groups() - before
     time.sleep(0.2)  # let init reap the last SIGKILLed orphans
     left = survivors(created)

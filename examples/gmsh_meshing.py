@@ -50,6 +50,7 @@ from pgexecutor import (
     ProcessGroupExecutor,
     TaskTimeoutError,
     WorkerCrashedError,
+    close_idle_templates,
     spawned_groups,
     task_info,
 )
@@ -260,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nlearned limit for mesh_case after this map: {learned:.3g}s")
     stats = ex.stats()  # after shutdown: counts any worker started to replace a killed one
     elapsed = time.monotonic() - t0
+    close_idle_templates()  # the worker template would wait a second for a next executor
     created = spawned_groups() - before
     left = group_survivors(created)
     deadline = time.monotonic() + 5.0

@@ -44,7 +44,7 @@ from typing import Any
 
 import psutil
 
-from pgexecutor import ProcessGroupExecutor, spawned_groups
+from pgexecutor import ProcessGroupExecutor, close_idle_templates, spawned_groups
 
 INPUTS = [0, 1, 2, 3, 4, 5]
 HANGS = 2  # the input whose task hangs (INJECTED)
@@ -264,6 +264,7 @@ def with_pge() -> dict[str, Any]:
         left = wait_gone(watcher, 5.0)
         watcher.halt.set()
         kill_recorded(watcher)  # only if something is wrong; reported below anyway
+    close_idle_templates()  # (it would wait a second for a next executor)
     created = spawned_groups() - before
     in_groups = []
     for p in psutil.process_iter(["pid", "status", "cmdline"]):

@@ -48,7 +48,8 @@ from pgexecutor import (  # noqa: E402
     ProcessGroupExecutor,
     TaskTimeoutError,
     WorkerCrashedError,
-    spawned_groups,  # noqa: E402
+    close_idle_templates,
+    spawned_groups,
     task_info,
 )
 
@@ -284,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             print_outcome(out, timeout)
     stats = ex.stats()  # after shutdown: counts any worker started to replace a killed one
     elapsed = time.monotonic() - t0
+    close_idle_templates()  # the worker template would wait a second for a next executor
     created = spawned_groups() - before
 
     # Proof. Give the monitor a moment to see the last DataLoader workers (of the

@@ -22,7 +22,7 @@ from .errors import (
     WorkerInitializerError,
     WorkerProtocolError,
 )
-from .executor import ProcessGroupExecutor, spawned_groups, task_info
+from .executor import ProcessGroupExecutor, close_idle_templates, spawned_groups, task_info
 
 __all__ = [
     "ProcessGroupExecutor",
@@ -40,6 +40,7 @@ __all__ = [
     "TaskInfo",
     "task_info",
     "spawned_groups",
+    "close_idle_templates",
     "Journal",
     "JournalError",
     "QuarantinedError",

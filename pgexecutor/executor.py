@@ -33,7 +33,7 @@ import cloudpickle  # noqa: F401
 import psutil  # noqa: F401
 import tblib  # noqa: F401  (the manager thread rebuilds tracebacks with it)
 
-from . import _exit, _native, _process, _settings
+from . import _exit, _native, _process, _settings, _template_pool
 from . import _protocol as proto
 from ._frontend import PoolFrontEnd, unpicklable_arguments
 from ._future import TaskFuture
@@ -53,11 +53,25 @@ def _default_workers() -> int:
 
 
 def spawned_groups() -> frozenset[int]:
-    """Every worker process group this process has created, by id (a worker's pid is
-    its group's id), for proving that nothing leaked: once the executors that made
-    them have shut down, no process may still belong to any of these groups (check
-    with ``os.getpgid`` or psutil). Holds the last 100,000."""
+    """Every process group this process has created, by id (a worker's pid is its
+    group's id; worker templates and the standby are recorded too), for proving
+    that nothing leaked: once the executors that made them have shut down and
+    :func:`close_idle_templates` ran (or a second passed), no process may still
+    belong to any of these groups (check with ``os.getpgid`` or psutil). Holds the
+    last 100,000."""
     return _process.spawned_pgids()
+
+
+def close_idle_templates() -> None:
+    """End now the worker templates that wait for a next executor.
+
+    Executors that start workers from a template (the default) share it, and when
+    the last one shuts down it waits one second for the next executor, so that
+    pools built one after another start in milliseconds; then it exits by itself,
+    and at interpreter exit at once. Call this where nothing of the library may
+    remain, such as a test's check for leftover processes. Templates in use by a
+    running executor stay."""
+    _template_pool.close_idle()
 
 
 def _native_stacks(wanted: Any) -> str | None:

@@ -223,10 +223,10 @@ def close_lingering_templates() -> None:
     program's exit would: a test's executors may share them, the next test's not,
     and the leak check must see that they go."""
     try:
-        from pgexecutor import _template_pool  # noqa: PLC0415
+        from pgexecutor import close_idle_templates  # noqa: PLC0415
     except Exception:
         return
-    _template_pool.close_idle()
+    close_idle_templates()
 
 
 def spawned_pgids() -> frozenset[int] | None:

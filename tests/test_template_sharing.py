@@ -218,3 +218,52 @@ def test_the_default_start_begins_its_template_once_the_first_workers_are_up(lon
             with pytest.raises(WorkerCrashedError):
                 ex.submit(tasks.crash).result(timeout=60)
         assert info["ppid"] == tpl
+
+
+def test_executors_built_and_shut_down_from_many_threads_at_once(long_linger):
+    """Leases and give-backs race (four threads, executors overlapping and back to
+    back, crashes in each): every task gets its own outcome, one template serves
+    them all, and nothing but it is left."""
+    import threading
+
+    errors: list[BaseException] = []
+    parents: set[int] = set()
+    lock = threading.Lock()
+
+    def run() -> None:
+        try:
+            for _ in range(3):
+                with ProcessGroupExecutor(1, mp_context="template") as ex:
+                    with pytest.raises(WorkerCrashedError):
+                        ex.submit(tasks.crash).result(timeout=60)
+                    info = ex.submit(tasks.whoami).result(timeout=60)
+                with lock:
+                    parents.add(info["ppid"])
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    (tpl,) = parents
+    assert _template_pool.lingering() == [tpl] and templates() == [tpl]
+
+
+def test_close_idle_templates_ends_a_waiting_template_at_once(long_linger):
+    import pgexecutor
+
+    with ProcessGroupExecutor(1, mp_context="template") as ex:
+        ex.submit(tasks.whoami).result(timeout=60)
+        pgexecutor.close_idle_templates()  # in use: it stays
+        (tpl,) = templates()
+    assert _template_pool.lingering() == [tpl]
+    guardian = _guardian.guardian_pid()
+    pgexecutor.close_idle_templates()
+    # Closed and reaped before it returned (the guardian a moment later, if needed
+    # by a thread of its own).
+    assert tpl not in _children()
+    assert _template_pool.lingering() == [] and _guardian.guardian_pid() is None
+    assert wait_gone(guardian, 30)
