@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import ctypes
 import faulthandler
 import gc
 import json
@@ -48,6 +47,7 @@ if not _pp or REPO_ROOT not in _pp.split(os.pathsep):
     os.environ["PYTHONPATH"] = REPO_ROOT + (os.pathsep + _pp if _pp else "")
 
 from benchmarks import _tasks  # noqa: E402
+from benchmarks._harness import reap_strays, set_subreaper  # noqa: E402
 
 N_WORKERS = 2
 PGX_KILL_GRACE = 1.0  # pgexecutor's default kill_grace, made explicit
@@ -673,43 +673,6 @@ def child_main(args):
 # Driver
 # --------------------------------------------------------------------------
 
-def _set_subreaper():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def _reap_strays(linger):
-    """Processes our finished child left behind (we are a subreaper): give them
-    ``linger`` seconds to exit on their own (a helper that notices its parent is gone,
-    such as pgexecutor's guardian or multiprocessing's resource tracker, needs a few
-    ms), then kill and reap the rest. Returns a description of each one killed."""
-    killed = []
-    try:
-        import psutil
-        procs = psutil.Process().children(recursive=True)
-        _, alive = psutil.wait_procs(procs, timeout=linger)
-        for p in alive:
-            try:
-                killed.append("pid %d %s" % (p.pid, " ".join(p.cmdline())[:120]))
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=5)
-    except ImportError:
-        pass
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if pid == 0:
-            break
-    return killed
-
-
 METRICS = [
     # key, label, scenario
     ("startup", "startup (start+1 task+shutdown)", "startup"),
@@ -824,7 +787,7 @@ def driver_main(args):
         sys.exit("unknown peer(s) %s; choose from %s" % (bad, ",".join(PEER_ORDER)))
     if BASELINE not in peers:
         peers = [BASELINE] + peers  # ratios need the baseline from the same run
-    subreaper = _set_subreaper()
+    subreaper = set_subreaper()
 
     print("pgexecutor benchmark (%s mode): Python %s on %s, %d CPUs, %d workers per pool"
           % (mode, platform.python_version(), platform.platform(), os.cpu_count() or 0, N_WORKERS))
@@ -851,7 +814,7 @@ def driver_main(args):
                 rc = subprocess.run(cmd, timeout=backstop).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
-            strays = _reap_strays(cfg["linger"])
+            strays = reap_strays(cfg["linger"])
             if strays:
                 notes.append("%s: driver killed %d process(es) still running %.1f s after its "
                              "child exited: %s" % (name, len(strays), cfg["linger"],
