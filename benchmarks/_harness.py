@@ -7,6 +7,7 @@ process and, after the child, cleans up only what that child started:
 * ``set_subreaper`` makes the driver a child subreaper (``PR_SET_CHILD_SUBREAPER``),
   so processes a finished child leaves behind (orphans whose parent died) are
   re-parented to the driver instead of init, where ``reap_strays`` finds them;
+* ``call_bounded`` bounds a call that may hang (a broken pool's shutdown);
 * ``run_capped`` starts a child in a session of its own and, when it outruns its
   limit, kills that session's process group: a pgid this call created, never a
   process found by name.
@@ -20,6 +21,8 @@ import ctypes
 import os
 import signal
 import subprocess
+import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -68,6 +71,22 @@ def reap_strays(linger: float) -> list[str]:
     return killed
 
 
+def call_bounded(fn: Callable[[], object], limit: float) -> bool:
+    """Call ``fn`` in a daemon thread; whether it returned (or raised) within ``limit`` s.
+    For a pool's shutdown, which hangs in some peers once the pool is broken: the
+    child carries on (and exits with ``os._exit`` if such a thread is left)."""
+    def call() -> None:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - a broken pool's shutdown may raise; it returned
+            pass
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(limit)
+    return not t.is_alive()
+
+
 @dataclass
 class CappedRun:
     """How one child went: its exit status (None if it outran its limit and was
@@ -90,15 +109,19 @@ def run_capped(
     worker that stayed in it); then call ``before_reap`` (to count what is left),
     and, if this process is a subreaper, reap the processes that left the group
     (workers that lead their own) via ``reap_strays``."""
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, _ = child.communicate(timeout=limit)
-        rc: int | None = child.returncode
-    except subprocess.TimeoutExpired:
-        # The group this call created (start_new_session): the child leads it.
-        os.killpg(child.pid, signal.SIGKILL)
-        out, _ = child.communicate()
-        rc = None
+    # stdout goes to a file, not a pipe: the pool's workers inherit it, and a pipe
+    # would not reach EOF while one of them (a hung or leaked worker) still lives.
+    with tempfile.TemporaryFile("w+") as out:
+        child = subprocess.Popen(cmd, stdout=out, text=True, start_new_session=True)
+        try:
+            rc: int | None = child.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            # The group this call created (start_new_session): the child leads it.
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            rc = None
+        out.seek(0)
+        text = out.read()
     if before_reap is not None:
         before_reap()
-    return CappedRun(rc, out or "", reap_strays(linger))
+    return CappedRun(rc, text, reap_strays(linger))

@@ -294,6 +294,30 @@ class MpPoolPeer(Peer):
         self.pool.join()
 
 
+class DeadpoolPeer(Peer):
+    """Not in bench.py's own runs (replacement.py and soak.py use it)."""
+    name = "deadpool"
+    desc = "deadpool.Deadpool (its default mp_context: forkserver)"
+    supports_timeout = True
+
+    def check(self):
+        import deadpool  # noqa: F401
+        return _dist_version("deadpool-executor")
+
+    def start(self, n):
+        import deadpool
+        self.ex = deadpool.Deadpool(max_workers=n)
+
+    def submit(self, fn, *args):
+        return self.ex.submit(fn, *args)
+
+    def shutdown(self):
+        self.ex.shutdown(wait=True)
+
+    def submit_timeout(self, fn, args, timeout):
+        return self.ex.submit(fn, *args, deadpool_timeout=timeout)
+
+
 def make_peers():
     return {p.name: p for p in [PgExecutorPeer(), PPEPeer("fork"), PPEPeer("spawn"),
                                 LokyPeer(), PebblePeer(), MpirePeer(), MpPoolPeer()]}

@@ -67,10 +67,8 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
-from importlib import metadata
 from types import ModuleType
 from typing import Any
 
@@ -79,11 +77,14 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from benchmarks import bench  # noqa: E402  (sets PYTHONPATH for spawned workers too)
-from benchmarks._harness import run_capped, set_subreaper  # noqa: E402
+from benchmarks._harness import call_bounded, run_capped, set_subreaper  # noqa: E402
 
 PLAIN, TORCH = "benchmarks._replace_tasks", "benchmarks._torch_tasks"
 WAIT = 60.0  # s: the most any one result may take before the figure is an error
-CLEANUP_WAIT = 5.0  # s: the most the untimed shutdown of a broken pool may take
+# s: the most the untimed shutdown of a broken pool may take (mpire's terminate()
+# sometimes hangs waiting for its handler threads); what it leaves behind is killed
+# by the driver when this child exits.
+CLEANUP_WAIT = 5.0
 HOLD = 0.2  # s each of the 8 first tasks holds its worker
 START_N = 8
 MARK = "@@replacement "  # the child's result lines (a peer may print too)
@@ -148,25 +149,8 @@ class PebblePeer(Replacing, bench.PebblePeer):
     pass
 
 
-class DeadpoolPeer(Replacing, bench.Peer):
-    name = "deadpool"
-    desc = "deadpool.Deadpool (its default mp_context: forkserver)"
-
-    def check(self) -> str:
-        import deadpool  # noqa: F401
-
-        return metadata.version("deadpool-executor")
-
-    def start(self, n: int) -> None:
-        import deadpool
-
-        self.ex = deadpool.Deadpool(max_workers=n)
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.ex.submit(fn, *args)
-
-    def shutdown(self) -> None:
-        self.ex.shutdown(wait=True)
+class DeadpoolPeer(Replacing, bench.DeadpoolPeer):
+    pass
 
 
 class RebuildingPPE(Replacing, bench.PPEPeer):
@@ -255,17 +239,6 @@ def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-def _bounded(fn: Callable[[], Any], limit: float) -> bool:
-    """Call ``fn`` in a daemon thread; whether it returned within ``limit`` s. For the
-    untimed shutdown of a broken pool, which hangs in some peers (mpire's
-    ``terminate`` waits for its handler threads); what such a pool leaves behind is
-    killed by the driver when this child exits."""
-    t = threading.Thread(target=fn, daemon=True)
-    t.start()
-    t.join(limit)
-    return not t.is_alive()
-
-
 def replacements(peer: Any, mod: ModuleType, reps: int) -> tuple[list[float], list[str]]:
     """``reps`` crash-then-next-task cycles on a one-worker pool; ms each."""
     peer.use_module(mod)
@@ -279,7 +252,7 @@ def replacements(peer: Any, mod: ModuleType, reps: int) -> tuple[list[float], li
             cleanup = peer.after_crash()
             got = peer.result(peer.submit(mod.ident, i), WAIT)
             samples.append(_ms(t0))
-            if cleanup is not None and not _bounded(cleanup, CLEANUP_WAIT):
+            if cleanup is not None and not call_bounded(cleanup, CLEANUP_WAIT):
                 hung_cleanups += 1
             if got != i:
                 raise AssertionError(f"next task returned {got!r}, not {i!r}")
