@@ -7,6 +7,7 @@ process and, after the child, cleans up only what that child started:
 * ``set_subreaper`` makes the driver a child subreaper (``PR_SET_CHILD_SUBREAPER``),
   so processes a finished child leaves behind (orphans whose parent died) are
   re-parented to the driver instead of init, where ``reap_strays`` finds them;
+* ``parse_peers`` reads the ``--peers`` option;
 * ``call_bounded`` bounds a call that may hang (a broken pool's shutdown);
 * ``run_capped`` starts a child in a session of its own and, when it outruns its
   limit, kills that session's process group: a pgid this call created, never a
@@ -21,12 +22,25 @@ import ctypes
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 _PR_SET_CHILD_SUBREAPER = 36
+
+
+def parse_peers(text: str | None, known: list[str]) -> list[str]:
+    """The ``--peers NAME,...`` option: ``known`` (in its order) when not given; exits
+    with the list of choices on an unknown name."""
+    if not text:
+        return list(known)
+    peers = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in peers if p not in known]
+    if bad:
+        sys.exit(f"unknown peer(s) {bad}; choose from {','.join(known)}")
+    return peers
 
 
 def set_subreaper() -> bool:

@@ -294,11 +294,13 @@ class MpPoolPeer(Peer):
         self.pool.join()
 
 
-class DeadpoolPeer(Peer):
+class DeadpoolPeer(PPEPeer):
     """Not in bench.py's own runs (replacement.py and soak.py use it)."""
-    name = "deadpool"
-    desc = "deadpool.Deadpool (its default mp_context: forkserver)"
     supports_timeout = True
+
+    def __init__(self):
+        self.name = "deadpool"
+        self.desc = "deadpool.Deadpool (its default mp_context: forkserver)"
 
     def check(self):
         import deadpool  # noqa: F401
@@ -307,12 +309,6 @@ class DeadpoolPeer(Peer):
     def start(self, n):
         import deadpool
         self.ex = deadpool.Deadpool(max_workers=n)
-
-    def submit(self, fn, *args):
-        return self.ex.submit(fn, *args)
-
-    def shutdown(self):
-        self.ex.shutdown(wait=True)
 
     def submit_timeout(self, fn, args, timeout):
         return self.ex.submit(fn, *args, deadpool_timeout=timeout)

@@ -77,7 +77,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from benchmarks import bench  # noqa: E402  (sets PYTHONPATH for spawned workers too)
-from benchmarks._harness import call_bounded, run_capped, set_subreaper  # noqa: E402
+from benchmarks._harness import call_bounded, parse_peers, run_capped, set_subreaper  # noqa: E402
 
 PLAIN, TORCH = "benchmarks._replace_tasks", "benchmarks._torch_tasks"
 WAIT = 60.0  # s: the most any one result may take before the figure is an error
@@ -435,10 +435,7 @@ def run_peer(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], list[
 
 
 def driver_main(args: argparse.Namespace) -> None:
-    peers = [p.strip() for p in args.peers.split(",") if p.strip()] if args.peers else PEER_ORDER
-    bad = [p for p in peers if p not in PEER_ORDER]
-    if bad:
-        sys.exit(f"unknown peer(s) {bad}; choose from {','.join(PEER_ORDER)}")
+    peers = parse_peers(args.peers, PEER_ORDER)
     subreaper = set_subreaper()
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, reps={args.reps}, "
           f"start reps={args.start_reps}")

@@ -60,7 +60,7 @@ import psutil  # noqa: E402
 
 from benchmarks import _soak_tasks as soak  # noqa: E402
 from benchmarks import bench  # noqa: E402
-from benchmarks._harness import call_bounded, run_capped, set_subreaper  # noqa: E402
+from benchmarks._harness import call_bounded, parse_peers, run_capped, set_subreaper  # noqa: E402
 
 WORKERS = 2
 
@@ -176,7 +176,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--stall", type=float, default=10.0,
                     help="give a pool up when no task resolved for this many seconds")
-    ap.add_argument("--peers", default=",".join(PEER_ORDER), help="from: " + ",".join(PEER_ORDER))
+    ap.add_argument("--peers", help="comma-separated, from: " + ",".join(PEER_ORDER))
     ap.add_argument("--_one", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -187,10 +187,7 @@ def main() -> None:
     if args._one:
         run_one(args._one, kinds, args.timeout, ideal, args.stall)
         return
-    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
-    bad = [p for p in peers if p not in PEER_ORDER]
-    if bad:
-        sys.exit(f"unknown pool(s) {bad}; choose from {', '.join(PEER_ORDER)}")
+    peers = parse_peers(args.peers, PEER_ORDER)
     subreaper = set_subreaper()
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {WORKERS} workers, "
           f"{args.tasks} tasks, timeout {args.timeout} s, mix {counts}")
