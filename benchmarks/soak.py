@@ -29,9 +29,10 @@ the first three: see replacement.py).
 A pool that stops making progress (no task resolved for ``--stall`` seconds, default
 10) is given up on: its row says "stalled" with the count of tasks never resolved.
 Expected there: deadpool's timeout cannot stop a hang inside one C call (its worker
-destroys itself from a Python thread, which never runs while a C call holds the GIL),
-and mpire stops taking work after its first crashed worker (``RuntimeError: Worker-N
-died unexpectedly``). Each pool runs in a child process of its own session, capped at
+destroys itself from a Python thread, which never runs while a C call holds the GIL).
+mpire stops at its first crashed worker (``RuntimeError: Worker-N died
+unexpectedly``) and fails every task still queued with that error, ``ok`` ones
+included: its row counts them as wrong outcomes. Each pool runs in a child process of its own session, capped at
 4 x ideal + 60 s, then killed with its group; the driver (a child subreaper, see
 ``_harness.py``) kills whatever the child left behind, after counting the tree tasks'
 grandchildren still alive.
