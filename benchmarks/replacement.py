@@ -2,7 +2,7 @@
 """Worker replacement after a crash, pool startup, and the start of 8 torch workers,
 for pgexecutor and its peers (issue 20, items 3, 4 and 8).
 
-    python benchmarks/replacement.py [--reps 8] [--start-reps 3] [--no-torch]
+    python benchmarks/replacement.py [--reps 8] [--start-reps 2] [--no-torch]
                                      [--peers NAME,...] [--limit 120]
 
 Peers (``--peers``; all by default): ``pgexecutor-fresh`` (``mp_context="fresh"``: a
@@ -49,7 +49,8 @@ Figures, each in ms, medians over the repetitions:
   ``python -c "import torch"`` (the least any worker start that needs torch costs).
 * **memory**: PSS and RSS of a template that preloaded torch, beside one worker's.
 
-Ratios: to ``pebble`` and to ``ppe-fork`` (to the import, for the start of 8). Each
+Ratios: to ``pebble`` and to ``ppe-fork`` (also to ``ppe-spawn`` for startup, and to
+the import for the start of 8). Each
 peer runs in a child process of its own session with a time limit (``--limit``); a
 peer that outruns it is killed with its process group, its remaining figures read
 ``hung``, and the driver (a child subreaper) kills every process the child left
@@ -457,7 +458,9 @@ def driver_main(args: argparse.Namespace) -> None:
     for key, title in FIGURES:
         if key not in args.only or (args.no_torch and key in ("replace_torch", "start8")):
             continue
-        bases = [(b, samples_of(b, key)) for b in ("pebble", "ppe-fork")]
+        # Startup (item 4) is also judged against ProcessPoolExecutor(spawn).
+        names = ("pebble", "ppe-fork") + (("ppe-spawn",) if key == "startup" else ())
+        bases = [(b, samples_of(b, key)) for b in names]
         table = results
         if key == "start8":
             bases = [("import", imports)] + bases
@@ -479,7 +482,7 @@ def driver_main(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=8, help="replacements and startups per peer")
-    ap.add_argument("--start-reps", type=int, default=3, help=f"starts of {START_N} torch workers")
+    ap.add_argument("--start-reps", type=int, default=2, help=f"starts of {START_N} torch workers")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch figures")
     ap.add_argument("--only", default=",".join(k for k, _ in FIGURES),
                     help="comma-separated figures, from: " + ",".join(k for k, _ in FIGURES))
