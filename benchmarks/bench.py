@@ -308,7 +308,9 @@ class DeadpoolPeer(PPEPeer):
 
     def start(self, n):
         import deadpool
-        self.ex = deadpool.Deadpool(max_workers=n)
+        # Its default max_backlog (1000) makes submit block while 1000 tasks wait;
+        # the other pools take any number: so does this one here.
+        self.ex = deadpool.Deadpool(max_workers=n, max_backlog=10**9)
 
     def submit_timeout(self, fn, args, timeout):
         return self.ex.submit(fn, *args, deadpool_timeout=timeout)
