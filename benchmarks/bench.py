@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import ctypes
 import faulthandler
 import gc
 import json
@@ -48,6 +47,7 @@ if not _pp or REPO_ROOT not in _pp.split(os.pathsep):
     os.environ["PYTHONPATH"] = REPO_ROOT + (os.pathsep + _pp if _pp else "")
 
 from benchmarks import _tasks  # noqa: E402
+from benchmarks._harness import reap_strays, set_subreaper  # noqa: E402
 
 N_WORKERS = 2
 PGX_KILL_GRACE = 1.0  # pgexecutor's default kill_grace, made explicit
@@ -292,6 +292,28 @@ class MpPoolPeer(Peer):
     def shutdown(self):
         self.pool.close()
         self.pool.join()
+
+
+class DeadpoolPeer(PPEPeer):
+    """Not in bench.py's own runs (replacement.py and soak.py use it)."""
+    supports_timeout = True
+
+    def __init__(self):
+        self.name = "deadpool"
+        self.desc = "deadpool.Deadpool (its default mp_context: forkserver)"
+
+    def check(self):
+        import deadpool  # noqa: F401
+        return _dist_version("deadpool-executor")
+
+    def start(self, n):
+        import deadpool
+        # Its default max_backlog (1000) makes submit block while 1000 tasks wait;
+        # the other pools take any number: so does this one here.
+        self.ex = deadpool.Deadpool(max_workers=n, max_backlog=10**9)
+
+    def submit_timeout(self, fn, args, timeout):
+        return self.ex.submit(fn, *args, deadpool_timeout=timeout)
 
 
 def make_peers():
@@ -684,43 +706,6 @@ def child_main(args):
 # Driver
 # --------------------------------------------------------------------------
 
-def _set_subreaper():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def _reap_strays(linger):
-    """Processes our finished child left behind (we are a subreaper): give them
-    ``linger`` seconds to exit on their own (a helper that notices its parent is gone,
-    such as pgexecutor's guardian or multiprocessing's resource tracker, needs a few
-    ms), then kill and reap the rest. Returns a description of each one killed."""
-    killed = []
-    try:
-        import psutil
-        procs = psutil.Process().children(recursive=True)
-        _, alive = psutil.wait_procs(procs, timeout=linger)
-        for p in alive:
-            try:
-                killed.append("pid %d %s" % (p.pid, " ".join(p.cmdline())[:120]))
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=5)
-    except ImportError:
-        pass
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if pid == 0:
-            break
-    return killed
-
-
 METRICS = [
     # key, label, scenario
     ("startup_cold", "first pool of the process: start to first result", "startup"),
@@ -838,7 +823,7 @@ def driver_main(args):
         sys.exit("unknown peer(s) %s; choose from %s" % (bad, ",".join(PEER_ORDER)))
     if BASELINE not in peers:
         peers = [BASELINE] + peers  # ratios need the baseline from the same run
-    subreaper = _set_subreaper()
+    subreaper = set_subreaper()
 
     print("pgexecutor benchmark (%s mode): Python %s on %s, %d CPUs, %d workers per pool"
           % (mode, platform.python_version(), platform.platform(), os.cpu_count() or 0, N_WORKERS))
@@ -865,7 +850,7 @@ def driver_main(args):
                 rc = subprocess.run(cmd, timeout=backstop).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
-            strays = _reap_strays(cfg["linger"])
+            strays = reap_strays(cfg["linger"])
             if strays:
                 notes.append("%s: driver killed %d process(es) still running %.1f s after its "
                              "child exited: %s" % (name, len(strays), cfg["linger"],

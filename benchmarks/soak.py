@@ -2,7 +2,7 @@
 """Soak: thousands of tasks, a tenth of them faulty, on 2 workers (issue 20, item 7).
 
     python benchmarks/soak.py [--tasks 3000] [--faults 0.10] [--timeout 0.5]
-                              [--peers pgexecutor,pebble,deadpool] [--seed 1]
+                              [--peers NAME,...] [--seed 1] [--stall 10]
 
 The mix (seeded, the same for every pool): ``ok`` tasks return at once; the faulty
 tenth is spread evenly over hangs in Python (``time.sleep``), hangs in C (one C call
@@ -18,13 +18,24 @@ the ``sleep`` grandchildren of tree tasks still alive a second after the run (ea
 tree task writes its child's pid and create time; the harness then kills what is
 left, by pid).
 
-Peers with a per-task timeout only: ``pebble.ProcessPool`` (``schedule(timeout=)``)
-and ``deadpool.Deadpool`` (``deadpool_timeout=``). ProcessPoolExecutor, loky and
-multiprocessing.Pool have no per-task timeout (a hang there holds a worker for
-good); mpire's ``task_timeout`` cannot stop a hang inside one C call. Neither can
-deadpool's (its worker destroys itself from a Python thread, which never runs while
-a C call holds the GIL): its row reads "did not finish". Each pool runs in a child
-process of its own session, capped at 4 x ideal + 60 s, then killed with its group.
+Peers (``--peers``): those with a per-task timeout run: ``pgexecutor``
+(``task_timeout``), ``pebble`` (``schedule(timeout=)``), ``deadpool``
+(``deadpool_timeout=``) and ``mpire`` (``apply_async(task_timeout=)``), through the
+adapters of ``bench.py``. ``loky``, ``ppe-fork``, ``ppe-spawn`` (ProcessPoolExecutor)
+and ``mp-pool-fork`` (multiprocessing.Pool) have no per-task timeout, so a hang holds a
+worker for good: their rows read "no per-task timeout: cannot run" (and a crash breaks
+the first three: see replacement.py).
+
+A pool that stops making progress (no task resolved for ``--stall`` seconds, default
+10) is given up on: its row says "stalled" with the count of tasks never resolved.
+Expected there: deadpool's timeout cannot stop a hang inside one C call (its worker
+destroys itself from a Python thread, which never runs while a C call holds the GIL).
+mpire stops at its first crashed worker (``RuntimeError: Worker-N died
+unexpectedly``) and fails every task still queued with that error, ``ok`` ones
+included: its row counts them as wrong outcomes. Each pool runs in a child process of its own session, capped at
+4 x ideal + 60 s, then killed with its group; the driver (a child subreaper, see
+``_harness.py``) kills whatever the child left behind, after counting the tree tasks'
+grandchildren still alive.
 """
 
 from __future__ import annotations
@@ -35,8 +46,6 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, wait
 from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +60,8 @@ os.environ.setdefault("PGX_SOAK_DIR", tempfile.mkdtemp(prefix="pgx-soak-"))
 import psutil  # noqa: E402
 
 from benchmarks import _soak_tasks as soak  # noqa: E402
+from benchmarks import bench  # noqa: E402
+from benchmarks._harness import call_bounded, parse_peers, run_capped, set_subreaper  # noqa: E402
 
 WORKERS = 2
 
@@ -68,64 +79,68 @@ def expected(kind: str) -> str:
     return {"ok": "value", "hang_py": "timeout", "hang_c": "timeout", "tree": "timeout"}.get(kind, "crash")
 
 
-# Each runner: submit every task, wait for all, return (wall seconds, outcome list)
-# where an outcome is "value", "timeout", "crash" or "wrong: ...".
+NO_TIMEOUT = ("loky", "ppe-fork", "ppe-spawn", "mp-pool-fork")
+PEER_ORDER = ["pgexecutor", "pebble", "deadpool", "mpire", *NO_TIMEOUT]
 
 
-def run_pgexecutor(kinds: list[str], timeout: float) -> tuple[float, list[str]]:
-    from pgexecutor import ProcessGroupExecutor, TaskTimeoutError, WorkerCrashedError
+def _errors(name: str) -> tuple[type[BaseException], type[BaseException]]:
+    """The error a timed-out task's result raises in pool ``name``, and a crashed one's."""
+    if name == "pgexecutor":
+        from pgexecutor import TaskTimeoutError, WorkerCrashedError
 
-    with ProcessGroupExecutor(WORKERS, task_timeout=timeout) as ex:
-        ex.submit(soak.run, "ok", 0).result()  # warm
-        t0 = time.perf_counter()
-        futs = [ex.submit(soak.run, k, i) for i, k in enumerate(kinds)]
-        wait(futs)
-        wall = time.perf_counter() - t0
-    return wall, [_classify(f, i, TaskTimeoutError, WorkerCrashedError) for i, f in enumerate(futs)]
+        return TaskTimeoutError, WorkerCrashedError
+    if name == "pebble":
+        import pebble
+
+        return TimeoutError, pebble.ProcessExpired
+    if name == "deadpool":
+        import deadpool
+
+        return deadpool.TimeoutError, deadpool.ProcessError
+    return TimeoutError, RuntimeError  # mpire: "Worker-N died unexpectedly"
 
 
-def run_pebble(kinds: list[str], timeout: float) -> tuple[float, list[str]]:
-    from concurrent.futures import TimeoutError as FutTimeout
+def _done(h: Any) -> bool:
+    return bool(h.ready() if hasattr(h, "ready") else h.done())  # mpire's AsyncResult
 
-    import pebble
 
-    pool = pebble.ProcessPool(WORKERS)
+def run_pool(name: str, kinds: list[str], timeout: float, stall: float) -> tuple[float, list[str], int]:
+    """Submit every task to pool ``name`` (2 workers, warm), wait until all resolved or
+    none resolved for ``stall`` s. Returns wall seconds (to the last result), one
+    outcome per task ("value", "timeout", "crash", "never resolved", "wrong: ...")
+    and how many never resolved."""
+    timeout_error, crash_error = _errors(name)
+    peer = bench.make_peers().get(name) or bench.DeadpoolPeer()
+    peer.start(WORKERS)
     try:
-        pool.schedule(soak.run, args=("ok", 0)).result()
+        peer.result(peer.submit(soak.run, "ok", 0), 60)  # warm
         t0 = time.perf_counter()
-        futs = [pool.schedule(soak.run, args=(k, i), timeout=timeout) for i, k in enumerate(kinds)]
-        wait(futs)
-        wall = time.perf_counter() - t0
+        handles = [peer.submit_timeout(soak.run, (k, i), timeout) for i, k in enumerate(kinds)]
+        pending, last = handles, time.perf_counter()
+        while pending:
+            time.sleep(0.01)
+            still = [h for h in pending if not _done(h)]
+            now = time.perf_counter()
+            if len(still) < len(pending):
+                last = now
+            elif now - last > stall:
+                break
+            pending = still
+        wall = last - t0
+        outcomes = [_classify(peer, h, i, timeout_error, crash_error) for i, h in enumerate(handles)]
     finally:
-        pool.stop()
-        pool.join()
-    return wall, [_classify(f, i, FutTimeout, pebble.ProcessExpired) for i, f in enumerate(futs)]
+        if not call_bounded(peer.shutdown, 10.0):
+            print(f"|   {name}: shutdown() did not return in 10 s | | | | |", flush=True)
+    return wall, outcomes, len(pending)
 
 
-def run_deadpool(kinds: list[str], timeout: float) -> tuple[float, list[str]]:
-    import deadpool
-
-    with deadpool.Deadpool(max_workers=WORKERS) as ex:
-        ex.submit(soak.run, "ok", 0).result()
-        t0 = time.perf_counter()
-        futs = [ex.submit(soak.run, k, i, deadpool_timeout=timeout) for i, k in enumerate(kinds)]
-        wait(futs)
-        wall = time.perf_counter() - t0
-    return wall, [
-        _classify(f, i, deadpool.TimeoutError, deadpool.ProcessError) for i, f in enumerate(futs)
-    ]
-
-
-RUNNERS: dict[str, Callable[[list[str], float], tuple[float, list[str]]]] = {
-    "pgexecutor": run_pgexecutor,
-    "pebble": run_pebble,
-    "deadpool": run_deadpool,
-}
-
-
-def _classify(fut: Future[Any], i: int, timeout_error: type, crash_error: type) -> str:
+def _classify(
+    peer: Any, h: Any, i: int, timeout_error: type[BaseException], crash_error: type[BaseException]
+) -> str:
+    if not _done(h):
+        return "never resolved"
     try:
-        value = fut.result(timeout=0)
+        value = peer.result(h, 0)
     except timeout_error:
         return "timeout"
     except crash_error:
@@ -160,7 +175,9 @@ def main() -> None:
     ap.add_argument("--faults", type=float, default=0.10)
     ap.add_argument("--timeout", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--peers", default="pgexecutor,pebble,deadpool")
+    ap.add_argument("--stall", type=float, default=10.0,
+                    help="give a pool up when no task resolved for this many seconds")
+    ap.add_argument("--peers", help="comma-separated, from: " + ",".join(PEER_ORDER))
     ap.add_argument("--_one", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -169,40 +186,40 @@ def main() -> None:
     ideal = hangs * args.timeout / WORKERS
     counts = {k: kinds.count(k) for k in soak.KINDS}
     if args._one:
-        run_one(args._one, kinds, args.timeout, ideal)
+        run_one(args._one, kinds, args.timeout, ideal, args.stall)
         return
+    peers = parse_peers(args.peers, PEER_ORDER)
+    subreaper = set_subreaper()
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {WORKERS} workers, "
           f"{args.tasks} tasks, timeout {args.timeout} s, mix {counts}")
     print(f"ideal wall time: {hangs} hangs x {args.timeout} s / {WORKERS} workers = {ideal:.1f} s\n")
     print("| pool | wall s | x ideal | wrong outcomes | leaked processes |")
     print("| --- | ---: | ---: | ---: | ---: |")
     cap = 4 * ideal + 60
-    for name in args.peers.split(","):
-        if name not in RUNNERS:
-            sys.exit(f"unknown pool {name!r}; choose from {', '.join(RUNNERS)}")
+    t_run = time.perf_counter()
+    for name in peers:
+        if name in NO_TIMEOUT:
+            print(f"| {name} | no per-task timeout: cannot run | | | |", flush=True)
+            continue
         print(_run_capped(name, args, cap), flush=True)
+    print(f"\nTotal wall time: {time.perf_counter() - t_run:.0f} s"
+          + ("" if subreaper else " (no subreaper: strays not reaped)"))
 
 
 def _run_capped(name: str, args: argparse.Namespace, cap: float) -> str:
-    """Run one pool in a child process of its own session, so that a pool that never
-    finishes (a hang it cannot stop) costs ``cap`` seconds, and then its whole group
-    (the child and the pool's workers, unless they left it) is killed."""
-    import signal
-    import subprocess
-
+    """Run one pool in a child process of its own session (``_harness.run_capped``), so
+    that a pool that never finishes costs at most ``cap`` seconds."""
     cmd = [sys.executable, os.path.abspath(__file__), "--_one", name, "--tasks", str(args.tasks),
-           "--faults", str(args.faults), "--timeout", str(args.timeout), "--seed", str(args.seed)]
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, _ = child.communicate(timeout=cap)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)  # the group this call created
-        child.communicate()
-        leaked = leaked_tree_children()
-        for p in leaked:
-            _kill(p)
-        return f"| {name} | did not finish in {cap:.0f} s | | | {len(leaked)} |"
-    return out.strip() or f"| {name} | failed (exit {child.returncode}) | | | |"
+           "--faults", str(args.faults), "--timeout", str(args.timeout), "--seed", str(args.seed),
+           "--stall", str(args.stall)]
+    leaked: list[psutil.Process] = []
+    run = run_capped(cmd, cap, before_reap=lambda: leaked.extend(leaked_tree_children()))
+    for p in leaked:
+        _kill(p)
+    out = run.stdout.strip()
+    if run.timed_out:
+        return (out + "\n" if out else "") + f"| {name} | did not finish in {cap:.0f} s | | | {len(leaked)} |"
+    return out or f"| {name} | failed (exit {run.returncode}) | | | |"
 
 
 def _kill(p: psutil.Process) -> None:
@@ -212,21 +229,29 @@ def _kill(p: psutil.Process) -> None:
         pass
 
 
-def run_one(name: str, kinds: list[str], timeout: float, ideal: float) -> None:
+def run_one(name: str, kinds: list[str], timeout: float, ideal: float, stall: float) -> None:
     """In the child: run one pool, print its row (and a few wrong outcomes)."""
     try:
-        wall, outcomes = RUNNERS[name](kinds, timeout)
+        wall, outcomes, unresolved = run_pool(name, kinds, timeout, stall)
     except ImportError as exc:
-        print(f"| {name} | not installed ({exc.name}) | | | |")
-        return
+        print(f"| {name} | not installed ({exc.name}) | | | |", flush=True)
+        os._exit(0)
     time.sleep(1.0)
     leaked = leaked_tree_children()
     for p in leaked:  # ours: started by this run's tree tasks
         _kill(p)
     wrong = [(i, o) for i, (k, o) in enumerate(zip(kinds, outcomes, strict=True)) if o != expected(k)]
-    print(f"| {name} | {wall:.1f} | {wall / ideal:.2f}x | {len(wrong)} | {len(leaked)} |")
+    if unresolved:
+        head = f"stalled: {unresolved} tasks never resolved (none for {stall:.0f} s) | "
+        print(f"| {name} | {head}| {len(wrong)} | {len(leaked)} |")
+    else:
+        ratio = f"{wall / ideal:.2f}x" + (" (tasks failed)" if wrong else "")
+        print(f"| {name} | {wall:.1f} | {ratio} | {len(wrong)} | {len(leaked)} |")
     for i, o in wrong[:3]:
         print(f"|   e.g. task {i} ({kinds[i]}): {o} | | | | |")
+    sys.stdout.flush()
+    os._exit(0)  # a stalled pool's threads must not keep this child alive
+
 
 if __name__ == "__main__":
     main()
