@@ -1,0 +1,353 @@
+"""Large task arguments through each worker's argument arena (pgexecutor/_arena.py).
+
+What must hold: large arguments reach the task intact, writable, as views of the
+arena (no pipe, no copy in the worker); a region is written again only when its task
+is done with it: not while the task runs or waits, not when the task kept its
+arguments (RETAINED), not for a task taken back or retried elsewhere; a worker that
+dies leaves nothing behind (fds, wrong data); starts through a multiprocessing
+context keep the pipe.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import mmap
+import os
+import pickle
+import socket
+import time
+
+import pytest
+
+from pgexecutor import ProcessGroupExecutor, WorkerCrashedError, _arena
+from pgexecutor import _protocol as proto
+
+T = 60
+MIB = 1 << 20
+
+
+class Blob:
+    """A buffer that protocol 5 pickles out of band, as it does numpy arrays."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: int):  # type: ignore[no-untyped-def]
+        if protocol >= 5:
+            return (Blob, (pickle.PickleBuffer(self.data),))
+        return (Blob, (bytes(self.data),))
+
+
+def blob(n: int, seed: int) -> Blob:
+    return Blob(bytearray(pattern(n, seed)))
+
+
+def pattern(n: int, seed: int) -> bytes:
+    unit = bytes((i * 31 + seed) % 251 for i in range(4096))
+    return (unit * (n // 4096 + 1))[:n]
+
+
+def digest(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------ tasks
+
+
+def where(b: Blob) -> tuple[str, bool, str]:
+    """What holds the argument's memory here (an mmap: the arena; a bytearray: the
+    pipe's frame), whether it is writable, its digest."""
+    view = memoryview(b.data)
+    holder = view.obj
+    while isinstance(holder, memoryview):
+        holder = holder.obj
+    return type(holder).__name__, not view.readonly, digest(view)
+
+
+def echo(b: Blob) -> Blob:
+    return b
+
+
+def check(b: Blob) -> str:
+    return digest(b.data)
+
+
+def slow_check(b: Blob, delay: float) -> tuple[int, str]:
+    time.sleep(delay)
+    return os.getpid(), digest(b.data)
+
+
+_KEPT: list[Blob] = []
+
+
+def keep(b: Blob) -> str:
+    """Keep the argument past the task (a cache, a log): its memory must stay intact."""
+    _KEPT.append(b)
+    return digest(b.data)
+
+
+def kept_digests() -> list[str]:
+    return [digest(b.data) for b in _KEPT]
+
+
+def crash_once(b: Blob, marker: str) -> str:
+    """Kill the worker the first time (mid-task, its arguments mapped); then check."""
+    if not os.path.exists(marker):
+        with open(marker, "w"):
+            pass
+        os.kill(os.getpid(), 9)
+    return digest(b.data)
+
+
+def sleep(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def arena_fds() -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += "pgexecutor-args" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return n
+
+
+needs_memfd = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="no memfd on this platform")
+
+
+# ------------------------------------------------------------------ the parent's arena
+
+
+class _Owner:
+    """Stands for a queued task (the arena only compares identities)."""
+
+
+def _payload(n: int, seed: int) -> proto.OOBPayload:
+    out = proto.dumps_task((check, (blob(n, seed),), {}))
+    assert isinstance(out, proto.OOBPayload)
+    return out
+
+
+@needs_memfd
+def test_regions_in_use_are_never_written_and_freed_ones_are_reused():
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        arena = _arena.ArgArena.open(parent, MIB)
+        assert arena is not None
+        reader = _arena.ArenaReader(child)
+        a, b, c = _Owner(), _Owner(), _Owner()
+        live: list[object] = [a]
+        msg_a = arena.put(a, _payload(MIB, 1), live)
+        live.append(b)
+        msg_b = arena.put(b, _payload(MIB, 2), live)
+        assert msg_a is not None and msg_b is not None
+        spans = sorted((s, e) for _, s, e in arena.regions)
+        assert spans[0][1] <= spans[1][0], "two tasks in flight share memory"
+        live.append(c)
+        assert arena.put(c, _payload(MIB, 3), live) is not None
+        assert len(arena.regions) == 3  # all three in flight: the arena grew
+        # What the worker reads for b is b's, though a and c were placed around it.
+        data, views = reader.take(msg_b)
+        fn, (got,), _ = proto.loads(data, views)
+        assert digest(got.data) == digest(pattern(MIB, 2))
+        del got, fn
+        assert reader.finish(views)
+        # a's answer came (it left inflight): its region is the next one's.
+        start_a = next(s for o, s, _ in arena.regions if o is a)
+        live.remove(a)
+        d = _Owner()
+        live.append(d)
+        assert arena.put(d, _payload(MIB, 4), live) is not None
+        assert next(s for o, s, _ in arena.regions if o is d) == start_a
+        assert all(o is not a for o, _, _ in arena.regions)
+        # Kept (RETAINED): never given out again, even after its task left.
+        assert arena.retain(d)
+        live.remove(d)
+        e = _Owner()
+        live.append(e)
+        assert arena.put(e, _payload(MIB, 5), live) is not None
+        start_e = next(s for o, s, _ in arena.regions if o is e)
+        assert start_e != start_a
+        # Past ARENA_MAX nothing is placed: the task takes the pipe.
+        assert arena._place(_arena.ARENA_MAX + 1) == -1
+        reader_fd = reader._fd
+        arena.close()
+        os.close(reader_fd)
+    finally:
+        parent.close()
+        child.close()
+
+
+@needs_memfd
+def test_the_worker_releases_views_the_task_let_go_and_reports_those_it_kept():
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        arena = _arena.ArgArena.open(parent, MIB)
+        assert arena is not None
+        reader = _arena.ArenaReader(child)
+        live: list[object] = []
+
+        def take(seed: int) -> tuple[Blob, list[memoryview]]:
+            owner = _Owner()
+            live.append(owner)
+            msg = arena.put(owner, _payload(MIB, seed), live)
+            assert msg is not None
+            data, views = reader.take(msg)
+            _, (b,), _ = proto.loads(data, views)
+            return b, views
+
+        b, views = take(1)
+        view = memoryview(b.data)
+        assert isinstance(view.obj, memoryview) and isinstance(view.obj.obj, mmap.mmap)
+        assert not view.readonly
+        del view
+        del b
+        assert reader.finish(views)  # let go: released
+
+        b, views = take(2)
+        held = b.data  # a reference to the view itself
+        del b
+        assert not reader.finish(views)
+        del held
+
+        b, views = take(3)
+        exported = memoryview(b.data)  # an object made from it (as numpy makes arrays)
+        del b
+        assert not reader.finish(views)
+        exported.release()
+
+        b, views = take(5)
+        derived = memoryview(memoryview(b.data))  # shares the first one's buffer
+        del b
+        assert not reader.finish(views)
+        derived.release()
+
+        b, views = take(6)
+        underneath = memoryview(b.data).obj  # the slice itself, no export of it
+        del b
+        assert not reader.finish(views)
+        del underneath
+
+        b, views = take(4)
+        cycle: list[object] = [b]
+        cycle.append(cycle)  # only a reference cycle holds it: the collector frees it
+        del b, cycle
+        gc.disable()
+        try:
+            assert reader.finish(views)
+        finally:
+            gc.enable()
+        reader_fd = reader._fd
+        arena.close()
+        os.close(reader_fd)
+    finally:
+        parent.close()
+        child.close()
+
+
+# ------------------------------------------------------------------ through a pool
+
+
+@needs_memfd
+def test_large_arguments_are_views_of_the_arena_writable_and_intact():
+    with ProcessGroupExecutor(2) as ex:
+        list(ex.map(sleep, [0.0] * 4))  # both workers ready: large arguments take the arena
+        blobs = [blob(2 * MIB, i) for i in range(6)]
+        got = list(ex.map(where, blobs))
+    assert [g[2] for g in got] == [digest(b.data) for b in blobs]
+    assert all(g[1] for g in got), "arguments must be writable, as after pickle"
+    assert {g[0] for g in got} == {"mmap"}, got
+
+
+@pytest.mark.parametrize("mp_context", ["fork", "forkserver", "spawn"])
+def test_workers_of_a_multiprocessing_context_take_the_pipe(mp_context):
+    with ProcessGroupExecutor(1, mp_context=mp_context) as ex:
+        ex.submit(sleep, 0.0).result(timeout=T)
+        holder, writable, got = ex.submit(where, blob(2 * MIB, 7)).result(timeout=T)
+    assert got == digest(pattern(2 * MIB, 7))
+    assert writable and holder == "bytearray"
+
+
+@needs_memfd
+def test_many_tasks_in_flight_each_see_their_own_arguments():
+    # Tiny tasks: the pool queues several per worker, each in a region of its own;
+    # regions are reused round after round.
+    with ProcessGroupExecutor(2) as ex:
+        for rnd in range(4):
+            blobs = [blob(MIB + 4096 * i, 100 * rnd + i) for i in range(24)]
+            assert list(ex.map(check, blobs)) == [digest(b.data) for b in blobs]
+            back = list(ex.map(echo, blobs[:8]))
+            assert [digest(b.data) for b in back] == [digest(b.data) for b in blobs[:8]]
+
+
+@needs_memfd
+def test_arguments_a_task_kept_are_never_overwritten():
+    with ProcessGroupExecutor(1) as ex:
+        ex.submit(sleep, 0.0).result(timeout=T)
+        kept = [ex.submit(keep, blob(2 * MIB, i)).result(timeout=T) for i in range(3)]
+        # Later tasks need regions too: none may be one that a kept argument lives in.
+        others = [blob(2 * MIB, 50 + i) for i in range(6)]
+        assert list(ex.map(check, others)) == [digest(b.data) for b in others]
+        assert ex.submit(kept_digests).result(timeout=T) == kept
+
+
+@needs_memfd
+def test_a_worker_killed_mid_task_leaves_no_arena_and_the_retry_gets_the_arguments(tmp_path):
+    marker = str(tmp_path / "crashed")
+    data = blob(3 * MIB, 9)
+    with ProcessGroupExecutor(1, retries=1) as ex:
+        ex.submit(sleep, 0.0).result(timeout=T)
+        assert ex.submit(crash_once, data, marker).result(timeout=T) == digest(data.data)
+        assert os.path.exists(marker)
+        assert arena_fds() <= 1  # the dead worker's arena was closed at its reap
+        assert ex.submit(check, blob(3 * MIB, 10)).result(timeout=T) == digest(pattern(3 * MIB, 10))
+    assert arena_fds() == 0
+
+
+@needs_memfd
+def test_a_crash_without_retry_fails_only_its_own_future():
+    with ProcessGroupExecutor(1) as ex:
+        ex.submit(sleep, 0.0).result(timeout=T)
+        bad = ex.submit(crash_once, blob(2 * MIB, 1), "/nonexistent/dir/marker")
+        good = [ex.submit(check, blob(2 * MIB, 20 + i)) for i in range(3)]
+        with pytest.raises((WorkerCrashedError, OSError)):
+            bad.result(timeout=T)
+        assert [f.result(timeout=T) for f in good] == [digest(pattern(2 * MIB, 20 + i)) for i in range(3)]
+
+
+@needs_memfd
+def test_tasks_taken_back_from_a_pipe_run_elsewhere_with_their_own_arguments():
+    # Tiny tasks first, so that the pool queues deep; then one long task, and large
+    # arguments behind it that are taken back (their permits) and run elsewhere.
+    with ProcessGroupExecutor(2) as ex:
+        list(ex.map(sleep, [0.0] * 200))
+        long = ex.submit(sleep, 0.5)
+        blobs = [blob(MIB, 300 + i) for i in range(12)]
+        futures = [ex.submit(slow_check, b, 0.001) for b in blobs]
+        got = [f.result(timeout=T) for f in futures]
+        long_pid = long.result(timeout=T)
+    assert [g[1] for g in got] == [digest(b.data) for b in blobs]
+    assert any(pid != long_pid for pid, _ in got)
+
+
+@needs_memfd
+def test_recycled_workers_each_get_a_new_arena_and_close_it():
+    with ProcessGroupExecutor(2, max_tasks_per_child=2) as ex:
+        blobs = [blob(2 * MIB, i) for i in range(10)]
+        assert list(ex.map(check, blobs)) == [digest(b.data) for b in blobs]
+        assert arena_fds() <= 2  # one per live worker at most
+    assert arena_fds() == 0
+
+
+@needs_memfd
+def test_a_task_that_times_out_with_large_arguments_leaves_the_next_intact():
+    with ProcessGroupExecutor(1, task_timeout=0.5) as ex:
+        ex.submit(sleep, 0.0).result(timeout=T)
+        hung = ex.submit(slow_check, blob(2 * MIB, 1), 30)
+        nxt = ex.submit(check, blob(2 * MIB, 2))
+        with pytest.raises(TimeoutError):
+            hung.result(timeout=T)
+        assert nxt.result(timeout=T) == digest(pattern(2 * MIB, 2))
