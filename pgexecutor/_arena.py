@@ -79,21 +79,25 @@ _ALIGN = 64  # regions start at multiples of this (as buffers do in an OOBPayloa
 _MAP_POPULATE = 0x8000  # Linux's MAP_POPULATE: map every page now, not one fault each
 
 
-_KEPT = object()  # owns the regions of tasks that kept their arguments (RETAINED)
+_KEPT = -1  # owns the regions of tasks that kept their arguments (RETAINED); no id()
 
 
 class ArgArena:
     """The parent's side of one worker's arena (see the module docstring).
 
-    Owner: the manager thread. ``regions`` lists (the queued task it belongs to,
-    start, end) in the order they were placed.
+    Owner: the manager thread. ``regions`` lists (``id()`` of the queued task it
+    belongs to, start, end) in the order they were placed: an id, not the task, so
+    that a finished task (its future, its result) is not kept alive by its region
+    until the next placement. While the task is queued on the worker it lives, so no
+    other object has its id; a region whose id is reused later by a new task only
+    looks in use a while longer.
     """
 
     __slots__ = ("_map", "regions")
 
     def __init__(self, mapping: mmap.mmap) -> None:
         self._map = mapping
-        self.regions: list[tuple[object, int, int]] = []
+        self.regions: list[tuple[int, int, int]] = []
 
     @classmethod
     def open(cls, channel: Any, size: int) -> ArgArena | None:
@@ -136,14 +140,14 @@ class ArgArena:
         for offset, buf in zip(offsets, payload.buffers, strict=True):
             mapping.seek(start + offset)
             mapping.write(buf)  # a memcpy; no view of the mapping outlives it
-        self.regions.append((owner, start, start + total))
+        self.regions.append((id(owner), start, start + total))
         return START.pack(start) + bytes(payload.head)
 
     def retain(self, owner: object) -> bool:
         """The worker kept ``owner``'s arguments (RETAINED): its region is never
         freed. False if ``owner`` holds no region."""
-        for i, (item, start, end) in enumerate(self.regions):
-            if item is owner:
+        for i, (ident, start, end) in enumerate(self.regions):
+            if ident == id(owner):
                 self.regions[i] = (_KEPT, start, end)
                 return True
         return False
@@ -152,8 +156,8 @@ class ArgArena:
         """Drop the regions whose tasks are no longer queued on the worker."""
         if self.regions:
             keep = {id(item) for item in live}
-            keep.add(id(_KEPT))
-            self.regions = [r for r in self.regions if id(r[0]) in keep]
+            keep.add(_KEPT)
+            self.regions = [r for r in self.regions if r[0] in keep]
 
     def _place(self, n: int) -> int:
         """Where a region of ``n`` bytes starts: the first gap among the regions in
