@@ -391,7 +391,7 @@ def _serve(
             if held == task_id:
                 held = -1
                 _in_task = True
-                _run_one(chan, task_id, payload, kind)
+                _answer_one(chan, task_id, payload, kind)
                 _in_task = False
             del payload
     except KeyboardInterrupt:
@@ -419,7 +419,7 @@ def _claim(permit_fd: int, task_id: int, held: int) -> int:
     return int.from_bytes(data, "little") if len(data) == 8 else -1
 
 
-def _run_one(chan: _Channel, task_id: int, payload: bytes | bytearray, kind: int) -> None:
+def _answer_one(chan: _Channel, task_id: int, payload: bytes | bytearray, kind: int) -> None:
     """Run one task and send exactly one RESULT or ERROR frame for it.
 
     A TASK_SHM task's arguments are views of the argument arena: once the task is
@@ -428,13 +428,13 @@ def _run_one(chan: _Channel, task_id: int, payload: bytes | bytearray, kind: int
     parent may write the region again (see _arena).
     """
     views: list[Any] = []
-    kind, answer = _run_task(chan, task_id, payload, kind, views)
+    kind, answer = _run_one(chan, task_id, payload, kind, views)
     if views:
         chan.arena_done(task_id, views)
     chan.send(kind, task_id, answer)
 
 
-def _run_task(
+def _run_one(
     chan: _Channel, task_id: int, payload: bytes | bytearray, kind: int, views: list[Any]
 ) -> tuple[int, bytes | proto.OOBPayload]:
     """Run one task; its outcome frame's (kind, payload). ``views`` gets a TASK_SHM
