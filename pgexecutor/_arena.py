@@ -48,8 +48,9 @@ pages a worker touched stay mapped in it and count in its memory (PSS: half, bei
 shared with the parent) up to RESIDENT_MAX; past that, a finished task's region is
 unmapped again (the file keeps it).
 
-Tasks whose buffers do not fit (over ARENA_MAX, or no fd channel: workers started
-through a multiprocessing context) take the pipe as before (TASK_OOB).
+Tasks whose buffers do not fit (over TASK_MAX, no room below ARENA_MAX, or no fd
+channel: workers started through a multiprocessing context) take the pipe as before
+(TASK_OOB).
 """
 
 from __future__ import annotations
@@ -70,8 +71,13 @@ if TYPE_CHECKING:
 TAG = b"A"
 #: TASK_SHM's payload starts with the region's offset in the arena.
 START = struct.Struct("<Q")
-#: An arena grows to at most this; a task whose buffers need more takes the pipe.
-ARENA_MAX = 256 << 20
+#: A task's buffers larger than this take the pipe: the manager thread copies a
+#: task's buffers in one go, holding the GIL (~0.05-0.2 ms per MiB, more while the
+#: pages are new), and a larger copy would delay every deadline it watches; the
+#: pipe takes a large payload a piece at a time between its other work.
+TASK_MAX = 64 << 20
+#: An arena grows to at most this; a task that finds no room takes the pipe.
+ARENA_MAX = 128 << 20
 #: A worker unmaps a finished task's region (the file keeps it) once its arena is
 #: larger than this: what stays mapped counts in its memory (PSS, half: shared).
 RESIDENT_MAX = 64 << 20
@@ -133,7 +139,7 @@ class ArgArena:
         TASK_SHM's payload, or None if no region can be had."""
         self._forget_freed(live)
         offsets, total = proto.shm_offsets([b.nbytes for b in payload.buffers])
-        start = self._place(total)
+        start = self._place(total) if total <= TASK_MAX else -1
         if start < 0:
             return None
         mapping = self._map

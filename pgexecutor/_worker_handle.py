@@ -34,7 +34,7 @@ from collections import deque
 
 from . import _native, _process
 from . import _protocol as proto
-from ._arena import ArgArena
+from ._arena import TASK_MAX, ArgArena
 from ._heartbeat import BeatPage
 from ._ledger import WorkItem
 from ._scheduling import REVOKE_AFTER
@@ -262,7 +262,7 @@ class WorkerHandle:
         argument arena (made now if it has none); None: they take the pipe. Only
         once the worker is READY: see _arena on the heartbeat page's datagram."""
         channel = self.proc.channel
-        if channel is None or not self.ready_seen:
+        if channel is None or not self.ready_seen or payload.size > TASK_MAX:
             return None
         arena = self.arena
         if arena is None:

@@ -385,3 +385,39 @@ def test_a_finished_task_and_its_result_are_not_kept_alive_by_its_region():
         del result, fut
         gc.collect()
         assert gone() is None, "the finished task's result is still referenced"
+
+
+@needs_memfd
+def test_arguments_larger_than_task_max_take_the_pipe():
+    # One copy that large would hold the manager thread (and the GIL) too long.
+    with ProcessGroupExecutor(1) as ex:
+        ex.submit(sleep, 0.0).result(timeout=T)
+        n = _arena.TASK_MAX + 4096
+        holder, writable, got = ex.submit(where, blob(n, 3)).result(timeout=T)
+        assert got == digest(pattern(n, 3)) and writable
+        assert holder == "bytearray"
+        assert ex.submit(where, blob(2 * MIB, 4)).result(timeout=T)[0] == "mmap"
+
+
+def forge_retained() -> int:
+    """Write a RETAINED frame for a task that is not running (a task can write to the
+    result pipe): the protocol is broken, the worker is killed, this task fails."""
+    import sys
+
+    frame = sys._getframe()
+    while frame.f_code.co_name != "_run_one":
+        frame = frame.f_back
+    chan, task_id = frame.f_locals["chan"], frame.f_locals["task_id"]
+    os.write(chan.wfd, proto.frame(proto.RETAINED, task_id + 1000))
+    time.sleep(30)
+    return 0
+
+
+@needs_memfd
+def test_a_forged_retained_frame_is_a_protocol_violation():
+    from pgexecutor.errors import WorkerProtocolError
+
+    with ProcessGroupExecutor(1) as ex:
+        with pytest.raises(WorkerProtocolError, match="RETAINED"):
+            ex.submit(forge_retained).result(timeout=T)
+        assert ex.submit(check, blob(2 * MIB, 5)).result(timeout=T) == digest(pattern(2 * MIB, 5))
