@@ -69,8 +69,10 @@ if TYPE_CHECKING:
 
 #: The datagram that carries the arena's memfd to the worker.
 TAG = b"A"
-#: TASK_SHM's payload starts with the region's offset in the arena.
-START = struct.Struct("<Q")
+#: TASK_SHM's payload starts with its permit and the region's offset in the arena.
+START = struct.Struct("<QQ")
+#: Permits of TASK_SHM frames have this bit set: no task id has it (see ArgArena.put).
+_FRAME_PERMIT = 1 << 63
 #: A task's buffers larger than this take the pipe: the manager thread copies a
 #: task's buffers in one go, holding the GIL (~0.05-0.2 ms per MiB, more while the
 #: pages are new), and a larger copy would delay every deadline it watches; the
@@ -99,11 +101,12 @@ class ArgArena:
     looks in use a while longer.
     """
 
-    __slots__ = ("_map", "regions")
+    __slots__ = ("_map", "regions", "_frames")
 
     def __init__(self, mapping: mmap.mmap) -> None:
         self._map = mapping
         self.regions: list[tuple[int, int, int]] = []
+        self._frames = 0  # TASK_SHM frames made: each one's permit is its own
 
     @classmethod
     def open(cls, channel: Any, size: int) -> ArgArena | None:
@@ -133,10 +136,20 @@ class ArgArena:
     def size(self) -> int:
         return len(self._map)
 
-    def put(self, owner: object, payload: proto.OOBPayload, live: Iterable[object]) -> bytes | None:
+    def put(
+        self, owner: object, payload: proto.OOBPayload, live: Iterable[object]
+    ) -> tuple[bytes, bytes] | None:
         """Copy ``payload``'s buffers into a free region that ``owner`` (a queued
         task, one of ``live`` while its region is in use) holds from now on; return
-        TASK_SHM's payload, or None if no region can be had."""
+        (the task's permit, TASK_SHM's payload), or None if no region can be had.
+
+        The permit is this frame's own, not the task id (as other frames' permits
+        are): a task taken back and queued on the same worker again has two frames
+        with its id in the pipe, and a permit by id would let the worker run the
+        first, stale one, whose region was freed at the take-back (and may hold
+        another task's arguments by then). A stale plain frame is harmless: it holds
+        the same bytes.
+        """
         self._forget_freed(live)
         offsets, total = proto.shm_offsets([b.nbytes for b in payload.buffers])
         start = self._place(total) if total <= TASK_MAX else -1
@@ -147,16 +160,19 @@ class ArgArena:
             mapping.seek(start + offset)
             mapping.write(buf)  # a memcpy; no view of the mapping outlives it
         self.regions.append((id(owner), start, start + total))
-        return START.pack(start) + bytes(payload.head)
+        self._frames += 1
+        permit = _FRAME_PERMIT | self._frames
+        return permit.to_bytes(8, "little"), START.pack(permit, start) + bytes(payload.head)
 
     def retain(self, owner: object) -> bool:
         """The worker kept ``owner``'s arguments (RETAINED): its region is never
         freed. False if ``owner`` holds no region."""
+        kept = False
         for i, (ident, start, end) in enumerate(self.regions):
-            if ident == id(owner):
+            if ident == id(owner):  # (every region it may hold: see put)
                 self.regions[i] = (_KEPT, start, end)
-                return True
-        return False
+                kept = True
+        return kept
 
     def _forget_freed(self, live: Iterable[object]) -> None:
         """Drop the regions whose tasks are no longer queued on the worker."""
@@ -208,6 +224,11 @@ class ArenaReader:
         self._current = (0, 0)
         self._slices: list[memoryview] = []  # the running task's, under its buffers
 
+    @staticmethod
+    def permit(payload: bytes | bytearray) -> int:
+        """The permit a TASK_SHM frame runs with (see ArgArena.put)."""
+        return START.unpack_from(payload, 0)[0]  # type: ignore[no-any-return]
+
     def take(self, payload: bytes | bytearray) -> tuple[memoryview, list[Any]]:
         """A TASK_SHM's pickle and its buffers: writable views of the arena (as the
         pipe's bytearray was writable), no copy.
@@ -221,7 +242,7 @@ class ArenaReader:
         """
         from _pickle import PickleBuffer
 
-        (start,) = START.unpack_from(payload, 0)
+        _, start = START.unpack_from(payload, 0)
         lengths, data, _ = proto.split_head(memoryview(payload)[START.size :])
         offsets, total = proto.shm_offsets(lengths)
         end = start + total

@@ -385,10 +385,14 @@ def _serve(
                 break
             kind, task_id, payload = msg
             del msg
-            if kind != proto.TASK and kind != proto.TASK_OOB and kind != proto.TASK_SHM:
+            if kind == proto.TASK or kind == proto.TASK_OOB:
+                permit = task_id
+            elif kind == proto.TASK_SHM:
+                permit = _shm_permit(payload)  # the frame's own (see _arena.ArgArena.put)
+            else:
                 continue
-            held = _claim(permit_fd, task_id, held)
-            if held == task_id:
+            held = _claim(permit_fd, permit, held)
+            if held == permit:
                 held = -1
                 _in_task = True
                 _answer_one(chan, task_id, payload, kind)
@@ -401,10 +405,18 @@ def _serve(
     _exit_cleanly(0)
 
 
-def _claim(permit_fd: int, task_id: int, held: int) -> int:
+def _shm_permit(payload: bytes | bytearray) -> int:
+    from ._arena import ArenaReader
+
+    return ArenaReader.permit(payload)
+
+
+def _claim(permit_fd: int, permit: int, held: int) -> int:
     """Take the next permit unless one is held already; returns the permit in hand.
 
-    The task may run only if that permit is its own id. The manager writes each
+    The task may run only if that permit is its own ``permit``: its task id, or
+    for a TASK_SHM frame the frame's own number (see _arena.ArgArena.put). The
+    manager writes each
     task's permit before the task, in the same order, and takes back every permit
     still in the pipe when it revokes the tasks waiting here (they run elsewhere). So
     no permit in the pipe, or one with another id (of a task sent after the revoke),

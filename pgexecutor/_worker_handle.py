@@ -236,9 +236,9 @@ class WorkerHandle:
         self.inflight.append(item)
         if len(self.inflight) == 1 and self.ready_seen:
             self.start_clock(item, now)
-        self.permits += item.task_id.to_bytes(8, "little")
         payload = item.payload
         if type(payload) is bytes:
+            self.permits += item.task_id.to_bytes(8, "little")
             if len(payload) < _JOIN_BELOW:
                 self.queue_frame(proto.frame(proto.TASK, item.task_id, payload))
             else:  # a large payload is not copied: header and payload go out by writev
@@ -248,8 +248,11 @@ class WorkerHandle:
             assert isinstance(payload, proto.OOBPayload)
             shm = self._to_arena(item, payload) if payload.size >= proto.SHM_MIN else None
             if shm is not None:
-                self.queue_frame(proto.frame(proto.TASK_SHM, item.task_id, shm))
+                permit, body = shm
+                self.permits += permit
+                self.queue_frame(proto.frame(proto.TASK_SHM, item.task_id, body))
             else:  # written from where the buffers lie
+                self.permits += item.task_id.to_bytes(8, "little")
                 self.queue_frame(proto.HEADER.pack(proto.TASK_OOB, item.task_id, payload.size))
                 for part in payload.parts:
                     self.queue_frame(part)
@@ -257,10 +260,12 @@ class WorkerHandle:
         if max_tasks is not None and self.tasks_sent >= max_tasks:
             self.retire()
 
-    def _to_arena(self, item: WorkItem, payload: proto.OOBPayload) -> bytes | None:
-        """TASK_SHM's payload for ``item``, its buffers copied into this worker's
-        argument arena (made now if it has none); None: they take the pipe. Only
-        once the worker is READY: see _arena on the heartbeat page's datagram."""
+    def _to_arena(self, item: WorkItem, payload: proto.OOBPayload) -> tuple[bytes, bytes] | None:
+        """(the permit, TASK_SHM's payload) for ``item``, its buffers copied into
+        this worker's argument arena (made now if it has none); None: they take the
+        pipe. Only once the worker is READY: see _arena on the heartbeat page's
+        datagram. The permit is the frame's own (see _arena.ArgArena.put), not the
+        task id."""
         channel = self.proc.channel
         if channel is None or not self.ready_seen or payload.size > TASK_MAX:
             return None

@@ -150,7 +150,10 @@ def test_regions_in_use_are_never_written_and_freed_ones_are_reused():
         assert arena.put(c, _payload(MIB, 3), live) is not None
         assert len(arena.regions) == 3  # all three in flight: the arena grew
         # What the worker reads for b is b's, though a and c were placed around it.
-        data, views = reader.take(msg_b)
+        permit_b, body_b = msg_b
+        assert _arena.ArenaReader.permit(body_b) == int.from_bytes(permit_b, "little")
+        assert permit_b != msg_a[0], "each frame has a permit of its own"
+        data, views = reader.take(body_b)
         fn, (got,), _ = proto.loads(data, views)
         assert digest(got.data) == digest(pattern(MIB, 2))
         del got, fn
@@ -195,7 +198,7 @@ def test_the_worker_releases_views_the_task_let_go_and_reports_those_it_kept():
             live.append(owner)
             msg = arena.put(owner, _payload(MIB, seed), live)
             assert msg is not None
-            data, views = reader.take(msg)
+            data, views = reader.take(msg[1])
             _, (b,), _ = proto.loads(data, views)
             return b, views
 
@@ -421,3 +424,79 @@ def test_a_forged_retained_frame_is_a_protocol_violation():
         with pytest.raises(WorkerProtocolError, match="RETAINED"):
             ex.submit(forge_retained).result(timeout=T)
         assert ex.submit(check, blob(2 * MIB, 5)).result(timeout=T) == digest(pattern(2 * MIB, 5))
+
+
+def _read_frame(reader: proto.FrameReader, fd: int, frames: list) -> tuple:  # type: ignore[type-arg]
+    import select
+
+    while not frames:
+        assert select.select([fd], [], [], 20)[0], "the worker sent nothing in 20 s"
+        got = reader.read_from(fd)
+        assert got is not None, "the worker closed its result pipe"
+        frames.extend(got)
+    return frames.pop(0)  # type: ignore[no-any-return]
+
+
+@needs_memfd
+def test_a_stale_frame_of_a_task_queued_again_is_skipped():
+    # A task taken back (its permit taken from the pipe) and queued on the same worker
+    # again has two frames with its id in the pipe; its first region was freed at the
+    # take-back and may hold another task's arguments by now. With a permit by task
+    # id the worker would run the first, stale frame; each TASK_SHM frame has a
+    # permit of its own, so it runs the second. (The worker's loop in a forked child,
+    # the manager's side played here.)
+    from pgexecutor import _worker
+
+    task_r, task_w = os.pipe()
+    res_r, res_w = os.pipe()
+    dump_r, dump_w = os.pipe()
+    permit_r, permit_w = os.pipe()
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    pid = os.fork()
+    if pid == 0:  # the worker
+        try:
+            for fd in (task_w, res_r, dump_r, permit_w):
+                os.close(fd)
+            parent.close()
+            os.set_blocking(permit_r, False)
+            _worker._serve(task_r, res_w, dump_w, permit_r, os.dup(child.fileno()))
+        finally:
+            os._exit(3)
+    try:
+        for fd in (task_r, res_w, dump_w, permit_r):
+            os.close(fd)
+        child.close()
+        reader = proto.FrameReader()
+        frames: list = []  # type: ignore[type-arg]
+        os.write(task_w, proto.frame(proto.INIT, 0, proto.dumps({})))
+        assert _read_frame(reader, res_r, frames)[0] == proto.READY
+        arena = _arena.ArgArena.open(parent, MIB)
+        assert arena is not None
+        task = _Owner()
+        live: list[object] = [task]
+        stale = arena.put(task, proto.dumps_task((check, (blob(MIB, 1),), {})), live)
+        assert stale is not None
+        live.remove(task)  # taken back: its region is free...
+        other = _Owner()
+        placed = arena.put(other, proto.dumps_task((check, (blob(MIB, 2),), {})), [other])
+        assert placed is not None  # ... and holds another task's arguments now
+        live = [other, task]  # queued again, in a region of its own
+        again = arena.put(task, proto.dumps_task((check, (blob(MIB, 1),), {})), live)
+        assert again is not None
+        os.write(permit_w, again[0])  # only the new frame's permit
+        os.write(task_w, proto.frame(proto.TASK_SHM, 7, stale[1]) + proto.frame(proto.TASK_SHM, 7, again[1]))
+        kind, ident, payload = _read_frame(reader, res_r, frames)
+        assert (kind, ident) == (proto.RESULT, 7)
+        assert proto.loads(payload) == digest(pattern(MIB, 1))
+        os.write(task_w, proto.frame(proto.EXIT))
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        arena.close()
+    finally:
+        if pid:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        for fd in (task_w, res_r, dump_r, permit_w):
+            os.close(fd)
+        parent.close()
