@@ -500,3 +500,54 @@ def test_a_stale_frame_of_a_task_queued_again_is_skipped():
         for fd in (task_w, res_r, dump_r, permit_w):
             os.close(fd)
         parent.close()
+
+
+def _rss_of_mapping(addr: int) -> int:
+    """Resident bytes of this process's mapping that holds ``addr`` (smaps)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "Rss:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no such mapping")
+
+
+@needs_memfd
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="no smaps")
+@pytest.mark.parametrize("large", [False, True], ids=["small-arena", "large-arena"])
+def test_a_large_arena_does_not_stay_mapped_in_the_worker_between_tasks(monkeypatch, large):
+    # What stays mapped counts in the worker's memory (max_memory): past RESIDENT_MAX
+    # a finished task's region is unmapped again (the file keeps it).
+    import ctypes
+
+    if large:
+        monkeypatch.setattr(_arena, "RESIDENT_MAX", 0)
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        arena = _arena.ArgArena.open(parent, 4 * MIB)
+        assert arena is not None
+        reader = _arena.ArenaReader(child)
+        owner = _Owner()
+        placed = arena.put(owner, _payload(4 * MIB, 1), [owner])
+        assert placed is not None
+        data, views = reader.take(placed[1])
+        _, (b,), _ = proto.loads(data, views)
+        assert digest(b.data) == digest(pattern(4 * MIB, 1))  # every page read
+        view = memoryview(b.data)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        view.release()
+        del b, view
+        assert _rss_of_mapping(addr) >= 4 * MIB
+        assert reader.finish(views)
+        left = _rss_of_mapping(addr)
+        assert (left < MIB) if large else (left >= 4 * MIB)
+        reader_fd = reader._fd
+        arena.close()
+        os.close(reader_fd)
+    finally:
+        parent.close()
+        child.close()
