@@ -30,7 +30,9 @@ owned by the worker's main loop):
   (its permit was never claimed, so the worker skips it without touching it), or
   the worker is being killed or died (no task is queued on it again). So liveness
   is read from ``inflight`` itself at each placement: nothing else has to remember
-  to free a region.
+  to free a region. A taken-back frame stays in the pipe: each TASK_SHM frame has a
+  permit of its own (see ArgArena.put), so that the worker skips it even when the
+  same task is queued on it again, in another region.
 * The arena grows (``ftruncate`` and ``mremap`` of the parent's mapping, up to
   ARENA_MAX) and never shrinks: every region a worker maps lies inside the file, so
   no access faults with SIGBUS. The worker maps the whole file again when a region
