@@ -414,13 +414,13 @@ def _shm_permit(payload: bytes | bytearray) -> int:
 def _claim(permit_fd: int, permit: int, held: int) -> int:
     """Take the next permit unless one is held already; returns the permit in hand.
 
-    The task may run only if that permit is its own ``permit``: its task id, or
-    for a TASK_SHM frame the frame's own number (see _arena.ArgArena.put). The
-    manager writes each
-    task's permit before the task, in the same order, and takes back every permit
-    still in the pipe when it revokes the tasks waiting here (they run elsewhere). So
-    no permit in the pipe, or one with another id (of a task sent after the revoke),
-    means this task was taken back: skip it and keep that permit for its own task.
+    The task may run only if that permit is its own ``permit``: its task id, or for
+    a TASK_SHM frame the frame's own number (see _arena.ArgArena.put). The manager
+    writes each task's permit before the task, in the same order, and takes back
+    every permit still in the pipe when it revokes the tasks waiting here (they run
+    elsewhere). So no permit in the pipe, or another one (of a task sent after the
+    revoke), means this task was taken back: skip it and keep that permit for its
+    own task.
     """
     if held != -1:
         return held
