@@ -105,6 +105,9 @@ class ManagerAnswers(ManagerBase):
             return  # a worker we gave up on: whatever it still says is moot
         if kind == proto.ERROR or kind == proto.RESULT_OOB:
             self._on_answer(w, kind, ident, payload)
+        elif kind == proto.RETAINED:
+            if not w.arena_kept(ident):
+                self._violation(w, self._unexpected(w, "RETAINED", ident))
         elif kind == proto.UNPICKLED:
             head = w.head()
             if head is None or head.task_id != ident:

@@ -201,8 +201,9 @@ def permit_pipe() -> tuple[int, int]:
     Why: tasks written ahead into a worker's pipe cannot be read back out of it, yet
     one of them must not wait there behind a task that turned out to hang while
     another worker could run it. So the worker runs a task only after it took that
-    task's permit (its id, 8 bytes) from this pipe, and the parent, which keeps a read
-    end too, takes back what was not claimed by reading it first. Reads of a pipe are
+    task's permit (8 bytes: its id; a TASK_SHM frame's own number, see _arena) from
+    this pipe, and the parent, which keeps a read end too, takes back what was not
+    claimed by reading it first. Reads of a pipe are
     serialised by the kernel, so each permit goes to exactly one side: nothing runs
     twice, nothing is lost. Writes of 8 bytes are atomic (< PIPE_BUF) and every read
     asks for a multiple of 8, so permits never split. O_NONBLOCK lives on the open

@@ -55,6 +55,9 @@ TASK = 1  #: payload: cloudpickled (fn, args, kwargs); ident: task id
 EXIT = 2  #: no payload: finish and exit cleanly
 INIT = 3  #: payload: a cloudpickled dict: sys_path, initializer (pickled apart), authkey
 TASK_OOB = 4  #: TASK whose pickle has out-of-band buffers (see OOBPayload)
+#: TASK_OOB whose buffers wait in the worker's argument arena (see _arena); payload:
+#: the arena offset they start at, then the OOBPayload's head
+TASK_SHM = 5
 
 # Worker -> manager.
 READY = 10  #: ident: the worker's pid; the initializer succeeded
@@ -69,11 +72,15 @@ SECONDS = struct.Struct("<d")
 #: ident: the worker's pid; it begins the initializer now (initializer_timeout counts
 #: from here, see Manager._on_init_timeout). Sent only when there is an initializer.
 INIT_BEGUN = 17
+#: ident: task id; no payload. The running TASK_SHM task kept a reference to its
+#: arguments' memory in the argument arena: its region is never reused (see _arena).
+#: Sent before the task's outcome.
+RETAINED = 18
 #: names of the frames a worker sends, for error messages
 KIND_NAMES = {
     READY: "READY", INIT_FAILED: "INIT_FAILED", RESULT: "RESULT", ERROR: "ERROR",
     RESULT_OOB: "RESULT_OOB", RESULT_SHM: "RESULT_SHM", UNPICKLED: "UNPICKLED",
-    INIT_BEGUN: "INIT_BEGUN",
+    INIT_BEGUN: "INIT_BEGUN", RETAINED: "RETAINED",
 }
 #: Unpickling a call slower than this (seconds: a first import of the task's module on
 #: a fresh worker) is not the task's own time: the worker says UNPICKLED (see _worker).
@@ -96,7 +103,6 @@ _OOB_PREFIX = struct.Struct("<IQ")  # buffer count, pickle length; then "<Q" per
 
 #: Results whose out-of-band buffers are this big go through shared memory.
 SHM_MIN = 1 << 20
-_MAP_POPULATE = 0x8000  # Linux's MAP_POPULATE (the mmap module has it from 3.10 on)
 
 #: Frames at least this big are read straight into a buffer of their own size.
 _DIRECT_MIN = 1 << 16
@@ -142,7 +148,7 @@ class OOBPayload:
         self.size = offset
 
 
-def _split_head(view: memoryview) -> tuple[tuple[int, ...], memoryview, int]:
+def split_head(view: memoryview) -> tuple[tuple[int, ...], memoryview, int]:
     """(buffer lengths, the pickle, where the head ends) of an OOBPayload's head."""
     count, size = _OOB_PREFIX.unpack_from(view, 0)
     pos = _OOB_PREFIX.size
@@ -154,7 +160,7 @@ def _split_head(view: memoryview) -> tuple[tuple[int, ...], memoryview, int]:
 def split_oob(payload: bytes | bytearray) -> tuple[memoryview, list[memoryview]]:
     """An :class:`OOBPayload`'s pickle and its buffers, as views of ``payload``."""
     view = memoryview(payload)
-    lengths, data, pos = _split_head(view)
+    lengths, data, pos = split_head(view)
     buffers = []
     for n in lengths:
         pos += -pos % _OOB_ALIGN
@@ -206,7 +212,7 @@ def standalone_pickle(data: bytes | bytearray | memoryview, buffers: list[memory
     return bytes(out)
 
 
-def _shm_offsets(lengths: list[int] | tuple[int, ...]) -> tuple[list[int], int]:
+def shm_offsets(lengths: list[int] | tuple[int, ...]) -> tuple[list[int], int]:
     """Where each buffer starts in the shared memory, and its total size."""
     offsets = []
     pos = 0
@@ -229,7 +235,7 @@ def put_in_shm(sock: Any, payload: OOBPayload) -> bytearray:
     """
     from _socket import SCM_RIGHTS, SOL_SOCKET
 
-    offsets, total = _shm_offsets([b.nbytes for b in payload.buffers])
+    offsets, total = shm_offsets([b.nbytes for b in payload.buffers])
     fd = os.memfd_create("pgexecutor-result", os.MFD_CLOEXEC)
     try:
         # pwrite, not a copy through a mapping: the kernel fills fresh pages without
@@ -273,15 +279,24 @@ class ShmPayload:
         self.fd = fd
 
     def split(self) -> tuple[memoryview, list[memoryview]]:
-        """Map the memory: the pickle and its buffers (views of the mapping)."""
+        """Map the memory: the pickle and its buffers (views of the mapping).
+
+        Mapped, not populated (no MAP_POPULATE): a page table entry is made when the
+        caller first touches a page, and a read fault maps 64 KiB around it (the
+        kernel's fault-around), so reading a whole 8 MiB result costs less than
+        populating it up front (measured 0.7 vs 0.8-1.0 ms) and the pages never read
+        cost nothing. Populating was 1-3 ms per 8 MiB in the delivery thread, which
+        shares the GIL (and here two cores) with the manager and the caller. (Writing
+        every page of a result costs more this way: a write fault maps one page.)
+        """
         import mmap
 
         if self.fd < 0:
             raise OSError("the result's shared memory never arrived")
         try:
-            lengths, data, _ = _split_head(memoryview(self.head))
-            offsets, total = _shm_offsets(lengths)
-            mem = mmap.mmap(self.fd, total, flags=mmap.MAP_SHARED | _MAP_POPULATE)
+            lengths, data, _ = split_head(memoryview(self.head))
+            offsets, total = shm_offsets(lengths)
+            mem = mmap.mmap(self.fd, total, flags=mmap.MAP_SHARED)
         finally:
             self.close()
         view = memoryview(mem)
@@ -314,7 +329,7 @@ def _dumps_with_buffers(dump: Any, obj: Any) -> bytes | OOBPayload:
 
 
 #: Frames a worker sends that need no payload, or a fixed one: payload sizes.
-_FIXED_SIZES = {READY: 0, UNPICKLED: SECONDS.size, INIT_BEGUN: 0}
+_FIXED_SIZES = {READY: 0, UNPICKLED: SECONDS.size, INIT_BEGUN: 0, RETAINED: 0}
 _INIT_FAILED_MAX = 1 << 26  # an initializer's error text (and its traceback)
 _SHOWN = 32  # bytes of a bad frame quoted in its error
 

@@ -230,6 +230,7 @@ class _Channel:
         self.wfd = wfd
         self.shm_fd = shm_fd
         self.shm_sock: Any = None
+        self.arena: Any = None  # an _arena.ArenaReader, made at the first TASK_SHM
         self.reader = proto.FrameReader()
         self.frames: list[tuple[int, int, bytes | bytearray]] = []
         self.pos = 0
@@ -259,11 +260,32 @@ class _Channel:
             proto.write_parts(self.wfd, [header, body])
 
 
-    def send_result(self, task_id: int, data: bytes | proto.OOBPayload) -> None:
-        """A RESULT; large buffers by shared memory if we can, else in the frame."""
+    def arena_args(self, payload: bytes | bytearray) -> tuple[memoryview, list[Any]]:
+        """A TASK_SHM's pickle and its buffers: views of the argument arena."""
+        if self.arena is None:
+            if self.shm_sock is None:
+                raise OSError("a TASK_SHM frame, but this worker has no fd channel")
+            from ._arena import ArenaReader  # (only workers that get large arguments)
+
+            self.arena = ArenaReader(self.shm_sock)
+        return self.arena.take(payload)  # type: ignore[no-any-return]
+
+    def arena_done(self, task_id: int, views: list[Any]) -> None:
+        """The TASK_SHM task is over: release its views of the arena, or say
+        RETAINED if it kept one (before its outcome: see _arena)."""
+        if not self.arena.finish(views):
+            self.send(proto.RETAINED, task_id)
+
+    def encode_result(
+        self, data: bytes | proto.OOBPayload, detach: bool
+    ) -> tuple[int, bytes | proto.OOBPayload]:
+        """A RESULT frame's (kind, payload): large buffers go to shared memory now
+        (put_in_shm: a copy, its memfd sent ahead of the frame), others stay in the
+        frame. ``detach``: the payload may not refer to the buffers any more (they may
+        be views of the argument arena, released before the frame is sent): an
+        out-of-band payload is joined into bytes."""
         if not isinstance(data, proto.OOBPayload):
-            self.send(proto.RESULT, task_id, data)
-            return
+            return proto.RESULT, data
         if self.shm_fd is not None and data.size >= proto.SHM_MIN:
             try:
                 if self.shm_sock is None:
@@ -274,9 +296,10 @@ class _Channel:
             except OSError:
                 self.shm_fd = None  # no memfds here after all: the pipe from now on
             else:
-                self.send(proto.RESULT_SHM, task_id, bytes(head))
-                return
-        self.send(proto.RESULT_OOB, task_id, data)
+                return proto.RESULT_SHM, bytes(head)
+        if detach:
+            return proto.RESULT_OOB, b"".join(data.parts)
+        return proto.RESULT_OOB, data
 
 
 _SETSID_REFUSED = (
@@ -362,13 +385,17 @@ def _serve(
                 break
             kind, task_id, payload = msg
             del msg
-            if kind != proto.TASK and kind != proto.TASK_OOB:
+            if kind == proto.TASK or kind == proto.TASK_OOB:
+                permit = task_id
+            elif kind == proto.TASK_SHM:
+                permit = _shm_permit(payload)  # the frame's own (see _arena.ArgArena.put)
+            else:
                 continue
-            held = _claim(permit_fd, task_id, held)
-            if held == task_id:
+            held = _claim(permit_fd, permit, held)
+            if held == permit:
                 held = -1
                 _in_task = True
-                _run_one(chan, task_id, payload, kind == proto.TASK_OOB)
+                _answer_one(chan, task_id, payload, kind)
                 _in_task = False
             del payload
     except KeyboardInterrupt:
@@ -378,14 +405,22 @@ def _serve(
     _exit_cleanly(0)
 
 
-def _claim(permit_fd: int, task_id: int, held: int) -> int:
+def _shm_permit(payload: bytes | bytearray) -> int:
+    from ._arena import ArenaReader
+
+    return ArenaReader.permit(payload)
+
+
+def _claim(permit_fd: int, permit: int, held: int) -> int:
     """Take the next permit unless one is held already; returns the permit in hand.
 
-    The task may run only if that permit is its own id. The manager writes each
-    task's permit before the task, in the same order, and takes back every permit
-    still in the pipe when it revokes the tasks waiting here (they run elsewhere). So
-    no permit in the pipe, or one with another id (of a task sent after the revoke),
-    means this task was taken back: skip it and keep that permit for its own task.
+    The task may run only if that permit is its own ``permit``: its task id, or for
+    a TASK_SHM frame the frame's own number (see _arena.ArgArena.put). The manager
+    writes each task's permit before the task, in the same order, and takes back
+    every permit still in the pipe when it revokes the tasks waiting here (they run
+    elsewhere). So no permit in the pipe, or another one (of a task sent after the
+    revoke), means this task was taken back: skip it and keep that permit for its
+    own task.
     """
     if held != -1:
         return held
@@ -396,18 +431,45 @@ def _claim(permit_fd: int, task_id: int, held: int) -> int:
     return int.from_bytes(data, "little") if len(data) == 8 else -1
 
 
-def _run_one(chan: _Channel, task_id: int, payload: bytes | bytearray, oob: bool) -> None:
+def _answer_one(chan: _Channel, task_id: int, payload: bytes | bytearray, kind: int) -> None:
     """Run one task and send exactly one RESULT or ERROR frame for it.
 
-    Arguments that fail to unpickle, or a result that fails to pickle, fail this task
-    alone with the exception pickle raised, marked with its stage (see _protocol).
+    A TASK_SHM task's arguments are views of the argument arena: once the task is
+    over and nothing of it is left but its encoded outcome, they are released (or
+    the task kept one: RETAINED), and only then is the outcome sent, after which the
+    parent may write the region again (see _arena).
+    """
+    views: list[Any] = []
+    kind, answer = _run_one(chan, task_id, payload, kind, views)
+    if views:
+        chan.arena_done(task_id, views)
+    chan.send(kind, task_id, answer)
+
+
+def _run_one(
+    chan: _Channel, task_id: int, payload: bytes | bytearray, kind: int, views: list[Any]
+) -> tuple[int, bytes | proto.OOBPayload]:
+    """Run one task; its outcome frame's (kind, payload). ``views`` gets a TASK_SHM
+    task's buffers (views of the argument arena).
+
+    Arguments that fail to unpickle (or to be read from the arena), or a result that
+    fails to pickle, fail this task alone with the exception raised, marked with its
+    stage (see _protocol).
     """
     begun = _monotonic()
     try:
-        fn, args, kwargs = proto.loads_oob(payload) if oob else proto.loads(payload)
+        if kind == proto.TASK:
+            fn, args, kwargs = proto.loads(payload)
+        elif kind == proto.TASK_OOB:
+            fn, args, kwargs = proto.loads_oob(payload)
+        else:  # TASK_SHM
+            pickled, buffers = chan.arena_args(payload)
+            views += buffers
+            del buffers
+            fn, args, kwargs = proto.loads(pickled, views)
+            del pickled
     except BaseException as exc:
-        chan.send(proto.ERROR, task_id, proto.dump_exception(exc, proto.UNPICKLE_ARGUMENTS))
-        return
+        return proto.ERROR, proto.dump_exception(exc, proto.UNPICKLE_ARGUMENTS)
     took = _monotonic() - begun
     if took > proto.SLOW_UNPICKLE:
         # Importing the task's module (the first task of its kind on a fresh worker:
@@ -422,8 +484,7 @@ def _run_one(chan: _Channel, task_id: int, payload: bytes | bytearray, oob: bool
     except BaseException as exc:
         _heartbeat.task_id = 0
         del fn, args, kwargs
-        chan.send(proto.ERROR, task_id, proto.dump_exception(exc))
-        return
+        return proto.ERROR, proto.dump_exception(exc)
     _heartbeat.task_id = 0
     del fn, args, kwargs
     data: bytes | proto.OOBPayload | None
@@ -432,10 +493,9 @@ def _run_one(chan: _Channel, task_id: int, payload: bytes | bytearray, oob: bool
     except BaseException as exc:
         data = _pickle_chunk_items_apart(result) if chunked else None
         if data is None:
-            chan.send(proto.ERROR, task_id, proto.dump_exception(exc, proto.PICKLE_RESULT))
-            return
+            return proto.ERROR, proto.dump_exception(exc, proto.PICKLE_RESULT)
     del result
-    chan.send_result(task_id, data)
+    return chan.encode_result(data, detach=bool(views))
 
 
 def _pickle_chunk_items_apart(out: Any) -> bytes | proto.OOBPayload | None:

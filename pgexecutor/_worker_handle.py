@@ -34,6 +34,7 @@ from collections import deque
 
 from . import _native, _process
 from . import _protocol as proto
+from ._arena import TASK_MAX, ArgArena
 from ._heartbeat import BeatPage
 from ._ledger import WorkItem
 from ._scheduling import REVOKE_AFTER
@@ -98,6 +99,8 @@ class WorkerHandle:
         "stack_asked",
         "beats",
         "native",
+        "arena",
+        "arena_refused",
     )
 
     def __init__(
@@ -133,6 +136,9 @@ class WorkerHandle:
         # Its heartbeat page, sent on its fd channel before INIT (see _heartbeat).
         self.beats = BeatPage.create(proc.channel)
         self.native: list[_native.NativeDump] | None = None  # py-spy dumps under way
+        # Its argument arena (see _arena), made when a large task is first queued.
+        self.arena: ArgArena | None = None
+        self.arena_refused = False  # making one failed: large arguments take the pipe
 
     # ------------------------------------------------------------ timers
 
@@ -230,22 +236,57 @@ class WorkerHandle:
         self.inflight.append(item)
         if len(self.inflight) == 1 and self.ready_seen:
             self.start_clock(item, now)
-        self.permits += item.task_id.to_bytes(8, "little")
         payload = item.payload
         if type(payload) is bytes:
+            self.permits += item.task_id.to_bytes(8, "little")
             if len(payload) < _JOIN_BELOW:
                 self.queue_frame(proto.frame(proto.TASK, item.task_id, payload))
             else:  # a large payload is not copied: header and payload go out by writev
                 self.queue_frame(proto.HEADER.pack(proto.TASK, item.task_id, len(payload)))
                 self.queue_frame(payload)
-        else:  # arrays and such, written from the caller's memory (see OOBPayload)
+        else:  # arrays and such, from the caller's memory (see OOBPayload)
             assert isinstance(payload, proto.OOBPayload)
-            self.queue_frame(proto.HEADER.pack(proto.TASK_OOB, item.task_id, payload.size))
-            for part in payload.parts:
-                self.queue_frame(part)
+            shm = self._to_arena(item, payload) if payload.size >= proto.SHM_MIN else None
+            if shm is not None:
+                permit, body = shm
+                self.permits += permit
+                self.queue_frame(proto.frame(proto.TASK_SHM, item.task_id, body))
+            else:  # written from where the buffers lie
+                self.permits += item.task_id.to_bytes(8, "little")
+                self.queue_frame(proto.HEADER.pack(proto.TASK_OOB, item.task_id, payload.size))
+                for part in payload.parts:
+                    self.queue_frame(part)
         self.tasks_sent += 1
         if max_tasks is not None and self.tasks_sent >= max_tasks:
             self.retire()
+
+    def _to_arena(self, item: WorkItem, payload: proto.OOBPayload) -> tuple[bytes, bytes] | None:
+        """(the permit, TASK_SHM's payload) for ``item``, its buffers copied into
+        this worker's argument arena (made now if it has none); None: they take the
+        pipe. Only once the worker is READY: see _arena on the heartbeat page's
+        datagram. The permit is the frame's own (see _arena.ArgArena.put), not the
+        task id."""
+        channel = self.proc.channel
+        if channel is None or not self.ready_seen or payload.size > TASK_MAX:
+            return None
+        arena = self.arena
+        if arena is None:
+            if self.arena_refused:
+                return None
+            arena = self.arena = ArgArena.open(channel, payload.size)
+            if arena is None:
+                self.arena_refused = True
+                return None
+        return arena.put(item, payload, self.inflight)
+
+    def arena_kept(self, task_id: int) -> bool:
+        """RETAINED: the running task ``task_id`` kept its arguments' views of the
+        arena, whose region is never written again. False if that is not the
+        running task, or it has no region (the worker broke the protocol)."""
+        head = self.head()
+        if head is None or head.task_id != task_id or self.arena is None:
+            return False
+        return self.arena.retain(head)
 
     def retire(self) -> None:
         """Queue EXIT: it takes no more tasks and exits after those it has."""
@@ -428,6 +469,9 @@ class WorkerHandle:
         self.native = None
         if self.beats is not None:
             self.beats.close()
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
         return escalated, code
 
     def request_stack(self, now: float) -> bool:
