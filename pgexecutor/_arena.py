@@ -23,8 +23,10 @@ owned by the worker's main loop):
 * When the task is over, its outcome encoded (large results already copied out to
   their own memfd, small ones joined into bytes), the worker releases the views. If
   it cannot (the task kept an argument somewhere, or an exception that refers to
-  one outlives the task), it says RETAINED before the outcome: that region stays
-  the worker's for good, and the parent never writes it again.
+  one outlives the task), or the task forked while it held them (the child shares
+  the pages, MAP_SHARED, and may outlive the task), it says RETAINED before the
+  outcome: that region stays the worker's for good, and the parent never writes it
+  again.
 * Otherwise a region is free again once its task left the worker's ``inflight``:
   its outcome arrived (sent after the views were released), or it was taken back
   (its permit was never claimed, so the worker skips it without touching it), or
@@ -216,7 +218,7 @@ class ArenaReader:
     One task at a time: ``_current`` is the region of the task that runs now.
     """
 
-    __slots__ = ("_sock", "_fd", "_map", "_view", "_current", "_slices")
+    __slots__ = ("_sock", "_fd", "_map", "_view", "_current", "_slices", "_forked", "__weakref__")
 
     def __init__(self, sock: Any) -> None:
         self._sock = sock  # the worker's end of its fd channel (an _socket.socket)
@@ -225,6 +227,15 @@ class ArenaReader:
         self._view: memoryview | None = None  # of _map
         self._current = (0, 0)
         self._slices: list[memoryview] = []  # the running task's, under its buffers
+        # A task that forks while it holds its arguments: the child shares the
+        # arena's pages (MAP_SHARED), not a copy-on-write snapshot as with the pipe's
+        # private memory, and may outlive the task still reading or writing them.
+        # Such a region is kept for good (RETAINED), as if the task had kept it.
+        self._forked = False
+        import weakref
+
+        ref = weakref.ref(self)
+        os.register_at_fork(before=lambda: _note_fork(ref))
 
     @staticmethod
     def permit(payload: bytes | bytearray) -> int:
@@ -267,6 +278,10 @@ class ArenaReader:
         hold a buffer until the garbage collector runs: it is run once before a
         region is given up for good.
         """
+        if self._forked:
+            self._forked = False
+            self._slices = []
+            return False
         if not _release_all(buffers, self._slices):
             import gc
 
@@ -328,6 +343,14 @@ class ArenaReader:
                 os.close(fd)
             raise OSError(f"expected the argument arena's memfd, got {msg!r} with {len(fds)} fds")
         return fds[0]
+
+
+def _note_fork(ref: Any) -> None:
+    """At a fork in the worker (os.fork, multiprocessing's fork): if a task holds
+    arguments in the arena now, its region must never be reused (see ArenaReader)."""
+    reader = ref()
+    if reader is not None and reader._slices:
+        reader._forked = True
 
 
 def _release_all(buffers: list[Any], slices: list[memoryview]) -> bool:

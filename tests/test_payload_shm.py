@@ -100,6 +100,25 @@ def crash_once(b: Blob, marker: str) -> str:
     return digest(b.data)
 
 
+def fork_reader(b: Blob, gate: str, out: str) -> str:
+    """Fork a child that reads the argument only after the task returned (once the
+    test opens ``gate``) and writes its digest to ``out``."""
+    pid = os.fork()
+    if pid == 0:  # the child: the worker's own fork, in the worker's group
+        code = 1
+        try:
+            deadline = time.monotonic() + 60
+            while not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with open(out + ".tmp", "w") as f:
+                f.write(digest(b.data))
+            os.rename(out + ".tmp", out)
+            code = 0
+        finally:
+            os._exit(code)
+    return digest(b.data)
+
+
 def sleep(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()
@@ -295,6 +314,26 @@ def test_arguments_a_task_kept_are_never_overwritten():
         others = [blob(2 * MIB, 50 + i) for i in range(6)]
         assert list(ex.map(check, others)) == [digest(b.data) for b in others]
         assert ex.submit(kept_digests).result(timeout=T) == kept
+
+
+@needs_memfd
+def test_a_child_the_task_forked_still_reads_its_arguments_after_the_task(tmp_path):
+    """The arena's pages are shared with a forked child (a pipe's were a private,
+    copy-on-write copy): a task that forks keeps its region for good, so the next
+    task's arguments never land under a child still reading (or writing) it."""
+    gate, out = str(tmp_path / "gate"), str(tmp_path / "out")
+    with ProcessGroupExecutor(1) as ex:
+        ex.submit(sleep, 0.0).result(timeout=T)
+        first = blob(2 * MIB, 1)
+        assert ex.submit(fork_reader, first, gate, out).result(timeout=T) == digest(first.data)
+        others = [blob(2 * MIB, 60 + i) for i in range(4)]
+        assert list(ex.map(check, others)) == [digest(b.data) for b in others]
+        open(gate, "w").close()
+        deadline = time.monotonic() + 60
+        while not os.path.exists(out) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with open(out) as f:
+            assert f.read() == digest(first.data)
 
 
 @needs_memfd
