@@ -25,6 +25,7 @@ from _resource_tasks import gated, meet, noop, touch, wait_path
 from conftest import ROOT, format_survivors, survivors_of
 
 from pgexecutor import ProcessGroupExecutor, _platform
+from pgexecutor._scheduling import PREFETCH_BUDGET
 
 T = 60  # generous bound for anything that should take well under a second
 
@@ -102,7 +103,6 @@ def test_tasks_taken_back_from_two_workers_keep_submission_order(tmp_path):
     level = logger.level
     ex = ProcessGroupExecutor(max_workers=2)
     pids: list[int] = []
-    entered, release = threading.Event(), threading.Event()
     try:
         a, b = str(tmp_path / "a"), str(tmp_path / "b")
         pair = [ex.submit(meet, a, b), ex.submit(meet, b, a)]  # both workers ready
@@ -110,34 +110,37 @@ def test_tasks_taken_back_from_two_workers_keep_submission_order(tmp_path):
         assert list(ex.map(noop, range(200))) == list(range(200))  # tiny: prefetching
         pids = ex.worker_pids()
         assert len(pids) == 2
-        # Hold the manager in a done-callback (run in its thread, its lock held), so
-        # that the five tasks below reach it together and go out in one pass.
-
-        def hold(_f):
-            if threading.current_thread() is not threading.main_thread():
-                entered.set()
-                release.wait(T)
-
-        for _ in range(100):
-            ex.submit(noop, 0).add_done_callback(hold)
-            if entered.wait(0.5):
-                break
-        assert entered.is_set(), "never held the manager"
+        # Hold the manager: its lock is ours, so that it stops short of its next pass
+        # and a submit cannot hand a task out itself (try_dispatch only tries the
+        # lock): the five tasks below reach it together and go out in one pass,
+        # round robin, each worker a long one with tiny ones written behind it.
+        # (A done-callback no longer holds it: callbacks run on the delivery thread,
+        # so the tasks went out as they came, and a worker given its long task alone
+        # had nothing to take back: the test failed about 1 run in 8 under load.)
+        manager_lock = ex._manager._lock
+        assert manager_lock.acquire(timeout=T), "never held the manager"
+        # The map made tasks look tiny, so that tasks are written behind a running
+        # one (Scheduler.depth); but on a loaded machine 200 no-ops can average over
+        # PREFETCH_BUDGET as the manager sees them (then nothing is written behind,
+        # and nothing taken back). Their lock is ours: say they were tiny.
+        ex._manager.scheduler.avg_run = PREFETCH_BUDGET / 100
 
         def resume():
             for pid in pids:
                 os.kill(pid, signal.SIGCONT)
 
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)  # too slow to claim anything: all is taken back
-        handler = _OnTakeBack(2, resume)
-        logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG)
-        marks = [str(tmp_path / f"started-{i}") for i in range(2)]
-        gate = str(tmp_path / "gate")
-        running = [ex.submit(gated, m, gate, "done") for m in marks]
-        queued = [ex.submit(noop, i) for i in range(3)]
-        release.set()
+        try:
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)  # too slow to claim anything: all is taken back
+            handler = _OnTakeBack(2, resume)
+            logger.addHandler(handler)
+            logger.setLevel(logging.DEBUG)
+            marks = [str(tmp_path / f"started-{i}") for i in range(2)]
+            gate = str(tmp_path / "gate")
+            running = [ex.submit(gated, m, gate, "done") for m in marks]
+            queued = [ex.submit(noop, i) for i in range(3)]
+        finally:
+            manager_lock.release()
         assert handler.seen.wait(T), "no pass took tasks back from both workers"
         assert all(wait_path(m) for m in marks)
         ex.shutdown(wait=False, cancel_futures=True)
@@ -146,7 +149,6 @@ def test_tasks_taken_back_from_two_workers_keep_submission_order(tmp_path):
         touch(gate)
         assert [f.result(timeout=T) for f in running] == ["done", "done"]
     finally:
-        release.set()
         logger.setLevel(level)
         for h in list(logger.handlers):
             if isinstance(h, _OnTakeBack):
