@@ -80,7 +80,7 @@ worker handles, ``scheduler``, which lets go only while it sleeps in poll(); the
 ``ledger``/stats, ``pids``,    caller may take it without waiting (``try_dispatch``)
 ``_dump`` (stack-dump pipe),
 ``supervisor`` (learned times),
-``_standby_due``, ``_warmed``
+``_standby_due``
 ``mailbox.inbox``              any thread appends; the manager pops
 ``mailbox.sweep_due``          any thread sets (a cancel); the manager clears
 ``mailbox`` wake/close         ``Mailbox._lock``
@@ -183,7 +183,6 @@ class Manager(ManagerCommands, ManagerDeaths, ManagerApplying, ManagerAnswers, M
         self._refusals_logged: set[tuple[str, int | None]] = set()  # causes of failed starts
         self._next_exit_poll = 0.0  # without pidfds: next look for dead workers
         self._standby_due: float | None = None  # when to ask for the next standby
-        self._warmed = False  # the start's template was asked to begin (warm_start)
         # Workers whose result pipe hit EOF while they owed an answer -> when that
         # becomes a protocol violation (unless their death shows first).
         self._eof_due: dict[WorkerHandle, float] = {}

@@ -13,7 +13,6 @@ import time
 from functools import partial
 from typing import Any
 
-from . import _process as proc_mod
 from . import _protocol as proto
 from ._delivery import Encoded
 from ._manager_base import (
@@ -128,11 +127,6 @@ class ManagerAnswers(ManagerBase):
             if w.state is State.STARTING:
                 w.state = State.READY
             w.ready_seen = True
-            if not self._warmed and not any(
-                o.state is State.STARTING for o in self.workers.values()
-            ):
-                self._warmed = True
-                proc_mod.warm_start(self.cfg.mp_context)
             self.scheduler.start_failures = 0
             if w.inflight and not w.inflight[0].started:
                 # Handed over while the worker started: it begins now.

@@ -95,7 +95,6 @@ class ManagerBase:
     _refusals_logged: set[tuple[str, int | None]]
     _next_exit_poll: float
     _standby_due: float | None
-    _warmed: bool
     _eof_due: dict[WorkerHandle, float]
     _lock: threading.Lock
     _serving: bool

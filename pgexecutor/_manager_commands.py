@@ -12,6 +12,7 @@ from collections import deque
 from concurrent.futures import CancelledError, Future
 from typing import Any
 
+from . import _exit
 from . import _process as proc_mod
 from ._ledger import WorkItem
 from ._mailbox import Command, KillTask, Shutdown, Terminate
@@ -144,7 +145,13 @@ class ManagerCommands(ManagerBase):
         if self.workers:
             return False
         self._close_dump()
-        proc_mod.close_start(self.cfg.mp_context)  # the template, if any, exits now
+        # The pool's work is done: a default start with no template yet begins one
+        # now, for the next executor (it lingers, see _template_pool); not earlier,
+        # where its imports would compete with the pool's tasks for the CPUs, nor
+        # when the program exits (no next executor).
+        if not _exit.interpreter_exiting():
+            proc_mod.warm_start(self.cfg.mp_context)
+        proc_mod.close_start(self.cfg.mp_context)  # the template lingers for the next one
         return True
 
     def _close_dump(self) -> None:

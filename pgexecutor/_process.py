@@ -723,7 +723,7 @@ def _drop_standby(start: TemplateStart) -> None:
 
 
 def warm_start(mp_context: Any) -> None:
-    """The pool's first workers are up: a default start begins its template now
+    """The executor shuts down: a default start with no template begins one now
     (see ``TemplateStart.warm``); other starts have nothing to warm."""
     if isinstance(mp_context, TemplateStart) and mp_context.usable():
         with _spawn_lock:

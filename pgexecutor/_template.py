@@ -671,9 +671,10 @@ class TemplateStart:
         and waited for here. Otherwise a template that is up already (shared with
         another executor, or lingering after one: ``_template_pool``) serves from
         the first worker on; if none is, the pool's first workers start fresh
-        (see ``first_fresh``) and :meth:`warm` starts one once they are up, and
-        until it is ready a fresh worker is as good as a forked one: start it, go
-        on without it, use it once it said it is ready.
+        (see ``first_fresh``), the first replacement starts one (as does the
+        shutdown: :meth:`warm`), and until it is ready a fresh worker is as good
+        as a forked one: start it, go on without it, use it once it said it is
+        ready.
         A template that cannot start (a broken interpreter, say) is given up for
         good, with a warning: the pool runs on fresh interpreters.
         """
@@ -695,9 +696,12 @@ class TemplateStart:
         return None
 
     def warm(self, python: str) -> None:
-        """The pool's first workers are up: start the template now (in the
-        background: nothing waits for it), so that the first replacement, and the
-        next executor's first workers, are forks instead of fresh interpreters."""
+        """The executor shuts down: start the template now if none runs (in the
+        background: nothing waits for it, and it lingers, see ``_template_pool``),
+        so that the next executor's first workers are forks instead of fresh
+        interpreters. Not while the pool works: its imports (a fresh interpreter's
+        start, tens of ms of CPU) would compete with the tasks, and a latency
+        measured then would show it."""
         if self.broken or self.eager:
             return
         template = self.template_for(python)
