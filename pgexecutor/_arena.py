@@ -116,8 +116,6 @@ class ArgArena:
     def open(cls, channel: Any, size: int) -> ArgArena | None:
         """A new arena of ``size`` bytes, its memfd sent to the worker on ``channel``;
         None if any step fails (the tasks then take the pipe)."""
-        import socket
-
         try:
             fd = os.memfd_create("pgexecutor-args", os.MFD_CLOEXEC)
         except OSError:
@@ -127,7 +125,7 @@ class ArgArena:
             os.ftruncate(fd, size)
             # (The mapping keeps a duplicate of the fd: ours is closed below.)
             mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _MAP_POPULATE)
-            channel.sendmsg([TAG], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+            proto.send_fd(channel, TAG, fd)
         except (OSError, ValueError):
             if mapping is not None:
                 mapping.close()
@@ -328,16 +326,11 @@ class ArenaReader:
         import _socket
 
         try:
-            msg, ancillary, _, _ = self._sock.recvmsg(
-                1, _socket.CMSG_SPACE(4), _socket.MSG_DONTWAIT | _socket.MSG_CMSG_CLOEXEC
+            msg, fds = proto.recv_fd_datagram(
+                self._sock, _socket.MSG_DONTWAIT | _socket.MSG_CMSG_CLOEXEC
             )
         except BlockingIOError:
             raise OSError("the argument arena's memfd never arrived") from None
-        fds: list[int] = []
-        for level, kind, data in ancillary:
-            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-                usable = len(data) - len(data) % 4
-                fds.extend(struct.unpack(f"{usable // 4}i", data[:usable]))
         if msg != TAG or len(fds) != 1:
             for fd in fds:
                 os.close(fd)

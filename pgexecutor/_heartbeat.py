@@ -120,14 +120,14 @@ class BeatPage:
         not seen: documented)."""
         if channel is None or not hasattr(os, "memfd_create"):
             return None
-        import socket
+        from ._protocol import send_fd
 
         fd = os.memfd_create("pgexecutor-heartbeat", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, SIZE)
             view, addr = _map_readonly(fd)
             try:
-                channel.sendmsg([_TAG], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+                send_fd(channel, _TAG, fd)
             except OSError:
                 _unmap(addr)
                 return None

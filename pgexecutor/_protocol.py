@@ -233,8 +233,6 @@ def put_in_shm(sock: Any, payload: OOBPayload) -> bytearray:
     maps pages that already exist. The memfd travels before the frame, so it is
     waiting when the parent reads the frame, even if the worker died since.
     """
-    from _socket import SCM_RIGHTS, SOL_SOCKET
-
     offsets, total = shm_offsets([b.nbytes for b in payload.buffers])
     fd = os.memfd_create("pgexecutor-result", os.MFD_CLOEXEC)
     try:
@@ -245,25 +243,40 @@ def put_in_shm(sock: Any, payload: OOBPayload) -> bytearray:
             while done < buf.nbytes:
                 done += os.pwrite(fd, buf[done:], offset + done)
         os.ftruncate(fd, total)
-        sock.sendmsg([b"F"], [(SOL_SOCKET, SCM_RIGHTS, struct.pack("i", fd))])
+        send_fd(sock, b"F", fd)
     finally:
         os.close(fd)
     return payload.head
 
 
-def take_fd(sock: Any) -> int:
-    """Parent side: the next memfd on a worker's fd channel, or -1 if none is there."""
-    import socket
+def send_fd(sock: Any, tag: bytes, fd: int) -> None:
+    """Send ``fd`` (SCM_RIGHTS copies it) in a datagram ``tag`` on an fd channel."""
+    from _socket import SCM_RIGHTS, SOL_SOCKET
 
-    try:
-        _, ancillary, _, _ = sock.recvmsg(1, socket.CMSG_SPACE(struct.calcsize("i")))
-    except OSError:
-        return -1
+    sock.sendmsg([tag], [(SOL_SOCKET, SCM_RIGHTS, struct.pack("i", fd))])
+
+
+def recv_fd_datagram(sock: Any, flags: int = 0) -> tuple[bytes, list[int]]:
+    """The next datagram on an fd channel: its tag and the fds that came with it
+    (the caller owns them). Raises OSError (BlockingIOError: none there, with
+    MSG_DONTWAIT in ``flags``)."""
+    from _socket import CMSG_SPACE, SCM_RIGHTS, SOL_SOCKET
+
+    msg, ancillary, _, _ = sock.recvmsg(1, CMSG_SPACE(struct.calcsize("i")), flags)
     fds: list[int] = []
     for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == SOL_SOCKET and kind == SCM_RIGHTS:
             usable = len(data) - len(data) % 4
             fds.extend(struct.unpack(f"{usable // 4}i", data[:usable]))
+    return msg, fds
+
+
+def take_fd(sock: Any) -> int:
+    """Parent side: the next memfd on a worker's fd channel, or -1 if none is there."""
+    try:
+        _, fds = recv_fd_datagram(sock)
+    except OSError:
+        return -1
     for extra in fds[1:]:
         os.close(extra)
     return fds[0] if fds else -1
