@@ -77,28 +77,26 @@ def give_back(template: Template) -> None:
     key = (template.python, template.preload)
     with _lock:
         entry = _entries.get(key)
-        if entry is None or entry.template is not template:
-            template.close()  # not shared (any more): nobody else can use it
-            return
-        entry.users -= 1
-        if entry.users > 0:
-            return
-        if template.sock is None or template.failed is not None:
+        shared = entry is not None and entry.template is template
+        if shared:
+            assert entry is not None
+            entry.users -= 1
+            if entry.users > 0:
+                return
+            if template.sock is not None and template.failed is None:
+                entry.idle_since = time.monotonic()
+                if _closer is None:
+                    _closer = threading.Thread(
+                        target=_linger, name="pgexecutor-template-linger", daemon=True
+                    )
+                    _closer.start()
+                else:
+                    _wake.notify()
+                return
             del _entries[key]
-            drop = True
-        else:
-            drop = False
-            entry.idle_since = time.monotonic()
-            if _closer is None:
-                _closer = threading.Thread(
-                    target=_linger, name="pgexecutor-template-linger", daemon=True
-                )
-                _closer.start()
-            else:
-                _wake.notify()
-    if drop:
-        template.close()
-        _guardian.close_if_unused()
+    # Never started, its preload failed, or not shared (any more): nobody else can
+    # use it.
+    _close([template])
 
 
 def _linger() -> None:
@@ -138,9 +136,8 @@ def close_idle() -> None:
     """Close every template nobody uses now, at once (at interpreter exit; tests
     call it to check that nothing else of theirs is left)."""
     with _lock:
-        due = [e.template for e in _entries.values() if e.users == 0]
-        for key in [k for k, e in _entries.items() if e.users == 0]:
-            del _entries[key]
+        idle = [key for key, entry in _entries.items() if entry.users == 0]
+        due = [_entries.pop(key).template for key in idle]
     _close(due)
 
 
