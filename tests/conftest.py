@@ -187,6 +187,33 @@ def children_running(pid: int, marker: str) -> list[psutil.Process]:
     return found
 
 
+def running(p: psutil.Process) -> bool:
+    """``p`` (the very process: pid and create time) runs, and is no zombie."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def still_running(procs: list[psutil.Process], within: float = 30.0) -> list[int]:
+    """Wait up to ``within`` s for every one of ``procs`` to end; the pids that did not."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and any(running(p) for p in procs):
+        time.sleep(0.05)
+    return [p.pid for p in procs if running(p)]
+
+
+def kill_driver_and_tracked(drv: subprocess.Popen, procs: list[psutil.Process]) -> None:
+    """Clean-up after a driver-script test: SIGKILL what it reported (ours, checked by
+    pid and create time) if still running, and the driver itself."""
+    for p in procs:
+        if running(p):
+            p.kill()
+    if drv.poll() is None:
+        drv.kill()
+        drv.wait()
+
+
 def alive(pid: int) -> bool:
     """The process exists and is not a zombie (a zombie is dead, only unreaped)."""
     try:

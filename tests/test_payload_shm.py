@@ -10,33 +10,23 @@ context keep the pipe.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import mmap
 import os
-import pickle
 import socket
 import time
+from collections.abc import Iterator
 
 import pytest
+from _oob_blob import Blob
 
 from pgexecutor import ProcessGroupExecutor, WorkerCrashedError, _arena
 from pgexecutor import _protocol as proto
 
 T = 60
 MIB = 1 << 20
-
-
-class Blob:
-    """A buffer that protocol 5 pickles out of band, as it does numpy arrays."""
-
-    def __init__(self, data: bytes | bytearray | memoryview) -> None:
-        self.data = data
-
-    def __reduce_ex__(self, protocol: int):  # type: ignore[no-untyped-def]
-        if protocol >= 5:
-            return (Blob, (pickle.PickleBuffer(self.data),))
-        return (Blob, (bytes(self.data),))
 
 
 def blob(n: int, seed: int) -> Blob:
@@ -150,13 +140,29 @@ def _payload(n: int, seed: int) -> proto.OOBPayload:
     return out
 
 
-@needs_memfd
-def test_regions_in_use_are_never_written_and_freed_ones_are_reused():
+@contextlib.contextmanager
+def arena_pair(size: int) -> Iterator[tuple[_arena.ArgArena, _arena.ArenaReader]]:
+    """A parent's arena of ``size`` bytes and the worker's reader of it, over a
+    socket pair standing for the worker's fd channel; all closed after."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
-        arena = _arena.ArgArena.open(parent, MIB)
+        arena = _arena.ArgArena.open(parent, size)
         assert arena is not None
         reader = _arena.ArenaReader(child)
+        try:
+            yield arena, reader
+        finally:
+            arena.close()
+            if reader._fd >= 0:
+                os.close(reader._fd)
+    finally:
+        parent.close()
+        child.close()
+
+
+@needs_memfd
+def test_regions_in_use_are_never_written_and_freed_ones_are_reused():
+    with arena_pair(MIB) as (arena, reader):
         a, b, c = _Owner(), _Owner(), _Owner()
         live: list[object] = [a]
         msg_a = arena.put(a, _payload(MIB, 1), live)
@@ -195,21 +201,11 @@ def test_regions_in_use_are_never_written_and_freed_ones_are_reused():
         assert start_e != start_a
         # Past ARENA_MAX nothing is placed: the task takes the pipe.
         assert arena._place(_arena.ARENA_MAX + 1) == -1
-        reader_fd = reader._fd
-        arena.close()
-        os.close(reader_fd)
-    finally:
-        parent.close()
-        child.close()
 
 
 @needs_memfd
 def test_the_worker_releases_views_the_task_let_go_and_reports_those_it_kept():
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        arena = _arena.ArgArena.open(parent, MIB)
-        assert arena is not None
-        reader = _arena.ArenaReader(child)
+    with arena_pair(MIB) as (arena, reader):
         live: list[object] = []
 
         def take(seed: int) -> tuple[Blob, list[memoryview]]:
@@ -262,12 +258,6 @@ def test_the_worker_releases_views_the_task_let_go_and_reports_those_it_kept():
             assert reader.finish(views)
         finally:
             gc.enable()
-        reader_fd = reader._fd
-        arena.close()
-        os.close(reader_fd)
-    finally:
-        parent.close()
-        child.close()
 
 
 # ------------------------------------------------------------------ through a pool
@@ -565,11 +555,7 @@ def test_a_large_arena_does_not_stay_mapped_in_the_worker_between_tasks(monkeypa
 
     if large:
         monkeypatch.setattr(_arena, "RESIDENT_MAX", 0)
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        arena = _arena.ArgArena.open(parent, 4 * MIB)
-        assert arena is not None
-        reader = _arena.ArenaReader(child)
+    with arena_pair(4 * MIB) as (arena, reader):
         owner = _Owner()
         placed = arena.put(owner, _payload(4 * MIB, 1), [owner])
         assert placed is not None
@@ -584,9 +570,3 @@ def test_a_large_arena_does_not_stay_mapped_in_the_worker_between_tasks(monkeypa
         assert reader.finish(views)
         left = _rss_of_mapping(addr)
         assert (left < MIB) if large else (left >= 4 * MIB)
-        reader_fd = reader._fd
-        arena.close()
-        os.close(reader_fd)
-    finally:
-        parent.close()
-        child.close()

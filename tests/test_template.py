@@ -14,7 +14,13 @@ import time
 import _template_tasks as tasks
 import psutil
 import pytest
-from conftest import children_running, wait_gone
+from conftest import (
+    children_running,
+    kill_driver_and_tracked,
+    running,
+    still_running,
+    wait_gone,
+)
 
 from pgexecutor import ProcessGroupExecutor, WorkerCrashedError, _platform, spawned_groups
 
@@ -85,7 +91,7 @@ def test_default_start_forks_replacements_from_the_template():
 
 
 def _forked_by(tpl: psutil.Process) -> set[int]:
-    return {c.pid for c in tpl.children() if _running(c)}
+    return {c.pid for c in tpl.children() if running(c)}
 
 
 def _wait_for_standby(tpl: psutil.Process, workers: set[int]) -> int:
@@ -116,7 +122,7 @@ def test_a_replacement_is_the_standby_forked_ahead_and_shutdown_ends_it():
         assert ex.worker_pids() == [standby]
         last = _wait_for_standby(tpl, {standby})  # and the next one is on its way
         last_proc = psutil.Process(last)
-    assert not _running(last_proc)  # shutdown ended the unused standby too
+    assert not running(last_proc)  # shutdown ended the unused standby too
     assert last in spawned_groups()  # so that leak checks see it
 
 
@@ -134,7 +140,7 @@ def test_an_unused_standby_is_dropped_when_the_environment_changed(monkeypatch):
         info = ex.submit(tasks.whoami).result(timeout=60)
         assert info["pid"] != stale.pid
         assert ex.submit(tasks.cwd_and_env, "PGX_TEMPLATE_TEST").result()[1] == "changed"
-        assert not _running(stale)
+        assert not running(stale)
         assert stale.pid not in {c.pid for c in tpl.children()}  # reaped, not a zombie
 
 
@@ -481,21 +487,6 @@ def test_parent_sigkill_leaves_no_template_and_no_worker(tmp_path):
         tracked.append(psutil.Process(standby))
         os.kill(drv.pid, signal.SIGKILL)
         drv.wait(30)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(_running(p) for p in tracked):
-            time.sleep(0.05)
-        assert not [p.pid for p in tracked if _running(p)]
+        assert not still_running(tracked, 30)
     finally:
-        for p in tracked:  # only what the driver reported (ours), by pid + create time
-            if _running(p):
-                p.kill()
-        if drv.poll() is None:
-            drv.kill()
-            drv.wait()
-
-
-def _running(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+        kill_driver_and_tracked(drv, tracked)

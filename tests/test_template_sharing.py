@@ -15,7 +15,12 @@ import time
 import _template_tasks as tasks
 import psutil
 import pytest
-from conftest import children_running, wait_gone
+from conftest import (
+    children_running,
+    kill_driver_and_tracked,
+    still_running,
+    wait_gone,
+)
 
 from pgexecutor import (
     ProcessGroupExecutor,
@@ -174,28 +179,14 @@ def test_a_lingering_template_ends_with_the_program(how):
         if how == "kill":
             os.kill(drv.pid, signal.SIGKILL)
         assert drv.wait(60) == (-signal.SIGKILL if how == "kill" else 0)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(_running(p) for p in tracked):
-            time.sleep(0.05)
-        assert not [p.pid for p in tracked if _running(p)]
+        assert not still_running(tracked, 30)
     finally:
-        for p in tracked:  # only what the driver reported (ours), by pid + create time
-            if _running(p):
-                p.kill()
-        if drv.poll() is None:
-            drv.kill()
-            drv.wait()
+        kill_driver_and_tracked(drv, tracked)
 
 
 def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children()}  # zombies included
 
-
-def _running(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_the_default_start_begins_its_template_at_shutdown_for_the_next_executor(long_linger):

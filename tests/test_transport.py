@@ -8,31 +8,19 @@ None of these may change what a caller sees; these tests pin that down.
 from __future__ import annotations
 
 import os
-import pickle
 import subprocess
 import sys
 import textwrap
 import time
 
 import pytest
+from _oob_blob import Blob
 from conftest import ROOT
 
 from pgexecutor import ProcessGroupExecutor, TaskTimeoutError
 from pgexecutor import _protocol as proto
 
 T = 60
-
-
-class Blob:
-    """A buffer that protocol 5 pickles out of band, as it does numpy arrays."""
-
-    def __init__(self, data: bytes | bytearray | memoryview) -> None:
-        self.data = data
-
-    def __reduce_ex__(self, protocol: int):  # type: ignore[no-untyped-def]
-        if protocol >= 5:
-            return (Blob, (pickle.PickleBuffer(self.data),))
-        return (Blob, (bytes(self.data),))
 
 
 def pattern(n: int, seed: int) -> bytes:
