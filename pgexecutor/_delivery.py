@@ -37,6 +37,10 @@ from typing import Any
 
 from . import _protocol as proto
 from ._future import TaskFuture, end_cancelled
+from ._map_slots import MapSlot
+
+#: What the pool ends: a Future (ours, or an integration's), or a map's slot.
+Ending = Future[Any] | MapSlot
 
 logger = logging.getLogger("pgexecutor")
 
@@ -59,12 +63,12 @@ class Encoded:
 
     __slots__ = ("kind", "payload", "on_failure")
 
-    def __init__(self, kind: int, payload: Any, on_failure: Callable[[Future[Any]], None]) -> None:
+    def __init__(self, kind: int, payload: Any, on_failure: Callable[[Ending], None]) -> None:
         self.kind = kind
         self.payload = payload
         self.on_failure = on_failure
 
-    def decode(self, fut: Future[Any], keep: bool) -> tuple[bool, Any]:
+    def decode(self, fut: Ending, keep: bool) -> tuple[bool, Any]:
         """(True, value) or (False, exception); runs user code. Raises only a
         KeyboardInterrupt that may be the user's Ctrl-C (in the main thread: a reader
         unpickling there); the answer then stays as it is, to be decoded again. With
@@ -77,7 +81,7 @@ class Encoded:
                 ok, value = False, proto.load_exception(payload)
             elif kind == proto.RESULT:
                 if keep:
-                    fut.set_result_bytes(bytes(payload))  # type: ignore[attr-defined]
+                    fut.set_result_bytes(bytes(payload))  # type: ignore[union-attr]  # keep: a TaskFuture
                 ok, value = True, proto.loads(payload)
             else:
                 if kind == proto.RESULT_OOB:
@@ -85,7 +89,7 @@ class Encoded:
                 else:
                     data, buffers = payload.split()  # RESULT_SHM
                 if keep:
-                    fut.set_result_bytes(proto.standalone_pickle(data, buffers))  # type: ignore[attr-defined]
+                    fut.set_result_bytes(proto.standalone_pickle(data, buffers))  # type: ignore[union-attr]
                 ok, value = True, proto.loads(data, buffers)
         except BaseException as exc:  # any exception a hostile __setstate__ raises
             if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
@@ -107,7 +111,7 @@ class Delivery:
     docstring)."""
 
     def __init__(self) -> None:
-        self._jobs: SimpleQueue[tuple[int, Future[Any], Any] | None] = SimpleQueue()
+        self._jobs: SimpleQueue[tuple[int, Ending, Any] | None] = SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="pgexecutor-delivery", daemon=True)
         self.finished = threading.Event()
 
@@ -116,14 +120,14 @@ class Delivery:
     def start(self) -> None:
         self.thread.start()
 
-    def decode(self, fut: Future[Any], outcome: Encoded) -> None:
+    def decode(self, fut: Ending, outcome: Encoded) -> None:
         """End ``fut`` with what ``outcome`` decodes to."""
         self._jobs.put((_DECODE, fut, outcome))
 
-    def fail(self, fut: Future[Any], exc: BaseException) -> None:
+    def fail(self, fut: Ending, exc: BaseException) -> None:
         self._jobs.put((_FAIL, fut, exc))
 
-    def cancel(self, fut: Future[Any], running: bool) -> None:
+    def cancel(self, fut: Ending, running: bool) -> None:
         self._jobs.put((_CANCEL, fut, running))
 
     def close(self) -> None:
@@ -161,9 +165,12 @@ class Delivery:
         finally:
             self.finished.set()
 
-    def _deliver(self, what: int, fut: Future[Any], arg: Any) -> None:
+    def _deliver(self, what: int, fut: Ending, arg: Any) -> None:
         if what == _CANCEL:
-            end_cancelled(fut, running=arg)
+            if isinstance(fut, MapSlot):
+                fut.end_now(None)  # (the ledger ends a slot itself: not reached)
+            else:
+                end_cancelled(fut, running=arg)
             return
         if what == _DECODE:
             if fut.done():  # nobody will read it (an integration's own future)

@@ -19,12 +19,22 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from . import _progress
 from . import _protocol as proto
 from ._settings import UNSET, AutoTimeout, TaskSettings
 from ._worker import run_chunk
+
+
+class LightSubmitter(Protocol):
+    """A map's ``submit`` without a Future per item: ``submit`` returns an object
+    with the part of a Future that map reads (``result``, ``exception``, ``done``,
+    ``cancelled``, ``cancel``); ``flush`` hands over what it holds back."""
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any: ...
+
+    def flush(self) -> None: ...
 
 
 class TaskSubmitter:
@@ -46,6 +56,11 @@ class TaskSubmitter:
         The call is pickled here, in the caller's thread: arguments that do not pickle
         give a future already failed with pickle's own error (the pool goes on)."""
         return self._submit(fn, args, kwargs, self._settings)
+
+    def _slot_submitter(self, settings: TaskSettings) -> LightSubmitter | None:
+        """A map's ``submit`` that keeps no Future per item, or None: futures then
+        (the hook's default; see ``_map_slots``)."""
+        return None
 
     @property
     def task_settings(self) -> TaskSettings:
@@ -118,7 +133,8 @@ class TaskSubmitter:
                 buffersize, journal,
             )
         return map_via(
-            submit, fn, iterables, timeout, chunksize, return_exceptions, progress, buffersize
+            submit, fn, iterables, timeout, chunksize, return_exceptions, progress, buffersize,
+            self._slot_submitter(settings),
         )
 
     def options(
@@ -207,6 +223,9 @@ class ExecutorOptions(TaskSubmitter):
     ) -> Future[Any]:
         return self._executor._submit(fn, args, kwargs, settings)
 
+    def _slot_submitter(self, settings: TaskSettings) -> LightSubmitter | None:
+        return self._executor._slot_submitter(settings)
+
     @property
     def task_timeout(self) -> float | AutoTimeout | None:
         return self._settings.task_timeout
@@ -267,6 +286,10 @@ def check_buffersize(buffersize: Any) -> None:
         raise ValueError("buffersize must be None or > 0")
 
 
+#: Inputs a map reads without delay (see map_via's ``eager``).
+_SEQUENCES = (list, tuple, range)
+
+
 def map_via(
     submit: Callable[[Callable[..., Any], tuple[Any, ...]], Future[Any]],
     fn: Callable[..., Any],
@@ -276,9 +299,13 @@ def map_via(
     return_exceptions: bool,
     progress: Any,
     buffersize: int | None = None,
+    light: LightSubmitter | None = None,
 ) -> Iterator[Any]:
     """``map`` of every executor, on top of its ``submit(fn, args)``: one task per item
     or, with ``chunksize > 1``, one ``run_chunk`` task per chunk.
+
+    With ``light`` (an executor's submit that keeps no Future per item) it submits
+    through that instead, unless a progress bar needs futures (done-callbacks).
 
     Without ``buffersize`` every input is read and submitted before the first result
     is awaited, as ``Executor.map`` does. With it, as in Python 3.14, the first
@@ -294,16 +321,30 @@ def map_via(
     if timeout is not None and math.isinf(timeout) and timeout > 0:
         timeout = None  # waits take no inf; no limit is what it means
     end_time = None if timeout is None else timeout + time.monotonic()
-    args_iter = zip(*iterables, strict=False)
     chunked = chunksize > 1
     jobs: Iterator[tuple[Callable[..., Any], tuple[Any, ...], int]]
-    if chunked:
+    if chunked and len(iterables) == 1:
+        # One iterable: its items themselves are the arguments (run_chunk's star=False).
+        values = iter(iterables[0])
+        chunks = iter(lambda: list(itertools.islice(values, chunksize)), [])
+        jobs = ((run_chunk, (fn, chunk, False), len(chunk)) for chunk in chunks)
+    elif chunked:
+        args_iter = zip(*iterables, strict=False)
         chunks = iter(lambda: list(itertools.islice(args_iter, chunksize)), [])
         jobs = ((run_chunk, (fn, chunk), len(chunk)) for chunk in chunks)
     else:
-        jobs = ((fn, args, 1) for args in args_iter)
+        jobs = ((fn, args, 1) for args in zip(*iterables, strict=False))
+    flush: Callable[[], None] | None = None
+    eager = True  # hand each task over as it is read
+    if light is not None and make_bar is None:
+        submit, flush = light.submit, light.flush
+        # ``light`` may hold tasks back to hand them over in blocks: only while the
+        # inputs are plain sequences, read without delay. An iterator may wait for
+        # what earlier tasks do (a queue they fill), so none of those may be held.
+        eager = buffersize is not None or not all(type(it) in _SEQUENCES for it in iterables)
     # Oldest on the right: the results loop pops there, new tasks go in on the left.
-    fs: deque[Future[Any]] = deque()
+    # Futures, or what ``light`` gives.
+    fs: deque[Any] = deque()
     sizes: deque[int] | None = deque() if chunked else None
     tracker: _progress.Tracker | None = None
 
@@ -314,6 +355,8 @@ def map_via(
             return False
         f, args, size = job
         fut = submit(f, args)
+        if eager and flush is not None:
+            flush()
         fs.appendleft(fut)
         if sizes is not None:
             sizes.appendleft(size)
@@ -324,6 +367,8 @@ def map_via(
     if buffersize is None:
         while submit_next():
             pass
+        if flush is not None:
+            flush()
         if make_bar is not None:
             tracker = _progress.Tracker(
                 make_bar, sum(sizes) if sizes is not None else len(fs), chunked
@@ -338,6 +383,7 @@ def map_via(
             if not submit_next():
                 break
         refill = submit_next
+
     results = _yield_results(fs, end_time, return_exceptions, sizes, refill)
     if tracker is None:
         return results

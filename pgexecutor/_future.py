@@ -61,7 +61,7 @@ _PENDING: Any = object()  # ``_result`` of a future ended by end_encoded, until 
 class Pending(Protocol):
     """An answer not unpickled yet (``_delivery.Encoded``)."""
 
-    def decode(self, fut: Future[Any], keep_bytes: bool) -> tuple[bool, Any]: ...
+    def decode(self, fut: Any, keep_bytes: bool) -> tuple[bool, Any]: ...
 
 
 class TaskFuture(Future[Any]):
@@ -173,14 +173,8 @@ class TaskFuture(Future[Any]):
         return Future.__repr__(self)
 
     def _refuse_self_wait(self, what: str) -> None:
-        """A done-callback (it runs in the executor's delivery thread) that waits for
-        a future that thread has yet to resolve would wait forever: say so instead."""
         if not self.done():
-            raise RuntimeError(
-                f"{what}() of an unfinished future called from a done-callback: callbacks "
-                "run in the executor's thread that resolves futures, which would wait for itself. Wait "
-                "in another thread, or chain with add_done_callback"
-            )
+            refuse_self_wait(what)
 
     def keep_result_bytes(self) -> None:
         """Ask for :meth:`result_bytes`: call before the task ends (at submit)."""
@@ -305,6 +299,17 @@ class TaskFuture(Future[Any]):
         except InvalidStateError:
             if not self.cancelled():
                 raise
+
+
+def refuse_self_wait(what: str) -> None:
+    """A done-callback (it runs in the executor's delivery thread) that waits for a
+    future (or a map's item) that thread has yet to resolve would wait forever: say
+    so instead."""
+    raise RuntimeError(
+        f"{what}() of an unfinished future called from a done-callback: callbacks "
+        "run in the executor's thread that resolves futures, which would wait for itself. Wait "
+        "in another thread, or chain with add_done_callback"
+    )
 
 
 def end_cancelled(fut: Future[Any], running: bool) -> bool:

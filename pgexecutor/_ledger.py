@@ -30,6 +30,7 @@ from typing import Any
 from . import _protocol as proto
 from ._delivery import Delivery, Encoded
 from ._future import TaskFuture
+from ._map_slots import MapSlot
 from ._settings import TaskSettings
 
 logger = logging.getLogger("pgexecutor")
@@ -40,6 +41,10 @@ _task_ids = itertools.count(1)
 #: unpickled from it: kept twice). An out-of-band payload is kept whatever its size:
 #: the value's arrays are views of it, so it costs nothing more.
 RAW_MAX = 1 << 20
+
+#: What the pool may end in its own thread (no user code): our futures, whose
+#: end_encoded / end_now decline when a callback must run, and a map's slots.
+_ENDS_HERE = (TaskFuture, MapSlot)
 
 
 def _kept(item: WorkItem, raw: tuple[int, Any] | None) -> tuple[int, bytes | bytearray] | None:
@@ -102,7 +107,7 @@ class WorkItem:
 
     def __init__(
         self,
-        future: TaskFuture,
+        future: TaskFuture | MapSlot,
         payload: bytes | proto.OOBPayload,
         settings: TaskSettings,
         key: str = "",
@@ -222,7 +227,7 @@ class Ledger:
         # through the delivery thread on the common path (TaskFuture.end_encoded).
         # Not a memfd's result: an unread future would hold the fd open.
         if outcome.kind == proto.RESULT_SHM or not (
-            isinstance(fut, TaskFuture) and fut.end_encoded(outcome, error)
+            isinstance(fut, _ENDS_HERE) and fut.end_encoded(outcome, error)
         ):
             self.delivery.decode(fut, outcome)
 
@@ -241,7 +246,7 @@ class Ledger:
         # An error of ours (timeout, crash, cancel) needs no unpickling: a future
         # without done-callbacks ends here at once, so that it is not queued
         # behind another's slow result or callback.
-        quick = isinstance(fut, TaskFuture)
+        quick = isinstance(fut, _ENDS_HERE)
         if isinstance(exc, CancelledError):
             self._record(item, "cancelled", now)
             if not (quick and fut.end_now(None)):  # type: ignore[attr-defined]

@@ -136,6 +136,7 @@ from ._manager_base import (
     WAKE,
     ManagerConfig,
     manager_failed,
+    queue_work,
 )
 from ._manager_commands import ManagerCommands
 from ._manager_deaths import ManagerDeaths
@@ -211,8 +212,9 @@ class Manager(ManagerCommands, ManagerDeaths, ManagerApplying, ManagerAnswers, M
         self.delivery.start()
         self.thread.start()
 
-    def post(self, msg: WorkItem | Command) -> bool:
-        """Hand the loop ``msg``; False if the manager has ended (see Mailbox.post)."""
+    def post(self, msg: WorkItem | list[WorkItem] | Command) -> bool:
+        """Hand the loop ``msg`` (a task, a block of a map's tasks, or a command);
+        False if the manager has ended (see Mailbox.post)."""
         return self.mailbox.post(msg)
 
     def on_manager_thread(self) -> bool:
@@ -297,7 +299,9 @@ class Manager(ManagerCommands, ManagerDeaths, ManagerApplying, ManagerAnswers, M
         """Tasks posted after the loop's last look (only when it failed: a shutdown
         drains the inbox first, and nothing is posted after it): no worker will run
         them; they fail as the emergency stop's did."""
-        items = [m for m in self.mailbox.leftovers() if type(m) is WorkItem]
+        items: deque[WorkItem] = deque()
+        for msg in self.mailbox.leftovers():
+            queue_work(items, msg)
         if items:
             with self._lock:
                 self.queue.extend(items)
@@ -414,8 +418,7 @@ class Manager(ManagerCommands, ManagerDeaths, ManagerApplying, ManagerAnswers, M
         inbox = self.mailbox.take()
         while inbox:
             msg = inbox.popleft()
-            if type(msg) is WorkItem:
-                self.queue.append(msg)
+            if queue_work(self.queue, msg):
                 continue
             # Tasks submitted before the command are handed out first (to workers
             # started for them, still starting included): a shutdown with

@@ -28,7 +28,7 @@ from ._worker_handle import DumpGate, WorkerHandle
 
 __all__ = [
     "ManagerBase", "ManagerConfig", "EOF_GRACE", "READS_PER_EVENT", "READS_AT_EXIT", "NOT_NEEDED",
-    "WAKE", "RESULT", "PIDFD", "WRITE", "task_id",
+    "WAKE", "RESULT", "PIDFD", "WRITE", "task_id", "queue_work",
 ]
 
 #: A worker's result pipe at EOF while it owes an answer: how long its death may take
@@ -58,6 +58,18 @@ WAKE, RESULT, PIDFD, WRITE = range(4)  # what a polled fd is
 
 def task_id(item: WorkItem) -> int:
     return item.task_id
+
+
+def queue_work(queue: deque[WorkItem], msg: Any) -> bool:
+    """Queue the tasks a mailbox message carries: one WorkItem (``submit``) or a list
+    of them (a block of a map, see ``_map_slots``). False if ``msg`` is a command."""
+    if type(msg) is WorkItem:
+        queue.append(msg)
+        return True
+    if type(msg) is list:
+        queue.extend(msg)
+        return True
+    return False
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,13 @@ from functools import partial
 
 from . import _guardian
 from . import _process as proc_mod
-from ._ledger import WorkItem
 from ._manager_base import (
     FIRST_GROUP_LOOK,
     NOT_NEEDED,
     READS_AT_EXIT,
     ManagerBase,
     manager_failed,
+    queue_work,
 )
 from ._scheduling import MAX_START_FAILURES
 from ._worker_handle import SERVING, State, WorkerHandle
@@ -180,7 +180,5 @@ class ManagerDeaths(ManagerBase):
         proc_mod.close_start(self.cfg.mp_context)
         inbox = self.mailbox.take()
         while inbox:
-            msg = inbox.popleft()
-            if type(msg) is WorkItem:
-                self.queue.append(msg)
+            queue_work(self.queue, inbox.popleft())
         self._fail_queue(manager_failed)

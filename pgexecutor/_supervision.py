@@ -305,7 +305,7 @@ def task_key(fn: Any, args: tuple[Any, ...]) -> tuple[str, int]:
     of argument tuples) is the function mapped, as many times as the chunk is long.
     """
     weight = 1
-    if (fn is run_chunk or fn is run_chunk_timed) and len(args) == 2:
+    if (fn is run_chunk or fn is run_chunk_timed) and len(args) in (2, 3):
         fn, weight = args[0], max(1, len(args[1]))
     while isinstance(fn, functools.partial):
         fn = fn.func

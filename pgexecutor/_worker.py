@@ -524,9 +524,12 @@ def _pickle_chunk_items_apart(out: Any) -> bytes | proto.OOBPayload | None:
 
 
 def run_chunk(
-    fn: Any, chunk: list[tuple[Any, ...]]
+    fn: Any, chunk: list[Any], star: bool = True
 ) -> tuple[list[Any], dict[int, bytes] | None]:
-    """Run ``fn`` over a chunk of argument tuples (``map`` with ``chunksize > 1``).
+    """Run ``fn`` over a chunk of argument tuples (``map`` with ``chunksize > 1``);
+    with ``star=False`` each item is the one argument itself (a map over a single
+    iterable: a chunk of plain values pickles and unpickles several times faster
+    than one of 1-tuples).
 
     Returns ``(values, errors)``: one value per item (None where it raised) and, only
     if some item raised, ``{index: its encoded exception}``. Each item's exception is
@@ -542,7 +545,7 @@ def run_chunk(
     errors: dict[int, bytes] | None = None
     for args in chunk:
         try:
-            values.append(fn(*args))
+            values.append(fn(*args) if star else fn(args))
         except BaseException as exc:
             if _interrupted:
                 raise  # the pool stops this chunk: no further item may start

@@ -22,6 +22,7 @@ import os
 import socket  # noqa: F401
 import sys
 import threading
+import time
 import traceback  # noqa: F401
 import warnings
 import weakref
@@ -40,6 +41,7 @@ from ._future import TaskFuture
 from ._mailbox import KillTask, Shutdown, Terminate
 from ._manager import Manager, ManagerConfig, TaskInfo, WorkItem
 from ._manager_base import manager_failed
+from ._map_slots import MapSlot, SlotGroup, failed_slot
 from ._settings import AutoTimeout, TaskSettings
 from ._supervision import task_key
 from ._template import TemplateStart
@@ -100,6 +102,65 @@ def task_info(future: Future[Any]) -> TaskInfo | None:
     """
     info = getattr(future, "info", None) if isinstance(future, TaskFuture) else None
     return info if isinstance(info, TaskInfo) else getattr(future, "_pgexecutor_info", None)
+
+
+class SlotSubmitter:
+    """``submit`` for one map without a Future per item (see _map_slots): each call
+    pickles its task here, in the caller's thread, and returns the item's slot; the
+    tasks reach the manager in blocks (``post``: the executor's ``_post_block``).
+
+    Blocks grow from one task (the first starts at once, written straight to an idle
+    worker when there is one) to ``MAX_BLOCK``, and a block is never held back for
+    more than ``MAX_HOLD`` seconds, so slow inputs start as they come. ``flush``
+    hands over what is held (map calls it once the inputs are read, and after each
+    task of a map with ``buffersize``).
+    """
+
+    MAX_BLOCK = 256
+    MAX_HOLD = 0.002
+
+    def __init__(
+        self, post: Callable[[list[WorkItem], int], None], group: SlotGroup,
+        settings: TaskSettings,
+    ) -> None:
+        self._post = post
+        self._group = group
+        self._settings = settings
+        self._block: list[WorkItem] = []
+        self._failed = 0  # held items whose arguments did not pickle
+        self._limit = 1
+        self._since = 0.0  # when the oldest held item was read
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> MapSlot:
+        try:
+            payload = proto.dumps_task((fn, args, {}))
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise  # the user's Ctrl-C (see unpicklable_arguments)
+            self._failed += 1
+            return failed_slot(self._group, proto.mark_pickling_fault(exc, proto.PICKLE_ARGUMENTS))
+        slot = MapSlot(self._group)
+        settings = self._settings
+        if settings.auto is None:
+            item = WorkItem(slot, payload, settings)
+        else:  # a learned limit: learned per task function
+            item = WorkItem(slot, payload, settings, *task_key(fn, args))
+        block = self._block
+        block.append(item)
+        now = time.monotonic()
+        if len(block) == 1:
+            self._since = now
+        if len(block) >= self._limit or now - self._since >= self.MAX_HOLD:
+            self.flush()
+        return slot
+
+    def flush(self) -> None:
+        block, failed = self._block, self._failed
+        if not block and not failed:
+            return
+        self._block, self._failed = [], 0
+        self._limit = min(self.MAX_BLOCK, self._limit * 2)
+        self._post(block, failed)
 
 
 class ProcessGroupExecutor(PoolFrontEnd):
@@ -287,6 +348,43 @@ class ProcessGroupExecutor(PoolFrontEnd):
                 self._failed_in_caller += 1
                 fut.set_exception(manager_failed())
             return fut
+
+    def _slot_submitter(self, settings: TaskSettings) -> SlotSubmitter | None:
+        """A map's submit without a Future per item (see _map_slots), unless a future
+        per item is needed: ``cancel_running`` (a running item's cancel stops it) or
+        a journal (``keep_raw``: the answers' bytes stay on the futures)."""
+        if settings.cancel_running or settings.keep_raw:
+            return None
+        manager = self._manager
+        return SlotSubmitter(
+            self._post_block, SlotGroup(manager.mailbox.note_cancel, manager.resolver), settings
+        )
+
+    def _post_block(self, items: list[WorkItem], failed: int) -> None:
+        """Hand the manager a block of a map's tasks (already pickled, in the caller's
+        thread); ``failed``: items whose arguments did not pickle, counted here. One
+        lock and one wake-up per block, not per task. Raises as submit() does if the
+        executor is shut down (the block is not run)."""
+        if self._generation != _exit.fork_generation():
+            self._refuse_if_forked("submit to")
+        with self._shutdown_lock:
+            self._refuse_if_shut_down()
+            if not self._started:
+                self._started = True
+                self._manager.start()
+            self._submitted += len(items) + failed
+            self._failed_in_caller += failed
+            if not items:
+                return
+            manager = self._manager
+            if len(items) == 1:
+                if manager.try_dispatch(items[0]) or manager.post(items[0]):
+                    return
+            elif manager.post(items):
+                return
+            self._failed_in_caller += len(items)  # the manager ended (see _submit)
+            for item in items:
+                item.future.end_now(manager_failed())
 
     def _refuse_if_shut_down(self) -> None:
         if self._shutdown:
