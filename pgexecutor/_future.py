@@ -43,8 +43,8 @@ yet done refuses rather than wait for itself.
   per future. With 20,000 futures alive (a burst of submits) the collector's walks
   over them cost as much as the submits themselves. A TaskFuture sets the same fields
   as ``Future.__init__`` (unchanged from 3.6 to 3.13; a test compares them) with a
-  :class:`FutureCondition` instead: one tracked object, a plain lock, and a list of
-  sleepers made only when a thread waits.
+  :class:`FutureCondition` instead: one tracked object, an RLock (not tracked), and
+  a list of sleepers made only when a thread waits.
 """
 
 from __future__ import annotations
@@ -67,20 +67,22 @@ _PENDING: Any = object()  # ``_result`` of a future ended by end_encoded, until 
 
 
 class FutureCondition:
-    """The part of ``threading.Condition`` a Future uses, on a plain lock: ``with``,
+    """The part of ``threading.Condition`` a Future uses: ``with``,
     ``acquire``/``release`` (``concurrent.futures.wait`` takes every future's),
     ``wait``, ``wait_for``, ``notify``, ``notify_all``.
 
-    A Future never takes its own condition twice (no callback runs under it), so a
-    plain lock does where threading.Condition's default is an RLock. Each waiting
-    thread sleeps on a lock of its own (as in threading.Condition), listed under the
-    condition's lock; the list exists only while someone waits.
+    An RLock, as threading.Condition's default: Future takes it again inside
+    itself (``set_result`` on a finished future formats ``repr(self)``, which takes
+    it, into its InvalidStateError). It never waits while holding it twice, so
+    ``wait`` releases it once. Each waiting thread sleeps on a lock of its own (as
+    in threading.Condition), listed under the condition's lock; the list exists
+    only while someone waits.
     """
 
     __slots__ = ("_lock", "_sleepers")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._sleepers: list[Any] | None = None
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:

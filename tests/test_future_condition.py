@@ -83,7 +83,14 @@ def test_the_condition_on_its_own():
         assert not cond.wait(0) and not cond.wait(0.01)
         assert cond.wait_for(lambda: True, 0) is True
         assert cond.wait_for(lambda: False, 0.01) is False
-    assert cond.acquire(False) and not cond.acquire(False)
+    assert cond.acquire(False)
+    other: list[bool] = []
+    t = threading.Thread(target=lambda: other.append(cond.acquire(False)))
+    t.start()
+    t.join(T)
+    assert other == [False]  # held by this thread
+    assert cond.acquire(False)  # re-entrant, as Future needs (repr inside set_result)
+    cond.release()
     cond.release()
     woken: list[int] = []
 
