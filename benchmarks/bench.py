@@ -47,7 +47,7 @@ if not _pp or REPO_ROOT not in _pp.split(os.pathsep):
     os.environ["PYTHONPATH"] = REPO_ROOT + (os.pathsep + _pp if _pp else "")
 
 from benchmarks import _tasks  # noqa: E402
-from benchmarks._harness import reap_strays, set_subreaper  # noqa: E402
+from benchmarks._harness import compile_sources, reap_strays, set_subreaper  # noqa: E402
 
 N_WORKERS = 2
 PGX_KILL_GRACE = 1.0  # pgexecutor's default kill_grace, made explicit
@@ -823,6 +823,7 @@ def driver_main(args):
         sys.exit("unknown peer(s) %s; choose from %s" % (bad, ",".join(PEER_ORDER)))
     if BASELINE not in peers:
         peers = [BASELINE] + peers  # ratios need the baseline from the same run
+    compile_sources()
     subreaper = set_subreaper()
 
     print("pgexecutor benchmark (%s mode): Python %s on %s, %d CPUs, %d workers per pool"

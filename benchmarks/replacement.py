@@ -82,7 +82,13 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from benchmarks import bench  # noqa: E402  (sets PYTHONPATH for spawned workers too)
-from benchmarks._harness import call_bounded, parse_peers, run_capped, set_subreaper  # noqa: E402
+from benchmarks._harness import (  # noqa: E402
+    call_bounded,
+    compile_sources,
+    parse_peers,
+    run_capped,
+    set_subreaper,
+)
 
 PLAIN, TORCH = "benchmarks._replace_tasks", "benchmarks._torch_tasks"
 WAIT = 60.0  # s: the most any one result may take before the figure is an error
@@ -454,6 +460,7 @@ def run_peer(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], list[
 
 def driver_main(args: argparse.Namespace) -> None:
     peers = parse_peers(args.peers, PEER_ORDER)
+    compile_sources()
     subreaper = set_subreaper()
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, reps={args.reps}, "
           f"start reps={args.start_reps}")

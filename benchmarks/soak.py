@@ -61,7 +61,13 @@ import psutil  # noqa: E402
 
 from benchmarks import _soak_tasks as soak  # noqa: E402
 from benchmarks import bench  # noqa: E402
-from benchmarks._harness import call_bounded, parse_peers, run_capped, set_subreaper  # noqa: E402
+from benchmarks._harness import (  # noqa: E402
+    call_bounded,
+    compile_sources,
+    parse_peers,
+    run_capped,
+    set_subreaper,
+)
 
 WORKERS = 2
 
@@ -189,6 +195,7 @@ def main() -> None:
         run_one(args._one, kinds, args.timeout, ideal, args.stall)
         return
     peers = parse_peers(args.peers, PEER_ORDER)
+    compile_sources()
     subreaper = set_subreaper()
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {WORKERS} workers, "
           f"{args.tasks} tasks, timeout {args.timeout} s, mix {counts}")

@@ -34,7 +34,6 @@ worker did.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -42,8 +41,6 @@ import threading
 import time
 
 from . import _platform
-
-logger = logging.getLogger("pgexecutor")
 
 _MAX_GRACE = 1.0
 _CHILD_FD = 3
@@ -112,7 +109,13 @@ def _send_locked(line: str) -> bool:
         os.write(wfd, line.encode())  # < PIPE_BUF: atomic
         return True
     except OSError as exc:
-        logger.warning("pgexecutor guardian is gone (%s); starting a new one", exc)
+        # logging imported here, not at the top: the guardian process imports this
+        # module too, and logging (re, enum, traceback) was half its start.
+        import logging
+
+        logging.getLogger("pgexecutor").warning(
+            "pgexecutor guardian is gone (%s); starting a new one", exc
+        )
         _close_locked()
         return False
 

@@ -368,7 +368,7 @@ class Template:
             import signal
 
             pid = os.posix_spawn(
-                self.python, [self.python, "-c", code], env,
+                self.python, _process.bootstrap_argv(self.python, code), env,
                 file_actions=actions,
                 setpgroup=0,  # a group of its own: in no worker's, not in ours
                 setsigmask=(),
