@@ -138,3 +138,23 @@ def test_wait_as_completed_and_asyncio_see_task_futures():
         return await asyncio.wrap_future(d)
 
     assert asyncio.run(main()) == "d"
+
+
+def test_ctrl_c_while_waiting_leaves_the_future_usable():
+    """A KeyboardInterrupt in a waiting thread (the user's Ctrl-C) ends that wait only:
+    its sleeper is taken off the list, and a later wait gets the result."""
+    import os
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # even if inherited ignored
+    try:
+        fut = TaskFuture()
+        fut.set_running_or_notify_cancel()
+        threading.Timer(0.05, os.kill, args=(os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            fut.result(T)
+        assert not fut._condition._sleepers
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    threading.Timer(0.05, fut.set_result, args=(3,)).start()
+    assert fut.result(T) == 3
