@@ -775,6 +775,8 @@ TARGETS = [
     ("round trip p50", "ratio", "rt_p50", BASELINE, 0.3),
     ("start to first result, back to back (vs ppe-spawn)", "ratio", "startup_first",
      "ppe-spawn", 0.3),
+    ("start to first result, the program's first pool (vs ppe-spawn)", "ratio",
+     "startup_cold", "ppe-spawn", 0.3),
     ("payload", "speedup", "payload", BASELINE, 6.0),
     ("timeout lateness, Python (sleep)", "ms", "sleep_late", None, 10.0),
     ("timeout lateness, C spin", "ms", "cspin_late", None, 10.0),
