@@ -383,7 +383,6 @@ def map_via(
             if not submit_next():
                 break
         refill = submit_next
-
     results = _yield_results(fs, end_time, return_exceptions, sizes, refill)
     if tracker is None:
         return results

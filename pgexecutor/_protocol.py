@@ -637,11 +637,21 @@ def dumps_task(obj: Any) -> bytes | OOBPayload:
     return _dumps_with_buffers(_cloud_dump, obj)
 
 
+_by_value: Any = None  # cloudpickle's registry, looked up once (see below)
+
+
 def _pickled_by_value_modules() -> Any:
     """cloudpickle's registry of modules pickled by value (a non-empty stand-in if
-    a cloudpickle version keeps it elsewhere: then always cloudpickle)."""
-    inner = getattr(_cloudpickle_module(), "cloudpickle", None)
-    return getattr(inner, "_PICKLE_BY_VALUE_MODULES", True)
+    a cloudpickle version keeps it elsewhere: then always cloudpickle).
+
+    Looked up once: ``register_pickle_by_value`` adds to that very set (and
+    ``unregister`` removes from it), so the reference stays current; this runs in
+    every submit."""
+    global _by_value
+    if _by_value is None:
+        inner = getattr(_cloudpickle_module(), "cloudpickle", None)
+        _by_value = getattr(inner, "_PICKLE_BY_VALUE_MODULES", True)
+    return _by_value
 
 
 def dumps_result(obj: Any) -> bytes | OOBPayload:

@@ -247,3 +247,29 @@ def test_timeout_stack_dump_is_whole():
     assert "sleep_forever" in stack
     # The dump ends with the outermost frame of the worker's main thread.
     assert stack.rstrip().endswith("in <module>"), stack
+
+
+def test_a_module_registered_by_value_after_the_first_submit_travels_by_value():
+    """The registry of modules pickled by value is looked up once and used in every
+    submit: a module registered later (here: one no worker could import) must still
+    make its functions travel by value."""
+    import types
+
+    import cloudpickle
+
+    module = types.ModuleType("pgx_parent_only_module")
+    exec("def triple(x):\n    return 3 * x\n", module.__dict__)
+    sys.modules[module.__name__] = module
+    try:
+        with ProcessGroupExecutor(max_workers=1) as ex:
+            assert ex.submit(abs, -2).result(T) == 2  # the registry is looked up now
+            with pytest.raises(ModuleNotFoundError):  # by reference: no worker has it
+                ex.submit(module.triple, 2).result(T)
+            cloudpickle.register_pickle_by_value(module)
+            try:
+                assert ex.submit(module.triple, 2).result(T) == 6
+                assert list(ex.map(module.triple, [1, 2])) == [3, 6]
+            finally:
+                cloudpickle.unregister_pickle_by_value(module)
+    finally:
+        del sys.modules[module.__name__]
