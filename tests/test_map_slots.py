@@ -279,3 +279,28 @@ def test_a_slot_follows_the_futures_rules():
     assert failed.done() and isinstance(failed.exception(), KeyError)
     with pytest.raises(KeyError):
         failed.result()
+
+
+def test_ctrl_c_while_reading_a_map_cancels_the_rest(tmp_path):
+    """A KeyboardInterrupt in the wait for an item (the user's Ctrl-C) leaves the
+    map: the items still queued are cancelled, never run, and shutdown returns."""
+    import signal
+
+    gate = str(tmp_path / "gate")
+    n = 300
+    paths = [str(tmp_path / f"t{i}") for i in range(n)]
+    ex = ProcessGroupExecutor(max_workers=1)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # even if inherited ignored
+    try:
+        it = ex.map(wait_for_then_touch, [(None, None), (gate, None)] + [(None, p) for p in paths])
+        assert next(it) == "quick"
+        threading.Timer(0.2, os.kill, args=(os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            next(it)  # waits for the gated item
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        open(gate, "w").close()
+        ex.shutdown(wait=True)
+    ran = sum(os.path.exists(p) for p in paths)
+    stats = ex.stats()
+    assert stats["cancelled"] == n - ran >= n - 70, (ran, stats)
