@@ -39,7 +39,9 @@ from . import _protocol as proto
 from ._future import TaskFuture, end_cancelled
 from ._map_slots import MapSlot
 
-#: What the pool ends: a Future (ours, or an integration's), or a map's slot.
+#: What the delivery thread ends: a Future (ours, or an integration's), or a map's
+#: slot whose result came in shared memory (a slot's other endings need no thread:
+#: see the ledger).
 Ending = Future[Any] | MapSlot
 
 logger = logging.getLogger("pgexecutor")
@@ -124,10 +126,10 @@ class Delivery:
         """End ``fut`` with what ``outcome`` decodes to."""
         self._jobs.put((_DECODE, fut, outcome))
 
-    def fail(self, fut: Ending, exc: BaseException) -> None:
+    def fail(self, fut: Future[Any], exc: BaseException) -> None:
         self._jobs.put((_FAIL, fut, exc))
 
-    def cancel(self, fut: Ending, running: bool) -> None:
+    def cancel(self, fut: Future[Any], running: bool) -> None:
         self._jobs.put((_CANCEL, fut, running))
 
     def close(self) -> None:
@@ -167,10 +169,8 @@ class Delivery:
 
     def _deliver(self, what: int, fut: Ending, arg: Any) -> None:
         if what == _CANCEL:
-            if isinstance(fut, MapSlot):
-                fut.end_now(None)  # (the ledger ends a slot itself: not reached)
-            else:
-                end_cancelled(fut, running=arg)
+            assert isinstance(fut, Future)  # (a slot is only ever decoded here)
+            end_cancelled(fut, running=arg)
             return
         if what == _DECODE:
             if fut.done():  # nobody will read it (an integration's own future)

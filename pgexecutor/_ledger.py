@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -250,6 +250,7 @@ class Ledger:
         if isinstance(exc, CancelledError):
             self._record(item, "cancelled", now)
             if not (quick and fut.end_now(None)):  # type: ignore[attr-defined]
+                assert isinstance(fut, Future)  # a slot's end_now never declines
                 self.delivery.cancel(fut, running=item.sent)
             return
         self._record(item, outcome, now)
@@ -258,6 +259,7 @@ class Ledger:
         if not self.hand_over(item, now):
             return  # never handed over, and cancelled by its user just now
         if not (quick and fut.end_now(exc)):  # type: ignore[attr-defined]
+            assert isinstance(fut, Future)  # a slot's end_now never declines
             self.delivery.fail(fut, exc)
 
     def retry_or_fail(self, item: WorkItem, exc: BaseException, outcome: str, now: float) -> bool:
