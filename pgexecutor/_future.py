@@ -181,7 +181,8 @@ class TaskFuture(Future[Any]):
         # comes after the callback's). Compared by ident: result() is on every
         # caller's hot path.
         self._resolver = resolver
-        #: the task's TaskInfo once it ended (pgexecutor.task_info reads it)
+        #: the task's TaskInfo fields once it ended, a tuple (pgexecutor.task_info
+        #: makes the TaskInfo; see Ledger._record)
         self.info: Any = None
         # None: not wanted; b"": wanted, not there (yet); else the result's pickle.
         self._result_bytes: bytes | None = None

@@ -90,7 +90,7 @@ delivery job queue             the manager puts, the delivery thread gets
 ``finished``                   the delivery thread sets it, after the manager ended
                                and every job (future, callback) was done
 ``Stats.unpickle_failed``,     the delivery thread (a result that did not unpickle)
-that task's TaskInfo.outcome
+that task's TaskInfo outcome
 executor ``_shutdown``,        ``ProcessGroupExecutor._shutdown_lock``
 ``_started``, its counts
 guardian registry              ``_guardian._lock``

@@ -76,7 +76,7 @@ class MapSlot:
         self._value: Any = None
         self._error: BaseException | None = None
         self._pending: Pending | None = None  # FINISHED, answer not unpickled yet
-        self.info: Any = None  # the TaskInfo, set by the ledger
+        self.info: Any = None  # the TaskInfo's fields, set by the ledger
         self.raw_outcome = None  # never kept for a slot (journals use futures)
 
     # ------------------------------------------------------------ the reader's side

@@ -101,7 +101,9 @@ def task_info(future: Future[Any]) -> TaskInfo | None:
     not finished yet.
     """
     info = getattr(future, "info", None) if isinstance(future, TaskFuture) else None
-    return info if isinstance(info, TaskInfo) else getattr(future, "_pgexecutor_info", None)
+    if isinstance(info, tuple):  # its fields, as the ledger leaves them
+        return TaskInfo(*info)
+    return getattr(future, "_pgexecutor_info", None)
 
 
 class SlotSubmitter:
