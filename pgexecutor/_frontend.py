@@ -268,12 +268,18 @@ def unpicklable_arguments(exc: BaseException) -> Future[Any]:
     runs (here: a long pickle): it propagates from submit() instead of being kept in
     a future nobody may look at.
     """
-    if isinstance(exc, KeyboardInterrupt):
-        raise exc
     fut: Future[Any] = Future()
     fut.set_running_or_notify_cancel()
-    fut.set_exception(proto.mark_pickling_fault(exc, proto.PICKLE_ARGUMENTS))
+    fut.set_exception(argument_fault(exc))
     return fut
+
+
+def argument_fault(exc: BaseException) -> BaseException:
+    """What pickling a task's arguments raised, marked as that stage's fault; a
+    KeyboardInterrupt is raised again instead (see unpicklable_arguments)."""
+    if isinstance(exc, KeyboardInterrupt):
+        raise exc
+    return proto.mark_pickling_fault(exc, proto.PICKLE_ARGUMENTS)
 
 
 def check_buffersize(buffersize: Any) -> None:

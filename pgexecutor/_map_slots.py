@@ -106,13 +106,7 @@ class MapSlot:
     def result(self, timeout: float | None = None) -> Any:
         """As ``Future.result``: the value, or raise the task's exception,
         CancelledError, or TimeoutError after ``timeout`` seconds."""
-        if self._state < FINISHED:
-            self._wait(timeout, "result")
-        if self._state >= CANCELLED:
-            raise CancelledError()
-        if self._pending is not None:
-            self._decode()
-        error = self._error
+        error = self._settle(timeout, "result")
         if error is not None:
             try:
                 raise error
@@ -122,8 +116,13 @@ class MapSlot:
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """As ``Future.exception``."""
+        return self._settle(timeout, "exception")
+
+    def _settle(self, timeout: float | None, what: str) -> BaseException | None:
+        """Wait until it ended, raise CancelledError if cancelled, unpickle a pending
+        answer; the task's exception, or None (then ``_value`` holds the result)."""
         if self._state < FINISHED:
-            self._wait(timeout, "exception")
+            self._wait(timeout, what)
         if self._state >= CANCELLED:
             raise CancelledError()
         if self._pending is not None:

@@ -36,7 +36,7 @@ import tblib  # noqa: F401  (the manager thread rebuilds tracebacks with it)
 
 from . import _exit, _native, _process, _settings, _template_pool
 from . import _protocol as proto
-from ._frontend import PoolFrontEnd, unpicklable_arguments
+from ._frontend import PoolFrontEnd, argument_fault, unpicklable_arguments
 from ._future import TaskFuture
 from ._mailbox import KillTask, Shutdown, Terminate
 from ._manager import Manager, ManagerConfig, TaskInfo, WorkItem
@@ -106,6 +106,17 @@ def task_info(future: Future[Any]) -> TaskInfo | None:
     return getattr(future, "_pgexecutor_info", None)
 
 
+def work_item(
+    future: TaskFuture | MapSlot, payload: bytes | proto.OOBPayload, settings: TaskSettings,
+    fn: Callable[..., Any], args: tuple[Any, ...],
+) -> WorkItem:
+    """The WorkItem of a pickled call; a learned limit (``task_timeout="auto"``) is
+    learned per task function, so it carries the function's key."""
+    if settings.auto is None:
+        return WorkItem(future, payload, settings)
+    return WorkItem(future, payload, settings, *task_key(fn, args))
+
+
 class SlotSubmitter:
     """``submit`` for one map without a Future per item (see _map_slots): each call
     pickles its task here, in the caller's thread, and returns the item's slot; the
@@ -137,16 +148,11 @@ class SlotSubmitter:
         try:
             payload = proto.dumps_task((fn, args, {}))
         except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt):
-                raise  # the user's Ctrl-C (see unpicklable_arguments)
+            fault = argument_fault(exc)  # (re-raises the user's Ctrl-C)
             self._failed += 1
-            return failed_slot(self._group, proto.mark_pickling_fault(exc, proto.PICKLE_ARGUMENTS))
+            return failed_slot(self._group, fault)
         slot = MapSlot(self._group)
-        settings = self._settings
-        if settings.auto is None:
-            item = WorkItem(slot, payload, settings)
-        else:  # a learned limit: learned per task function
-            item = WorkItem(slot, payload, settings, *task_key(fn, args))
+        item = work_item(slot, payload, self._settings, fn, args)
         block = self._block
         block.append(item)
         now = time.monotonic()
@@ -326,25 +332,16 @@ class ProcessGroupExecutor(PoolFrontEnd):
         except BaseException as exc:
             payload, error = None, exc
         with self._shutdown_lock:
-            self._refuse_if_shut_down()
-            if not self._started:
-                self._started = True
-                self._manager.start()
-            self._submitted += 1
             if payload is None:
-                # Counted apart from the manager's ``failed``: two threads doing += on
-                # one attribute could lose an increment.
-                self._failed_in_caller += 1
+                self._accept_locked(0, 1)
                 assert error is not None
                 return unpicklable_arguments(error)
+            self._accept_locked(1, 0)
             fut = TaskFuture(
                 self._manager.mailbox.note_cancel, self._manager.resolver,
                 self._stop_task if settings.cancel_running else None,
             )
-            if settings.auto is None:
-                item = WorkItem(fut, payload, settings)
-            else:  # a learned limit: learned per task function
-                item = WorkItem(fut, payload, settings, *task_key(fn, args))
+            item = work_item(fut, payload, settings, fn, args)
             if not self._manager.try_dispatch(item) and not self._manager.post(item):
                 # The manager ended (only if its loop failed: see Manager._run).
                 self._failed_in_caller += 1
@@ -370,12 +367,7 @@ class ProcessGroupExecutor(PoolFrontEnd):
         if self._generation != _exit.fork_generation():
             self._refuse_if_forked("submit to")
         with self._shutdown_lock:
-            self._refuse_if_shut_down()
-            if not self._started:
-                self._started = True
-                self._manager.start()
-            self._submitted += len(items) + failed
-            self._failed_in_caller += failed
+            self._accept_locked(len(items), failed)
             if not items:
                 return
             manager = self._manager
@@ -387,6 +379,18 @@ class ProcessGroupExecutor(PoolFrontEnd):
             self._failed_in_caller += len(items)  # the manager ended (see _submit)
             for item in items:
                 item.future.end_now(manager_failed())
+
+    def _accept_locked(self, tasks: int, failed: int) -> None:
+        """Under ``_shutdown_lock``: refuse if shut down, start the manager with the
+        first task, count ``tasks`` submitted and ``failed`` ones whose arguments did
+        not pickle (counted apart from the manager's ``failed``: two threads doing +=
+        on one attribute could lose an increment)."""
+        self._refuse_if_shut_down()
+        if not self._started:
+            self._started = True
+            self._manager.start()
+        self._submitted += tasks + failed
+        self._failed_in_caller += failed
 
     def _refuse_if_shut_down(self) -> None:
         if self._shutdown:
