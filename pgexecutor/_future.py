@@ -66,6 +66,15 @@ from typing import Any, Protocol
 _PENDING: Any = object()  # ``_result`` of a future ended by end_encoded, until unpickled
 
 
+def wait_limit(timeout: float | None) -> float | None:
+    """``timeout`` as a lock's wait takes it: None (no limit) for inf, and for any
+    timeout past ``threading.TIMEOUT_MAX`` (~292 years), which a lock refuses with
+    OverflowError (``Future.result(1e308)`` raises it in the standard library)."""
+    if timeout is not None and timeout >= threading.TIMEOUT_MAX:
+        return None
+    return timeout
+
+
 class FutureCondition:
     """The part of ``threading.Condition`` a Future uses: ``with``,
     ``acquire``/``release`` (``concurrent.futures.wait`` takes every future's),
@@ -100,6 +109,7 @@ class FutureCondition:
     def wait(self, timeout: float | None = None) -> bool:
         """As ``Condition.wait``: release, sleep until notified or ``timeout``
         (<= 0: do not sleep), take the lock again; True if notified."""
+        timeout = wait_limit(timeout)
         sleeper = threading.Lock()
         sleeper.acquire()
         if self._sleepers is None:

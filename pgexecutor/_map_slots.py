@@ -39,7 +39,7 @@ from concurrent.futures import CancelledError, InvalidStateError
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from typing import Any
 
-from ._future import Pending, refuse_self_wait
+from ._future import Pending, refuse_self_wait, wait_limit
 
 # States, ordered: everything from FINISHED on is done.
 PENDING = 0
@@ -139,8 +139,8 @@ class MapSlot:
                 return
             group.waiting_for = self
             try:
-                # Condition.wait takes no inf; wait_for re-checks after every wake-up.
-                ended = group.cond.wait_for(self.done, None if timeout == float("inf") else timeout)
+                # wait_for re-checks after every wake-up.
+                ended = group.cond.wait_for(self.done, wait_limit(timeout))
             finally:
                 group.waiting_for = None
         if not ended:

@@ -158,3 +158,11 @@ def test_ctrl_c_while_waiting_leaves_the_future_usable():
         signal.signal(signal.SIGINT, previous)
     threading.Timer(0.05, fut.set_result, args=(3,)).start()
     assert fut.result(T) == 3
+
+
+def test_a_timeout_past_what_a_lock_takes_means_no_limit():
+    fut = TaskFuture()
+    fut.set_running_or_notify_cancel()
+    threading.Timer(0.05, fut.set_result, args=(4,)).start()
+    assert fut.result(1e308) == 4
+    assert fut.exception(float("inf")) is None

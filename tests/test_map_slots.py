@@ -304,3 +304,18 @@ def test_ctrl_c_while_reading_a_map_cancels_the_rest(tmp_path):
     ran = sum(os.path.exists(p) for p in paths)
     stats = ex.stats()
     assert stats["cancelled"] == n - ran >= n - 70, (ran, stats)
+
+
+def test_timeouts_of_every_size_in_a_map():
+    """0 and negative: the first unfinished item times out; nan as 0 (as before);
+    inf, None and timeouts no lock takes (1e308: OverflowError in a lock's wait)
+    mean no limit."""
+    from concurrent.futures import TimeoutError as FuturesTimeoutError
+
+    with ProcessGroupExecutor(max_workers=2) as ex:
+        for timeout in (0, -1, float("nan")):
+            with pytest.raises(FuturesTimeoutError):
+                list(ex.map(time.sleep, [0.5], timeout=timeout))
+        for timeout in (float("inf"), None, 1e308, 10.0 ** 10):
+            assert list(ex.map(square, [3, 4], timeout=timeout)) == [9, 16]
+            assert list(ex.map(square, [3, 4], timeout=timeout, chunksize=2)) == [9, 16]
