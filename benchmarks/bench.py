@@ -52,18 +52,21 @@ from benchmarks._harness import compile_sources, reap_strays, set_subreaper  # n
 N_WORKERS = 2
 PGX_KILL_GRACE = 1.0  # pgexecutor's default kill_grace, made explicit
 BASELINE = "ppe-fork"
+FLOOR = "pipe-floor"  # not a pool: what a round trip costs with no pool at all
 
 CONFIGS = {
     "full": dict(tiny=20000, roundtrips=2000, rt_warmup=200, arrays=50, array_mib=8,
-                 reps=3, startup_reps=6, timeout_reps=3, timeout=0.5, cap=10.0,
+                 reps=2, rounds=3, startup_reps=3, timeout_reps=3, timeout=0.5, cap=10.0,
                  linger=1.0, hang_guard=240.0),
     "quick": dict(tiny=2000, roundtrips=200, rt_warmup=50, arrays=10, array_mib=8,
-                  reps=3, startup_reps=4, timeout_reps=1, timeout=0.5, cap=4.5,
+                  reps=3, rounds=1, startup_reps=4, timeout_reps=1, timeout=0.5, cap=4.5,
                   linger=1.0, hang_guard=45.0),
 }
 
 SCENARIOS = ["startup", "submit", "map1", "map64", "roundtrip", "payload",
              "timeout_sleep", "timeout_cspin"]
+#: Scenarios every round runs (see driver_main); the others run in the first only.
+ROUND_SCENARIOS = frozenset({"startup", "submit", "map1", "map64", "roundtrip", "payload"})
 
 
 def _dist_version(*names):
@@ -88,6 +91,7 @@ class Peer:
     name = "?"
     desc = "?"
     supports_timeout = False
+    only: frozenset[str] | None = None  # the scenarios it can run, if not all
 
     def check(self):
         """Import what is needed; return a version string (raise ImportError if missing)."""
@@ -294,6 +298,84 @@ class MpPoolPeer(Peer):
         self.pool.join()
 
 
+class PipeFloorPeer(Peer):
+    """No pool: the least any process pool must do for one round trip, as a
+    reference. A child forked from this (single-threaded) benchmark process reads a
+    pickled call from a pipe, runs it and writes its pickled result back; the
+    parent writes and then blocks reading. No manager, no future, no thread hand-off,
+    no supervision: two process wake-ups and four pickle operations, in Python.
+    Only the round trip runs (every other scenario needs a pool)."""
+    name = "pipe-floor"
+    desc = "no pool: a forked child answering pickled calls over a pipe (round trip only)"
+    only = frozenset({"roundtrip"})
+
+    def check(self):
+        return platform.python_version()
+
+    def start(self, n):
+        import pickle
+        import struct
+        self._pickle = pickle
+        self._head = struct.Struct("<I")
+        self.children = []
+        for _ in range(n):
+            down_r, down_w = os.pipe()
+            up_r, up_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: answer until the pipe closes
+                os.close(down_w)
+                os.close(up_r)
+                for _pid, w, r in self.children:  # the earlier children's ends: their EOF
+                    os.close(w)
+                    os.close(r)
+                self._serve(down_r, up_w)
+                os._exit(0)
+            os.close(down_r)
+            os.close(up_w)
+            self.children.append((pid, down_w, up_r))
+
+    def _serve(self, rfd, wfd):
+        head, pickle = self._head, self._pickle
+        while True:
+            data = self._read_frame(rfd)
+            if data is None:
+                return
+            fn, args = pickle.loads(data)
+            out = pickle.dumps(fn(*args), 5)
+            os.write(wfd, head.pack(len(out)) + out)
+
+    def _read_frame(self, fd):
+        data = os.read(fd, 1 << 16)
+        if not data:
+            return None
+        (size,) = self._head.unpack_from(data)
+        while len(data) < size + 4:
+            more = os.read(fd, 1 << 16)
+            if not more:
+                return None
+            data += more
+        return data[4:]
+
+    def _call(self, child, fn, args):
+        _pid, wfd, rfd = child
+        data = self._pickle.dumps((fn, args), 5)
+        os.write(wfd, self._head.pack(len(data)) + data)
+        return self._pickle.loads(self._read_frame(rfd))
+
+    def roundtrip(self, fn, arg):
+        return self._call(self.children[0], fn, (arg,))
+
+    def warm(self, n):
+        return {self._call(c, _tasks.sleep_pid, (0.0,)) for c in self.children}
+
+    def shutdown(self):
+        for pid, wfd, rfd in self.children:
+            os.close(wfd)  # the child reads EOF and exits
+            os.close(rfd)
+            os.waitpid(pid, 0)
+        self.children = []
+
+
 class DeadpoolPeer(PPEPeer):
     """Not in bench.py's own runs (replacement.py and soak.py use it)."""
     supports_timeout = True
@@ -318,10 +400,12 @@ class DeadpoolPeer(PPEPeer):
 
 def make_peers():
     return {p.name: p for p in [PgExecutorPeer(), PPEPeer("fork"), PPEPeer("spawn"),
-                                LokyPeer(), PebblePeer(), MpirePeer(), MpPoolPeer()]}
+                                LokyPeer(), PebblePeer(), MpirePeer(), MpPoolPeer(),
+                                PipeFloorPeer()]}
 
 
-PEER_ORDER = ["pgexecutor", "ppe-fork", "ppe-spawn", "loky", "pebble", "mpire", "mp-pool-fork"]
+PEER_ORDER = ["pgexecutor", "ppe-fork", "ppe-spawn", "loky", "pebble", "mpire", "mp-pool-fork",
+              "pipe-floor"]
 
 
 # --------------------------------------------------------------------------
@@ -330,6 +414,10 @@ PEER_ORDER = ["pgexecutor", "ppe-fork", "ppe-spawn", "loky", "pebble", "mpire", 
 
 class Skip(Exception):
     pass
+
+
+NO_TIMEOUT = "no per-task timeout"
+NOT_A_POOL = "not a pool: round trip only"
 
 
 def _ms(dt):
@@ -575,7 +663,7 @@ HUNG_SHUTDOWN = []
 
 def _timeout_scenario(peer, cfg, kind, fn):
     if not peer.supports_timeout:
-        raise Skip("no per-task timeout")
+        raise Skip(NO_TIMEOUT)
     import psutil  # noqa: F401  (required)
     late, wgone, ggone, notes = [], [], [], []
     tmpdir = tempfile.mkdtemp(prefix="pgx-bench-")
@@ -682,6 +770,8 @@ def child_main(args):
         dump.flush()
         faulthandler.dump_traceback_later(cfg["hang_guard"], exit=True, file=dump)
         try:
+            if peer.only is not None and sc not in peer.only:
+                raise Skip(NOT_A_POOL)
             metrics, notes = SCENARIO_FUNCS[sc](peer, cfg)
             rec["metrics"] = {k: {"unit": u, "samples": s} for k, (u, s) in metrics.items()}
             rec["notes"] = notes
@@ -809,7 +899,107 @@ def _target_rows(table, ratio, scenarios):
             if base != BASELINE:
                 target += " of " + base
         out.append((label, target, measured, "yes" if ok else "**no**"))
+        if key == "rt_p50":
+            floor = ratio(FLOOR, key, base)
+            if floor is not None:
+                # What the target asks measured against what no pool can beat.
+                out.append(("round trip p50 of %s (no pool: the floor)" % FLOOR,
+                            "(reference)", "%.2fx" % floor, "-"))
     return out
+
+
+def _run_peer(name, scenarios, cfg, quick, notes):
+    """Run ``scenarios`` for one peer in children of its own (a new one after a
+    scenario that hung or killed its child); ``(info, results)`` of the peer."""
+    remaining = list(scenarios)
+    results = {}
+    info = None
+    hangs = 0
+    while remaining:
+        fd, out = tempfile.mkstemp(prefix="pgx-bench-", suffix=".jsonl")
+        os.close(fd)
+        fd, dump = tempfile.mkstemp(prefix="pgx-bench-", suffix=".dump")
+        os.close(fd)
+        cmd = [sys.executable, os.path.abspath(__file__), "--_child", name,
+               "--_scenarios", ",".join(remaining), "--_out", out, "--_dump", dump]
+        if quick:
+            cmd.append("--quick")
+        backstop = cfg["hang_guard"] * len(remaining) + 60
+        try:
+            rc = subprocess.run(cmd, timeout=backstop).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        strays = reap_strays(cfg["linger"])
+        if strays:
+            notes.append("%s: driver killed %d process(es) still running %.1f s after its "
+                         "child exited: %s" % (name, len(strays), cfg["linger"],
+                                               "; ".join(strays)))
+        with open(out) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        with open(dump) as f:
+            dump_text = f.read()
+        os.unlink(out)
+        os.unlink(dump)
+        if not lines:
+            notes.append("%s: child produced nothing (rc=%s)" % (name, rc))
+            break
+        head = lines[0]
+        if not head["available"]:
+            info = {"available": False, "note": head["note"]}
+            notes.append("%s: SKIPPED, %s" % (name, head["note"]))
+            if name == "pgexecutor" and head.get("traceback"):
+                notes.append("pgexecutor import traceback:\n" + head["traceback"].rstrip())
+            remaining = []
+            break
+        info = {"available": True, "version": head["version"], "desc": head["desc"]}
+        for rec in lines[1:]:
+            sc = rec["scenario"]
+            remaining.remove(sc)
+            if rec["skipped"]:
+                if rec["skipped"] not in (NO_TIMEOUT, NOT_A_POOL):
+                    notes.append("%s %s: skipped (%s)" % (name, sc, rec["skipped"]))
+                results[sc] = {"skipped": rec["skipped"]}
+                continue
+            if rec["error"]:
+                notes.append("%s %s: ERROR %s" % (name, sc, rec["error"]))
+                if name == "pgexecutor":
+                    notes.append("traceback:\n" + rec.get("traceback", "").rstrip())
+                results[sc] = {"error": rec["error"], "traceback": rec.get("traceback")}
+            for k, m in rec["metrics"].items():
+                results[k] = m
+            for n in rec["notes"]:
+                notes.append("%s %s: %s" % (name, sc, n))
+        if remaining and rc != 0:
+            sys.stderr.write(" child died (rc=%s)\n" % rc)
+            hangs += 1
+            sc = remaining.pop(0)
+            err = "child died (rc=%s) during %s" % (rc, sc)
+            if dump_text.startswith("hang guard"):
+                err = dump_text.splitlines()[0]
+            notes.append("%s %s: ERROR %s" % (name, sc, err))
+            if dump_text.strip():
+                notes.append("stack at cutoff:\n" + "\n".join(dump_text.splitlines()[:40]))
+            results[sc] = {"error": err, "dump": dump_text}
+            if hangs >= 2 and remaining:
+                notes.append("%s: two scenarios died/hung, not run: %s"
+                             % (name, ",".join(remaining)))
+                for sc in remaining:
+                    results[sc] = {"error": "not run"}
+                remaining = []
+        elif remaining:
+            notes.append("%s: child exited early, not run: %s" % (name, ",".join(remaining)))
+            break
+    return info, results
+
+
+def _merge(into, more):
+    """Add one round's results of a peer to those of the rounds before: samples
+    are appended; an error or a skip stays as first seen."""
+    for k, v in more.items():
+        if k in into and "samples" in into[k] and "samples" in v:
+            into[k]["samples"].extend(v["samples"])
+        elif k not in into:
+            into[k] = v
 
 
 def driver_main(args):
@@ -834,85 +1024,26 @@ def driver_main(args):
     sys.stdout.flush()
     t_run = time.perf_counter()
     results, info, notes = {}, {}, []
-    for name in peers:
-        remaining = list(scenarios)
-        results[name] = {}
-        hangs = 0
-        sys.stderr.write("%s:\n" % name)
-        while remaining:
-            fd, out = tempfile.mkstemp(prefix="pgx-bench-", suffix=".jsonl")
-            os.close(fd)
-            fd, dump = tempfile.mkstemp(prefix="pgx-bench-", suffix=".dump")
-            os.close(fd)
-            cmd = [sys.executable, os.path.abspath(__file__), "--_child", name,
-                   "--_scenarios", ",".join(remaining), "--_out", out, "--_dump", dump]
-            if args.quick:
-                cmd.append("--quick")
-            backstop = cfg["hang_guard"] * len(remaining) + 60
-            try:
-                rc = subprocess.run(cmd, timeout=backstop).returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-            strays = reap_strays(cfg["linger"])
-            if strays:
-                notes.append("%s: driver killed %d process(es) still running %.1f s after its "
-                             "child exited: %s" % (name, len(strays), cfg["linger"],
-                                                   "; ".join(strays)))
-            with open(out) as f:
-                lines = [json.loads(line) for line in f if line.strip()]
-            with open(dump) as f:
-                dump_text = f.read()
-            os.unlink(out)
-            os.unlink(dump)
-            if not lines:
-                notes.append("%s: child produced nothing (rc=%s)" % (name, rc))
-                break
-            head = lines[0]
-            if not head["available"]:
-                info[name] = {"available": False, "note": head["note"]}
-                notes.append("%s: SKIPPED, %s" % (name, head["note"]))
-                if name == "pgexecutor" and head.get("traceback"):
-                    notes.append("pgexecutor import traceback:\n" + head["traceback"].rstrip())
-                remaining = []
-                break
-            info[name] = {"available": True, "version": head["version"], "desc": head["desc"]}
-            for rec in lines[1:]:
-                sc = rec["scenario"]
-                remaining.remove(sc)
-                if rec["skipped"]:
-                    if rec["skipped"] != "no per-task timeout":
-                        notes.append("%s %s: skipped (%s)" % (name, sc, rec["skipped"]))
-                    results[name][sc] = {"skipped": rec["skipped"]}
-                    continue
-                if rec["error"]:
-                    notes.append("%s %s: ERROR %s" % (name, sc, rec["error"]))
-                    if name == "pgexecutor":
-                        notes.append("traceback:\n" + rec.get("traceback", "").rstrip())
-                    results[name][sc] = {"error": rec["error"], "traceback": rec.get("traceback")}
-                for k, m in rec["metrics"].items():
-                    results[name][k] = m
-                for n in rec["notes"]:
-                    notes.append("%s %s: %s" % (name, sc, n))
-            if remaining and rc != 0:
-                sys.stderr.write(" child died (rc=%s)\n" % rc)
-                hangs += 1
-                sc = remaining.pop(0)
-                err = "child died (rc=%s) during %s" % (rc, sc)
-                if dump_text.startswith("hang guard"):
-                    err = dump_text.splitlines()[0]
-                notes.append("%s %s: ERROR %s" % (name, sc, err))
-                if dump_text.strip():
-                    notes.append("stack at cutoff:\n" + "\n".join(dump_text.splitlines()[:40]))
-                results[name][sc] = {"error": err, "dump": dump_text}
-                if hangs >= 2 and remaining:
-                    notes.append("%s: two scenarios died/hung, not run: %s"
-                                 % (name, ",".join(remaining)))
-                    for sc in remaining:
-                        results[name][sc] = {"error": "not run"}
-                    remaining = []
-            elif remaining:
-                notes.append("%s: child exited early, not run: %s" % (name, ",".join(remaining)))
-                break
+    rounds = args.rounds if args.rounds is not None else cfg["rounds"]
+    if rounds < 1:
+        sys.exit("--rounds must be at least 1")
+    for rnd in range(rounds):
+        # Peers take turns, a different one first each round, so that a slow spell
+        # of this machine does not fall on one peer's figures only.
+        order = peers[rnd % len(peers):] + peers[:rnd % len(peers)]
+        # The timeout scenarios measure lateness against a fixed bound, not against
+        # a peer, and take long: the first round runs them.
+        todo = [sc for sc in scenarios if rnd == 0 or sc in ROUND_SCENARIOS]
+        if not todo:
+            break
+        for name in order:
+            if info.get(name, {}).get("available") is False:
+                continue
+            sys.stderr.write("%s (round %d of %d):\n" % (name, rnd + 1, rounds))
+            peer_info, peer_results = _run_peer(name, todo, cfg, args.quick, notes)
+            if peer_info is not None and name not in info:
+                info[name] = peer_info
+            _merge(results.setdefault(name, {}), peer_results)
     elapsed = time.perf_counter() - t_run
 
     # ---- tables ------------------------------------------------------------
@@ -931,7 +1062,7 @@ def driver_main(args):
         if sc in r and "error" in r[sc]:
             return "ERR", None
         if sc in r and "skipped" in r[sc]:
-            return ("n/a" if r[sc]["skipped"] == "no per-task timeout" else "skip"), None
+            return ("n/a" if r[sc]["skipped"] in (NO_TIMEOUT, NOT_A_POOL) else "skip"), None
         return "-", None
 
     table = {(p, k): cell(p, k, sc) for p in shown for k, _, sc in rows}
@@ -947,7 +1078,7 @@ def driver_main(args):
     print()
     print("### Absolute figures")
     print()
-    print("Median of repetitions; ms unless noted; lower is better.")
+    print("Median of all repetitions of %d round(s); ms unless noted; lower is better." % rounds)
     print()
     print(_md_row(["figure"] + shown, header=True))
     for k, _, _ in rows:
@@ -1014,6 +1145,8 @@ def main(argv=None):
                     help="scenarios to run: " + ",".join(SCENARIOS))
     ap.add_argument("--peers", metavar="NAME,...",
                     help="peers to run (%s is always added): %s" % (BASELINE, ",".join(PEER_ORDER)))
+    ap.add_argument("--rounds", type=int, metavar="N",
+                    help="run every peer N times in turn, samples pooled (default: 3, --quick 1)")
     ap.add_argument("--json", metavar="OUT", help="also write all samples to this JSON file")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     ap.add_argument("--_scenarios", help=argparse.SUPPRESS)
