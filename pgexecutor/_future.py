@@ -39,16 +39,19 @@ yet done refuses rather than wait for itself.
   case costs no hop through the delivery thread either. A result that then fails to
   unpickle fails the future from that moment (as it would have at once).
 * **A lighter condition.** ``Future.__init__`` builds a ``threading.Condition``: an
-  RLock, a deque and five bound methods, seven objects the garbage collector tracks,
-  per future. With 20,000 futures alive (a burst of submits) the collector's walks
-  over them cost as much as the submits themselves. A TaskFuture sets the same fields
-  as ``Future.__init__`` (unchanged from 3.6 to 3.13; a test compares them) with a
-  :class:`FutureCondition` instead: one tracked object, an RLock (not tracked), and
-  a list of sleepers made only when a thread waits.
+  RLock, a deque and five bound methods, and two lists, nine objects the garbage
+  collector tracks, per future. With 20,000 futures alive (a burst of submits) the
+  collector's walks over them cost as much as the submits themselves. A TaskFuture
+  sets the same fields as ``Future.__init__`` (unchanged from 3.6 to 3.13; a test
+  compares them) with a :class:`FutureCondition` instead: one tracked object (the
+  RLock itself, subclassed), with a list of sleepers made only when a thread waits;
+  and the waiters' and done-callbacks' lists are made only when ``wait()``,
+  ``as_completed()`` or ``add_done_callback`` need them.
 """
 
 from __future__ import annotations
 
+import _thread
 import threading
 from _thread import get_ident
 from collections.abc import Callable
@@ -75,36 +78,26 @@ def wait_limit(timeout: float | None) -> float | None:
     return timeout
 
 
-class FutureCondition:
+class FutureCondition(_thread.RLock):  # type: ignore[misc]
     """The part of ``threading.Condition`` a Future uses: ``with``,
     ``acquire``/``release`` (``concurrent.futures.wait`` takes every future's),
     ``wait``, ``wait_for``, ``notify``, ``notify_all``.
 
-    An RLock, as threading.Condition's default: Future takes it again inside
-    itself (``set_result`` on a finished future formats ``repr(self)``, which takes
-    it, into its InvalidStateError). It never waits while holding it twice, so
-    ``wait`` releases it once. Each waiting thread sleeps on a lock of its own (as
-    in threading.Condition), listed under the condition's lock; the list exists
-    only while someone waits.
+    It *is* the RLock (the C type ``threading.RLock()`` makes, subclassed): one
+    object for the collector instead of a wrapper and its lock, and ``with``,
+    ``acquire`` and ``release`` are the lock's own C methods, no Python call
+    between. An RLock, as threading.Condition's default: Future takes it again
+    inside itself (``set_result`` on a finished future formats ``repr(self)``,
+    which takes it, into its InvalidStateError). It never waits while holding it
+    twice, so ``wait`` releases it once. Each waiting thread sleeps on a lock of
+    its own (as in threading.Condition), listed under the condition's lock; the
+    list exists only while someone waits.
     """
 
-    __slots__ = ("_lock", "_sleepers")
+    __slots__ = ("_sleepers",)
 
     def __init__(self) -> None:
-        self._lock = threading.RLock()
         self._sleepers: list[Any] | None = None
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        return self._lock.acquire(blocking, timeout)
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def __enter__(self) -> bool:
-        return self._lock.acquire()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._lock.release()
 
     def wait(self, timeout: float | None = None) -> bool:
         """As ``Condition.wait``: release, sleep until notified or ``timeout``
@@ -115,7 +108,7 @@ class FutureCondition:
         if self._sleepers is None:
             self._sleepers = []
         self._sleepers.append(sleeper)
-        self._lock.release()
+        self.release()
         woken = False
         try:
             if timeout is None:
@@ -126,7 +119,7 @@ class FutureCondition:
                 woken = sleeper.acquire(False)
             return woken
         finally:
-            self._lock.acquire()
+            self.acquire()
             if not woken and self._sleepers is not None:
                 try:
                     self._sleepers.remove(sleeper)
@@ -170,6 +163,10 @@ class Pending(Protocol):
 class TaskFuture(Future[Any]):
     """A ``Future`` whose cancellation reaches the pool (see the module docstring)."""
 
+    #: Future's list of done-callbacks; empty and shared until the first is added
+    #: (add_done_callback makes the future's own list, under ``_condition``).
+    _done_callbacks: Any = ()
+
     def __init__(
         self,
         on_cancel: Callable[[], None] | None = None,
@@ -181,8 +178,9 @@ class TaskFuture(Future[Any]):
         self._state = PENDING
         self._result = None
         self._exception = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Callable[[Future[Any]], object]] = []
+        # Future.__init__'s two lists are made on first use (see _waiters and
+        # add_done_callback): most futures never have a waiter or a callback.
+        self._waiter_list: list[Any] | None = None
         self._on_cancel = on_cancel
         # cancel_running=True: how cancel() has the pool stop this task once it runs
         self._stop = stop
@@ -207,6 +205,28 @@ class TaskFuture(Future[Any]):
         #: bytes: exactly what the task returned, never re-pickled from an object
         #: the caller may have changed.
         self.raw_outcome: tuple[int, bytes | bytearray] | None = None
+
+    @property
+    def _waiters(self) -> list[Any]:  # type: ignore[override]
+        """Future's list of ``wait()`` / ``as_completed()`` waiters, which append to it
+        and remove from it under ``_condition`` (as do Future's own methods): made
+        then. This class's own methods read ``_waiter_list`` and make none."""
+        waiters = self._waiter_list
+        if waiters is None:
+            waiters = self._waiter_list = []
+        return waiters
+
+    @_waiters.setter
+    def _waiters(self, waiters: list[Any]) -> None:
+        self._waiter_list = waiters
+
+    def add_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:
+        """``Future.add_done_callback``, with this future's own list made first."""
+        if type(self._done_callbacks) is tuple:
+            with self._condition:
+                if type(self._done_callbacks) is tuple:
+                    self._done_callbacks = []
+        Future.add_done_callback(self, fn)
 
     def result(self, timeout: float | None = None) -> Any:
         resolver = self._resolver
@@ -240,7 +260,7 @@ class TaskFuture(Future[Any]):
         with self._condition:
             if self._done_callbacks or self._state != RUNNING:  # type: ignore[attr-defined, has-type]
                 return False
-            waiters = self._waiters
+            waiters = self._waiter_list or ()
             if waiters and not error and any(
                 type(w) is _AllCompletedWaiter and w.stop_on_exception for w in waiters
             ):
@@ -346,7 +366,7 @@ class TaskFuture(Future[Any]):
             if self._state != RUNNING:
                 return False
             self._state = CANCELLED_AND_NOTIFIED
-            for waiter in self._waiters:
+            for waiter in self._waiter_list or ():
                 waiter.add_cancelled(self)
             self._condition.notify_all()
         return True
@@ -370,14 +390,14 @@ class TaskFuture(Future[Any]):
                 return True
             if exc is None:
                 self._state = CANCELLED_AND_NOTIFIED
-                for waiter in self._waiters:
+                for waiter in self._waiter_list or ():
                     waiter.add_cancelled(self)
             else:
                 if state != RUNNING and state != PENDING:
                     return False  # cancelled by its user: the slow path sorts it out
                 self._exception = exc
                 self._state = FINISHED
-                for waiter in self._waiters:
+                for waiter in self._waiter_list or ():
                     waiter.add_exception(self)
             self._condition.notify_all()
         return True

@@ -289,6 +289,9 @@ class ProcessGroupExecutor(PoolFrontEnd):
                 py_spy=py_spy,
             )
         )
+        # What every future gets: made once (a bound method made per submit would be
+        # one more object per future for the collector to walk).
+        self._note_cancel = self._manager.mailbox.note_cancel
         self._shutdown_lock = threading.Lock()
         self._submitted = 0  # under _shutdown_lock
         self._failed_in_caller = 0  # futures failed in submit() (arguments would not pickle)
@@ -338,7 +341,7 @@ class ProcessGroupExecutor(PoolFrontEnd):
                 return unpicklable_arguments(error)
             self._accept_locked(1, 0)
             fut = TaskFuture(
-                self._manager.mailbox.note_cancel, self._manager.resolver,
+                self._note_cancel, self._manager.resolver,
                 self._stop_task if settings.cancel_running else None,
             )
             item = work_item(fut, payload, settings, fn, args)

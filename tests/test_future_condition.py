@@ -21,24 +21,72 @@ T = 30  # a safety net against hangs, never a performance bound
 
 
 def test_a_task_future_has_every_field_a_future_sets():
-    """TaskFuture sets Future.__init__'s fields itself; if a Python version adds one,
-    this fails instead of a Future method hitting a missing attribute."""
-    assert set(vars(Future())) <= set(vars(TaskFuture()))
-    assert not any(isinstance(v, type(threading.Condition())) for v in vars(TaskFuture()).values())
+    """TaskFuture sets Future.__init__'s fields itself (the two lists made on first
+    use); if a Python version adds one, this fails instead of a Future method
+    hitting a missing attribute."""
+    fut = TaskFuture()
+    assert all(hasattr(fut, name) for name in vars(Future()))
+    assert not any(isinstance(v, type(threading.Condition())) for v in vars(fut).values())
+    assert isinstance(fut._condition, type(threading.RLock()))  # the lock itself
+
+
+def _tracked_per_object(make) -> float:
+    gc.collect()
+    before = len(gc.get_objects())
+    keep = [make() for _ in range(1000)]
+    after = len(gc.get_objects())
+    del keep
+    return (after - before - 1) / 1000  # (the list ``keep``)
 
 
 def test_it_allocates_fewer_tracked_objects_than_a_future():
-    """The point of it: fewer objects for the collector per future."""
+    """The point of it: fewer objects for the collector per future. A TaskFuture is
+    two (itself and its condition, which is its lock); a Future is several more."""
+    assert _tracked_per_object(TaskFuture) <= 2
+    assert _tracked_per_object(Future) >= 4
 
-    def tracked(make) -> int:
-        gc.collect()
-        before = len(gc.get_objects())
-        keep = [make() for _ in range(1000)]
-        after = len(gc.get_objects())
-        del keep
-        return after - before
 
-    assert tracked(TaskFuture) < tracked(Future) * 0.7
+def test_waiters_and_callbacks_lists_are_made_on_first_use_and_work():
+    fut = TaskFuture()
+    assert fut._waiter_list is None and fut._done_callbacks == ()
+    seen: list[object] = []
+    fut.add_done_callback(lambda f: seen.append(("a", f.result())))
+    assert fut._done_callbacks is not TaskFuture._done_callbacks
+    assert TaskFuture._done_callbacks == ()  # the shared default stays empty
+    other = TaskFuture()
+    assert other._done_callbacks == ()
+    fut.set_running_or_notify_cancel()
+    fut.set_result(5)
+    assert seen == [("a", 5)]
+    fut.add_done_callback(lambda f: seen.append(("late", f.result())))  # runs at once
+    assert seen == [("a", 5), ("late", 5)]
+    # wait() makes the waiters' list under the condition and leaves it empty
+    g = TaskFuture()
+    g.set_running_or_notify_cancel()
+    threading.Timer(0.02, g.set_result, args=(1,)).start()
+    done, _ = wait([g], timeout=T)
+    assert done == {g} and g._waiter_list == []
+
+
+def test_callbacks_added_from_many_threads_at_once_each_run_once():
+    """The first add makes the list, under the condition: threads racing to add the
+    first callback lose none."""
+    def add(fut: TaskFuture, start: threading.Barrier, calls: list[int], i: int) -> None:
+        start.wait(T)
+        fut.add_done_callback(lambda f: calls.append(i))
+
+    for _ in range(20):
+        fut = TaskFuture()
+        calls: list[int] = []
+        start = threading.Barrier(8)
+        threads = [threading.Thread(target=add, args=(fut, start, calls, i)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(T)
+        fut.set_running_or_notify_cancel()
+        fut.set_result(None)
+        assert sorted(calls) == list(range(8))
 
 
 def test_every_waiter_wakes_when_the_future_ends():
