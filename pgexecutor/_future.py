@@ -195,7 +195,7 @@ class TaskFuture(Future[Any]):
         # None: not wanted; b"": wanted, not there (yet); else the result's pickle.
         self._result_bytes: bytes | None = None
         self._pending: Pending | None = None  # FINISHED, not unpickled yet
-        self._decoding: Any = None  # the lock of that unpickling
+        self._decoder: int | None = None  # the thread unpickling it (see _decode)
         #: The outcome as the worker sent it, set before the future resolves (see
         #: Ledger.answer): ``(kind, payload)`` with kind ``_protocol.RESULT`` (the
         #: pickle), ``RESULT_OOB`` (an OOBPayload's bytes: the result's large
@@ -265,7 +265,6 @@ class TaskFuture(Future[Any]):
                 type(w) is _AllCompletedWaiter and w.stop_on_exception for w in waiters
             ):
                 return False
-            self._decoding = threading.Lock()
             self._pending = answer
             self._result = _PENDING
             self._state = FINISHED
@@ -279,23 +278,44 @@ class TaskFuture(Future[Any]):
 
     def _decode(self) -> bool:
         """Unpickle the pending answer, once, in this (the reading) thread. True if
-        it was a result (now in ``_result``, final)."""
-        with self._decoding:
-            answer = self._pending
-            if answer is None:
-                return False  # another reader did it meanwhile: read it as usual
+        it was a result (now in ``_result``, final).
+
+        Unpickling runs user code (any ``__setstate__``, maybe slow), so it runs
+        outside ``_condition``, which ``done()`` and every other look at the future
+        take. The first reader claims it under ``_condition``; a reader that comes
+        meanwhile sleeps on ``_condition`` until the outcome is published (no lock
+        of its own per future: one object fewer for the collector). If the
+        unpickling is interrupted (the caller's Ctrl-C), the claim is given up and
+        the next reader unpickles it."""
+        cond = self._condition
+        with cond:
+            while True:
+                answer = self._pending
+                if answer is None:
+                    return False  # another reader did it: read it as usual
+                if self._decoder is None:
+                    break
+                cond.wait()  # another reader is at it: its outcome, or its turn
+            self._decoder = get_ident()
+        try:
             ok, value = answer.decode(self, self._result_bytes is not None)
-            # Published without _condition (the state is FINISHED already): single
-            # attribute stores, atomic under the GIL, ordered so that a reader in
-            # Future.result sees either _PENDING (and comes here) or the outcome:
-            # the exception before the result's placeholder goes.
+        except BaseException:
+            with cond:
+                self._decoder = None
+                cond.notify_all()  # a waiting reader takes it over
+            raise
+        with cond:
+            # A reader in Future.result sees either _PENDING (and comes here) or
+            # the outcome: the exception is set before the placeholder goes.
             if ok:
                 self._result = value
             else:
                 self._exception = value
                 self._result = None
             self._pending = None
-            return ok
+            self._decoder = None
+            cond.notify_all()
+        return ok
 
     def __repr__(self) -> str:
         if self._result is _PENDING:

@@ -214,3 +214,89 @@ def test_a_timeout_past_what_a_lock_takes_means_no_limit():
     threading.Timer(0.05, fut.set_result, args=(4,)).start()
     assert fut.result(1e308) == 4
     assert fut.exception(float("inf")) is None
+
+
+class _SlowAnswer:
+    """A Pending answer (see _future.Pending) whose unpickling the test controls:
+    it waits for ``go``; the first ``interrupt`` decodes raise KeyboardInterrupt
+    (a reader's Ctrl-C in the middle of a __setstate__)."""
+
+    def __init__(self, interrupt: int = 0) -> None:
+        self.started = threading.Event()
+        self.go = threading.Event()
+        self.decodes: list[int] = []
+        self.interrupt = interrupt
+
+    def decode(self, fut: object, keep_bytes: bool) -> tuple[bool, object]:
+        self.decodes.append(threading.get_ident())
+        self.started.set()
+        assert self.go.wait(T)
+        if self.interrupt:
+            self.interrupt -= 1
+            raise KeyboardInterrupt
+        return True, ["the", "result"]
+
+
+def _ended_with(answer: _SlowAnswer) -> TaskFuture:
+    fut = TaskFuture()
+    fut.set_running_or_notify_cancel()
+    assert fut.end_encoded(answer, error=False)
+    return fut
+
+
+def test_readers_wait_for_the_one_unpickling_and_done_does_not():
+    """One reader unpickles (user code, maybe slow) outside the condition: a second
+    reader waits for its outcome instead of unpickling again, and done() or repr()
+    from a third thread do not wait at all."""
+    answer = _SlowAnswer()
+    fut = _ended_with(answer)
+    got: list[object] = []
+    first = threading.Thread(target=lambda: got.append(fut.result()))
+    first.start()
+    assert answer.started.wait(T)
+    second = threading.Thread(target=lambda: got.append(fut.result()))
+    second.start()
+    deadline = time.monotonic() + T
+    while not fut._condition._sleepers:  # the second reader sleeps on the condition
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    checked: list[object] = []
+    looker = threading.Thread(target=lambda: checked.append((fut.done(), repr(fut))))
+    looker.start()
+    looker.join(T)
+    assert checked and checked[0][0] is True and "not unpickled yet" in checked[0][1]
+    answer.go.set()
+    first.join(T)
+    second.join(T)
+    assert got == [["the", "result"]] * 2 and got[0] is got[1]
+    assert len(answer.decodes) == 1
+    assert fut.result() is got[0] and fut._condition._sleepers is None
+
+
+def test_an_interrupted_unpickling_is_taken_over_by_the_next_reader():
+    answer = _SlowAnswer(interrupt=1)
+    fut = _ended_with(answer)
+    errors: list[BaseException] = []
+
+    def interrupted_reader() -> None:
+        try:
+            fut.result()
+        except KeyboardInterrupt as exc:
+            errors.append(exc)
+
+    first = threading.Thread(target=interrupted_reader)
+    first.start()
+    assert answer.started.wait(T)
+    got: list[object] = []
+    second = threading.Thread(target=lambda: got.append(fut.result()))
+    second.start()
+    deadline = time.monotonic() + T
+    while not fut._condition._sleepers:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    answer.go.set()  # the first is interrupted; the waiting second takes over
+    first.join(T)
+    second.join(T)
+    assert len(errors) == 1 and got == [["the", "result"]]
+    assert len(answer.decodes) == 2 and answer.decodes[1] != answer.decodes[0]
+    assert fut.result() == ["the", "result"] and fut.exception() is None
