@@ -295,6 +295,12 @@ class TaskFuture(Future[Any]):
                     return False  # another reader did it: read it as usual
                 if self._decoder is None:
                     break
+                if self._decoder == get_ident():  # its own unpickling asks for it
+                    raise RuntimeError(
+                        "the result of this future was read while it was being "
+                        "unpickled, by the unpickling itself (a __setstate__ or "
+                        "__reduce__ of the result that reads its own future)"
+                    )
                 cond.wait()  # another reader is at it: its outcome, or its turn
             self._decoder = get_ident()
         try:

@@ -300,3 +300,33 @@ def test_an_interrupted_unpickling_is_taken_over_by_the_next_reader():
     assert len(errors) == 1 and got == [["the", "result"]]
     assert len(answer.decodes) == 2 and answer.decodes[1] != answer.decodes[0]
     assert fut.result() == ["the", "result"] and fut.exception() is None
+
+
+class _SelfReadingAnswer:
+    """A Pending answer whose unpickling reads its own future (a __setstate__ that
+    reaches its future through some global): an error, not a thread that waits
+    for itself forever."""
+
+    def __init__(self) -> None:
+        self.seen: list[BaseException] = []
+
+    def decode(self, fut: TaskFuture, keep_bytes: bool) -> tuple[bool, object]:
+        try:
+            fut.result()
+        except RuntimeError as exc:
+            self.seen.append(exc)
+        return True, "done"
+
+
+def test_an_unpickling_that_reads_its_own_future_gets_an_error_not_a_hang():
+    answer = _SelfReadingAnswer()
+    fut = TaskFuture()
+    fut.set_running_or_notify_cancel()
+    assert fut.end_encoded(answer, error=False)
+    got: list[object] = []
+    reader = threading.Thread(target=lambda: got.append(fut.result()), daemon=True)
+    reader.start()
+    reader.join(T)
+    assert not reader.is_alive(), "the unpickling waited for itself"
+    assert got == ["done"]
+    assert len(answer.seen) == 1 and "being unpickled" in str(answer.seen[0])
