@@ -15,6 +15,14 @@ import time
 MiB = 1 << 20
 
 
+def square(x):
+    return x * x
+
+
+def add(a, b):
+    return a + b
+
+
 def maybe_fail(i):
     if i == 1:
         raise ValueError("one")

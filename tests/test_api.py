@@ -32,6 +32,7 @@ from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, CancelledError
 from concurrent.futures.process import BrokenProcessPool
 
 import pytest
+from _light_tasks import add, square
 from conftest import ROOT, format_survivors, group_members, spawned_pgids, survivors_of
 
 from pgexecutor import (  # noqa: F401  (all four are public API)
@@ -53,14 +54,6 @@ START_METHODS = ["fork", "spawn", "forkserver"]
 
 _INIT_STATE = None
 _PARENT_MARK = None
-
-
-def square(x):
-    return x * x
-
-
-def add(a, b):
-    return a + b
 
 
 def echo(x):

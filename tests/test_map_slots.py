@@ -16,6 +16,7 @@ import time
 from concurrent.futures import CancelledError
 
 import pytest
+from _light_tasks import add, square
 from _oob_blob import Blob
 
 from pgexecutor import ProcessGroupExecutor, WorkerCrashedError, _map_slots
@@ -25,14 +26,6 @@ pytestmark = pytest.mark.timeout(120)
 
 T = 60  # a safety net against hangs, never a performance bound
 MIB = 1 << 20
-
-
-def square(x):
-    return x * x
-
-
-def add(a, b):
-    return a + b
 
 
 def identity(x):
