@@ -357,9 +357,8 @@ class ProcessGroupExecutor(PoolFrontEnd):
         a journal (``keep_raw``: the answers' bytes stay on the futures)."""
         if settings.cancel_running or settings.keep_raw:
             return None
-        manager = self._manager
         return SlotSubmitter(
-            self._post_block, SlotGroup(manager.mailbox.note_cancel, manager.resolver), settings
+            self._post_block, SlotGroup(self._note_cancel, self._manager.resolver), settings
         )
 
     def _post_block(self, items: list[WorkItem], failed: int) -> None:
